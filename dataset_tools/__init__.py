@@ -1,0 +1,1 @@
+"""dataset_tools — EraseKit core (plain Python + torch; never imports ComfyUI)."""

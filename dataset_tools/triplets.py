@@ -1,0 +1,358 @@
+"""The triplet dataset: the one on-disk format for removal training pairs.
+
+Layout of a dataset folder::
+
+    source/<id>.png    RGB, the photo with the object (what the eraser sees)
+    mask/<id>.png      single channel, 255 = object to remove, 0 = keep
+    target/<id>.png    RGB, the same photo without the object
+    manifest.jsonl     one JSON record per finished sample (see ``TripletWriter.write``)
+    manifest-shard-<i>-of-<N>.jsonl   the manifest of shard i when a run is split into N shards
+
+Only samples named in a manifest exist. A writer renames its three finished files into place and only
+then appends the manifest line (flushed and fsynced), so a process killed at any moment leaves at worst
+invisible orphan files, never a visible half sample. Each shard of a split run writes its own manifest
+into the same folder (no two processes ever append to the same file; a lock file enforces it) and the
+reader merges every ``manifest*.jsonl`` it finds, ordered by sample id, so a sharded run reads exactly
+like the same run done in one piece.
+"""
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+SUBDIRS = ("source", "mask", "target")
+MANIFEST = "manifest.jsonl"
+ORIGIN_KEYS = {"video": ("video", "frame", "background_frame"), "image": ("image", "instance")}
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_TMP_PREFIX = ".tmp-"
+
+
+def manifest_name(shard=None):
+    """File name of the manifest a writer of ``shard`` = (index, count) appends to."""
+    if shard is None:
+        return MANIFEST
+    index, count = parse_shard(shard)
+    return f"manifest-shard-{index}-of-{count}.jsonl"
+
+
+def parse_shard(shard):
+    """``"i/N"`` or ``(i, N)`` → ``(i, N)`` with 0 ≤ i < N, else ValueError."""
+    if isinstance(shard, str):
+        parts = shard.split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"shard {shard!r} is not of the form i/N (for example 0/4)")
+        shard = (int(parts[0]), int(parts[1]))
+    index, count = int(shard[0]), int(shard[1])
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count} is out of range: need 0 <= i < N and N >= 1")
+    return index, count
+
+
+def check_sample_id(sample_id):
+    if not isinstance(sample_id, str) or not _ID_PATTERN.match(sample_id):
+        raise ValueError(
+            f"sample id {sample_id!r} is not usable as a file stem: use letters, digits, '_', '-', '.' "
+            "and do not start with '.' or '-'"
+        )
+    return sample_id
+
+
+def check_origin(origin):
+    """The origin must say where a sample came from: a video frame or an image instance."""
+    if not isinstance(origin, dict) or origin.get("kind") not in ORIGIN_KEYS:
+        raise ValueError(
+            f"record['origin'] must be a dict with kind 'video' or 'image', got {origin!r}"
+        )
+    missing = [k for k in ORIGIN_KEYS[origin["kind"]] if k not in origin]
+    if missing:
+        raise ValueError(f"record['origin'] of kind {origin['kind']!r} lacks {missing}: got {origin!r}")
+    return origin
+
+
+def _as_rgb(name, array):
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"{name} must be a uint8 H×W×3 RGB array, got dtype {array.dtype} shape {array.shape}")
+    return array
+
+
+def _as_binary_mask(array, shape):
+    array = np.asarray(array)
+    if array.ndim != 2:
+        raise ValueError(f"mask must be H×W (single channel), got shape {array.shape}")
+    if array.shape != shape:
+        raise ValueError(f"mask is {array.shape[1]}×{array.shape[0]} but source is {shape[1]}×{shape[0]}")
+    if array.dtype == bool:
+        return array
+    if array.dtype != np.uint8:
+        raise ValueError(f"mask must be bool or uint8, got {array.dtype}")
+    values = np.unique(array)
+    if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
+        raise ValueError(f"uint8 mask must hold only {{0, 1}} or {{0, 255}}, found values {values[:8].tolist()}")
+    return array > 0
+
+
+def _encode_png(image):
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError(f"could not encode a {image.shape} image as PNG")
+    return buffer.tobytes()
+
+
+def _write_durable(path, data):
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_manifest_lines(path):
+    """Records of one manifest; a torn last line (a kill while appending) is ignored."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def manifest_paths(root):
+    return sorted(Path(root).glob("manifest*.jsonl"))
+
+
+class TripletWriter:
+    """Atomic, resumable writer of a triplet dataset folder.
+
+    ``shard`` = ``"i/N"`` makes this writer append to its own ``manifest-shard-i-of-N.jsonl`` so N
+    processes can fill one folder. ``has(id)`` sees samples of every manifest present when the writer
+    opened (a resumed run with another shard count skips what is done). With ``resume=False`` a folder
+    that already holds samples is an error rather than silently mixed. On opening, stale temp files are
+    deleted, manifest lines whose files are gone are dropped, and (for an unsharded writer, the only one
+    that knows no other process writes here) files that no manifest names are deleted. Orphans left by
+    sharded writers are invisible to readers and are overwritten when their sample is written again.
+    """
+
+    def __init__(self, root, resume=True, shard=None):
+        self.root = Path(root)
+        self.shard = None if shard is None else parse_shard(shard)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in SUBDIRS:
+            (self.root / sub).mkdir(exist_ok=True)
+        self.manifest_path = self.root / manifest_name(self.shard)
+        self._lock_handle = open(self.root / f".{self.manifest_path.name}.lock", "w")
+        try:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_handle.close()
+            raise ValueError(
+                f"another process is writing {self.manifest_path}; give each concurrent run its own --shard i/N"
+            ) from None
+        self._tmp_tag = f"{_TMP_PREFIX}{self.manifest_path.stem}-"
+        self._done = {}
+        try:
+            self._recover(resume)
+        except BaseException:
+            self.close()
+            raise
+        self._manifest = open(self.manifest_path, "a", encoding="utf-8")
+
+    # ---- opening -------------------------------------------------------------------------------
+    def _files_of(self, sample_id):
+        return [self.root / sub / f"{sample_id}.png" for sub in SUBDIRS]
+
+    def _recover(self, resume):
+        for sub in SUBDIRS:
+            for stale in (self.root / sub).glob(f"{self._tmp_tag}*"):
+                stale.unlink(missing_ok=True)
+        all_ids = set()
+        for path in manifest_paths(self.root):
+            records = _read_manifest_lines(path)
+            kept = [r for r in records if isinstance(r, dict) and "id" in r and all(p.exists() for p in self._files_of(r["id"]))]
+            if path == self.manifest_path and (len(kept) != len(records) or not _ends_with_newline(path)):
+                self._rewrite_manifest(kept)
+            for record in kept:
+                all_ids.add(record["id"])
+                if path == self.manifest_path:
+                    self._done[record["id"]] = record
+        if all_ids and not resume:
+            raise ValueError(
+                f"{self.root} already holds {len(all_ids)} samples; resume the run or choose an empty folder"
+            )
+        self._known = all_ids
+        if self.shard is None:
+            for sub in SUBDIRS:
+                for path in (self.root / sub).iterdir():
+                    if path.name.startswith(_TMP_PREFIX) or (path.suffix == ".png" and path.stem not in all_ids):
+                        path.unlink(missing_ok=True)
+
+    def _rewrite_manifest(self, records):
+        tmp = self.manifest_path.with_name(f"{self._tmp_tag}{self.manifest_path.name}")
+        _write_durable(tmp, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+        os.replace(tmp, self.manifest_path)
+
+    # ---- writing -------------------------------------------------------------------------------
+    def has(self, sample_id):
+        return sample_id in self._known
+
+    def __len__(self):
+        return len(self._done)
+
+    def write(self, sample_id, source, mask, target, record):
+        """Store one sample; returns the manifest record.
+
+        ``source``/``target``: uint8 H×W×3 RGB; ``mask``: bool or uint8 ({0,1} or {0,255}) H×W.
+        ``record`` must hold ``origin`` ({"kind": "video", "video", "frame", "background_frame"} or
+        {"kind": "image", "image", "instance"}); its other keys (e.g. ``params``) are kept as given.
+        Writing an id that already exists is an error (use ``has`` first).
+        """
+        check_sample_id(sample_id)
+        if sample_id in self._known:
+            raise ValueError(f"sample {sample_id!r} already exists in {self.root}")
+        source = _as_rgb("source", source)
+        target = _as_rgb("target", target)
+        if target.shape != source.shape:
+            raise ValueError(
+                f"target is {target.shape[1]}×{target.shape[0]} but source is {source.shape[1]}×{source.shape[0]}"
+            )
+        mask = _as_binary_mask(mask, source.shape[:2])
+        if not isinstance(record, dict):
+            raise ValueError(f"record must be a dict, got {type(record).__name__}")
+        check_origin(record.get("origin"))
+        height, width = source.shape[:2]
+        full = {
+            "id": sample_id,
+            "source": f"source/{sample_id}.png",
+            "mask": f"mask/{sample_id}.png",
+            "target": f"target/{sample_id}.png",
+            "width": int(width),
+            "height": int(height),
+            **{k: v for k, v in record.items() if k not in ("id", "source", "mask", "target", "width", "height")},
+        }
+        line = json.dumps(full) + "\n"  # serialise first: a record that is not JSON must not leave files
+        payloads = (_encode_png(source), _encode_png(mask.astype(np.uint8) * 255), _encode_png(target))
+        finals = self._files_of(sample_id)
+        temps = [p.with_name(f"{self._tmp_tag}{p.name}") for p in finals]
+        for tmp, data in zip(temps, payloads):
+            _write_durable(tmp, data)
+        for tmp, final in zip(temps, finals):
+            os.replace(tmp, final)
+        self._manifest.write(line)
+        self._manifest.flush()
+        os.fsync(self._manifest.fileno())
+        self._known.add(sample_id)
+        self._done[sample_id] = full
+        return full
+
+    def close(self):
+        manifest = getattr(self, "_manifest", None)
+        if manifest is not None and not manifest.closed:
+            manifest.close()
+        if not self._lock_handle.closed:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _ends_with_newline(path):
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    with open(path, "rb") as handle:
+        handle.seek(size - 1)
+        return handle.read(1) == b"\n"
+
+
+def _read_rgb(path):
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"{path} is missing or not a readable image")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{path} must be an 8-bit RGB image, found dtype {image.dtype} shape {image.shape}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _read_mask(path):
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise ValueError(f"{path} is missing or not a readable image")
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"{path} must be an 8-bit single-channel mask, found dtype {image.dtype} shape {image.shape}")
+    if not set(np.unique(image).tolist()) <= {0, 255}:
+        raise ValueError(f"{path} is not binary: it holds values other than 0 and 255")
+    return image > 0
+
+
+class TripletDataset:
+    """Validating reader of a triplet dataset folder (every ``manifest*.jsonl``, ordered by id).
+
+    ``ds[i]`` → ``{"source": uint8 H×W×3, "mask": bool H×W (True = remove), "target": uint8 H×W×3,
+    "record": dict}``; files are checked on access (sizes against the record and each other, masks
+    binary) and problems raise ValueError naming the file. ``validate()`` checks every sample.
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"triplet dataset folder {self.root} does not exist")
+        paths = manifest_paths(self.root)
+        if not paths:
+            raise FileNotFoundError(f"{self.root} has no manifest.jsonl (nor manifest-shard-*.jsonl): not a triplet dataset")
+        seen = {}
+        records = []
+        for path in paths:
+            for record in _read_manifest_lines(path):
+                if not isinstance(record, dict) or "id" not in record:
+                    raise ValueError(f"{path} holds a record without an id: {record!r}")
+                if record["id"] in seen:
+                    raise ValueError(f"sample {record['id']!r} appears in both {seen[record['id']]} and {path}")
+                seen[record["id"]] = path
+                for key in SUBDIRS:
+                    if not (self.root / record.get(key, "")).is_file():
+                        raise FileNotFoundError(
+                            f"{path} names {key} file {record.get(key)!r} for sample {record['id']!r}, "
+                            f"but it does not exist in {self.root}"
+                        )
+                records.append(record)
+        self.records = sorted(records, key=lambda r: r["id"])
+
+    def __len__(self):
+        return len(self.records)
+
+    def iter_records(self):
+        return iter(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        source = _read_rgb(self.root / record["source"])
+        target = _read_rgb(self.root / record["target"])
+        mask = _read_mask(self.root / record["mask"])
+        expected = (record.get("height"), record.get("width"))
+        for key, array in (("source", source), ("target", target), ("mask", mask)):
+            if array.shape[:2] != expected:
+                raise ValueError(
+                    f"{self.root / record[key]} is {array.shape[1]}×{array.shape[0]} but the manifest says "
+                    f"{expected[1]}×{expected[0]} for sample {record['id']!r}"
+                )
+        return {"source": source, "mask": mask, "target": target, "record": record}
+
+    def validate(self):
+        """Read every sample once; raises on the first bad file."""
+        for index in range(len(self)):
+            self[index]
+        return len(self)

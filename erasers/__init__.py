@@ -1,0 +1,1 @@
+"""erasers — EraseKit core (plain Python + torch; never imports ComfyUI)."""

@@ -1,0 +1,454 @@
+"""SmartEraser mask irregularisation ("ME") and the mask clean-ups an eraser user needs.
+
+Users' masks hug the object, so its shadow, reflection and boundary halo stay behind. SmartEraser trains on
+masks irregularised by one of six choices and evaluates with every mask dilated to 1.10x its area
+(../shared/METHODS.md section 1; official: modules/mask_region_enhence.py, ``MaskAugmentor.augment_mask``).
+
+Per-mask functions work on numpy ``HxW`` masks (bool, or uint8/float thresholded at 0.5 of full scale) and
+return bool arrays. The ``*_batch`` wrappers take ComfyUI MASK tensors ``[B,H,W]`` and treat each item
+independently. 1 = remove.
+
+Deviations from the official code, each deliberate:
+- ``resize_to_area`` reaches the target area exactly in one pass (distance transform + ranking) where the
+  official loop dilates with ever smaller square kernels and stops after the first overshoot, which lands
+  15-35 % past the target on real masks. Default geometry is the official one: any sequence of square-kernel
+  dilations is a chessboard-distance ball, so ``metric="chessboard"`` gives the official shapes.
+- Hull (4), ellipse (5) and Bezier blob (6) are united with the input mask: the official ellipse fit and the
+  +-5 px jitter of the blob can cut into the object, which defeats the purpose of the mask.
+- Bounding boxes are inclusive (the official ``max - min`` makes a one-pixel mask divide by zero).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import cv2
+import numpy as np
+
+CHOICES = (1, 2, 3, 4, 5, 6)
+CHOICE_NAMES = {
+    1: "keep",
+    2: "erode",
+    3: "dilate",
+    4: "convex hull + dilate",
+    5: "dilate + ellipse",
+    6: "bbox + Bezier blob",
+}
+# Fixed area ratios of SmartEraser's test mode (``augment_mask(mode=choice)``), choices 2-6.
+TEST_RATIOS = {2: 0.85, 3: 1.10, 4: 1.35, 5: 2.25, 6: 1.15}
+# Training-mode ratio ranges in hundredths, drawn as ``1 +- randint(lo, hi) * 0.01`` like the official code.
+RANDOM_RATIO_PERCENT = {2: (-20, -10), 3: (25, 50), 4: (25, 50), 5: (100, 150), 6: (10, 20)}
+EVAL_DILATION = 1.10  # SmartEraser evaluation/inference dilates every mask to 1.10x its area
+FALLBACK_COVERAGE = 0.7  # a result covering more of the image than this is replaced by the input mask
+BLOB_SAMPLES = 18  # points per Bezier side, at t = 0.05 .. 0.90
+BLOB_JITTER = 5  # px, uniform integer jitter of each blob point
+METRICS = ("chessboard", "euclidean")
+
+# Among pixels at the same distance, those with more already-selected neighbours go first (edge-adjacent
+# weighs more than corner-adjacent), so a partial last ring fills concavities and sides before corners.
+_NEIGHBOUR_WEIGHTS = np.array([[1, 2, 1], [2, 0, 2], [1, 2, 1]], np.float32)
+
+
+def to_binary(mask: np.ndarray) -> np.ndarray:
+    """Bool copy of a 2-D mask: bool as is, floats > 0.5, integers > half their scale (255 or 1)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"expected a 2-D mask (height x width), got shape {tuple(mask.shape)}")
+    if mask.dtype == bool:
+        return mask.copy()
+    if np.issubdtype(mask.dtype, np.floating):
+        return mask > 0.5
+    if np.issubdtype(mask.dtype, np.integer):
+        full_scale = 1 if mask.size and mask.max() <= 1 else 255
+        return mask > full_scale / 2
+    raise ValueError(f"mask dtype {mask.dtype} is neither bool, integer nor float")
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Inclusive-exclusive box (x0, y0, x1, y1) of the True pixels, None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _distance_levels(seed: np.ndarray, metric: str) -> np.ndarray:
+    """Integer distance level of every pixel to the nearest seed pixel (0 on the seed).
+
+    Chessboard levels are the official square-kernel rings; Euclidean levels are squared distances, which
+    are integers, so equal distances compare exactly.
+    """
+    # distanceTransform measures each non-zero pixel's distance to the nearest zero pixel: zeros = seed.
+    inverse = 1 - seed.astype(np.uint8)
+    if metric == "chessboard":
+        return cv2.distanceTransform(inverse, cv2.DIST_C, 3).astype(np.int64)
+    dist = cv2.distanceTransform(inverse, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).astype(np.float64)
+    return np.rint(dist * dist).astype(np.int64)
+
+
+def _take_nearest(seed: np.ndarray, level: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` non-seed pixels of lowest level; within the last level, best neighbour score first."""
+    counts = np.bincount(level.ravel())
+    counts[0] = 0  # level 0 is the seed itself
+    cumulative = np.cumsum(counts)
+    last = int(np.searchsorted(cumulative, count))  # first level whose cumulative count reaches count
+    taken = (level > 0) & (level < last)
+    missing = count - int(cumulative[last - 1])
+    if missing > 0:
+        ring_y, ring_x = np.nonzero(level == last)
+        score = cv2.filter2D((seed | taken).astype(np.float32), -1, _NEIGHBOUR_WEIGHTS,
+                             borderType=cv2.BORDER_CONSTANT)[ring_y, ring_x]
+        order = np.argsort(-score, kind="stable")[:missing]
+        taken[ring_y[order], ring_x[order]] = True
+    return taken
+
+
+def resize_to_area(mask: np.ndarray, ratio: float, metric: str = "chessboard") -> np.ndarray:
+    """Grow (ratio > 1) or shrink (ratio < 1) a mask to exactly ``round(area * ratio)`` pixels.
+
+    Pixels are added (or removed) in order of distance to the mask (to the background), so the result is a
+    dilation (erosion) whose last ring is partial. ``metric="chessboard"`` is the geometry of the official
+    square kernels; ``"euclidean"`` grows round. Growth stops at the full image; an empty mask is returned
+    unchanged; eroding a mask that touches the image border does not erode from the border (like cv2.erode).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if not (ratio > 0 and math.isfinite(ratio)):
+        raise ValueError(f"area ratio must be a positive finite number, got {ratio}")
+    mask = to_binary(mask)
+    area = int(np.count_nonzero(mask))
+    height, width = mask.shape
+    target = min(int(round(area * ratio)), height * width)
+    if area == 0 or target == area:
+        return mask
+    if target > area:
+        return _grow(mask, target - area, metric)
+    return _shrink(mask, area - target, metric)
+
+
+def _grow(mask: np.ndarray, count: int, metric: str) -> np.ndarray:
+    height, width = mask.shape
+    x0, y0, x1, y1 = _bbox(mask)
+    # Only a crop of the box + margin is ranked. Every pixel within `margin` of the mask lies in the crop, so
+    # once the crop holds `count` pixels that close the ranking is exact; else the margin doubles. It starts
+    # at 1.5x the ring width a convex shape of this box would need.
+    margin = int(math.ceil(1.5 * count / (2 * ((x1 - x0) + (y1 - y0))))) + 2
+    while True:
+        cx0, cy0 = max(0, x0 - margin), max(0, y0 - margin)
+        cx1, cy1 = min(width, x1 + margin), min(height, y1 + margin)
+        crop = mask[cy0:cy1, cx0:cx1]
+        level = _distance_levels(crop, metric)
+        whole = cx0 == 0 and cy0 == 0 and cx1 == width and cy1 == height
+        margin_level = margin if metric == "chessboard" else margin * margin
+        if whole or np.count_nonzero((level > 0) & (level <= margin_level)) >= count:
+            break
+        margin *= 2
+    result = mask.copy()
+    result[cy0:cy1, cx0:cx1] |= _take_nearest(crop, level, count)
+    return result
+
+
+def _shrink(mask: np.ndarray, count: int, metric: str) -> np.ndarray:
+    height, width = mask.shape
+    x0, y0, x1, y1 = _bbox(mask)
+    # One pixel of background around the box is enough: every mask pixel is inside it.
+    cx0, cy0, cx1, cy1 = max(0, x0 - 1), max(0, y0 - 1), min(width, x1 + 1), min(height, y1 + 1)
+    background = ~mask[cy0:cy1, cx0:cx1]
+    # A mask filling the image has no boundary to erode from: use a frame around the image instead.
+    framed = not background.any()
+    if framed:
+        background = np.pad(background, 1, constant_values=True)
+    removed = _take_nearest(background, _distance_levels(background, metric), count)
+    if framed:
+        removed = removed[1:-1, 1:-1]
+    result = mask.copy()
+    result[cy0:cy1, cx0:cx1] &= ~removed
+    return result
+
+
+def convex_hull(mask: np.ndarray) -> np.ndarray:
+    """Filled convex hull of each outer contour (as the official ``convex_hull_mask``), united with the mask."""
+    mask = to_binary(mask)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    hull = np.zeros(mask.shape, np.uint8)
+    cv2.drawContours(hull, [cv2.convexHull(c) for c in contours], -1, 1, -1)
+    return hull.astype(bool) | mask
+
+
+def _shape_stats(mask: np.ndarray) -> tuple[float, float, float]:
+    """Coverage of the image by the mask, its bounding box and its convex hull."""
+    image_area = mask.size
+    x0, y0, x1, y1 = _bbox(mask)
+    return (np.count_nonzero(mask) / image_area, (x1 - x0) * (y1 - y0) / image_area,
+            np.count_nonzero(convex_hull(mask)) / image_area)
+
+
+def allowed_choices(mask: np.ndarray) -> list[int]:
+    """SmartEraser's shape rule: which choices the random mode may draw for this mask.
+
+    Sparse (mask/bbox < 0.5) or big (bbox > 40 % of the image) masks get no Bezier blob; if they are also
+    non-convex (mask/hull < 0.6) or their hull covers > 50 % they only get keep/erode/dilate, and a mask
+    covering more than half the image is only kept. An empty mask is only kept.
+    """
+    mask = to_binary(mask)
+    if not mask.any():
+        return [1]
+    mask_cover, bbox_cover, hull_cover = _shape_stats(mask)
+    if mask_cover / bbox_cover < 0.5 or bbox_cover > 0.4:
+        if mask_cover / hull_cover < 0.6 or hull_cover > 0.5:
+            return [1] if mask_cover > 0.5 else [1, 2, 3]
+        return [1, 2, 3, 4, 5]
+    return [1, 2, 3, 4, 5, 6]
+
+
+def ellipse_fit(mask: np.ndarray) -> np.ndarray:
+    """Filled ellipse fitted (cv2.fitEllipse, least squares) to all mask pixels, like the official code."""
+    ys, xs = np.nonzero(mask)
+    if xs.size < 5:  # fitEllipse needs five points
+        return mask.copy()
+    ellipse = cv2.fitEllipse(np.column_stack([xs, ys]).astype(np.float32))
+    out = np.zeros(mask.shape, np.uint8)
+    cv2.ellipse(out, ellipse, 1, -1)
+    return out.astype(bool)
+
+
+def _quadratic_bezier(start, control, end, t: np.ndarray) -> np.ndarray:
+    start, control, end = (np.asarray(p, np.float64) for p in (start, control, end))
+    t = t[:, None]
+    return (1 - t) ** 2 * start + 2 * (1 - t) * t * control + t ** 2 * end
+
+
+def bezier_blob(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Blob around the mask's box: each side bulges out by a random amount, traced by a jittered Bezier.
+
+    Each side extends by ``randint(0, min(0.5 * free space, 0.2 * box side))``; the four sides are quadratic
+    Bezier curves corner -> pushed-out midpoint -> corner sampled at t = 0.05..0.90, each point jittered by
+    +-5 px, and the polygon through them is filled (official ``bessel_curve_fit``).
+    """
+    height, width = mask.shape
+    x0, y0, x1, y1 = _bbox(mask)
+    box_w, box_h = x1 - x0, y1 - y0
+    ext_left = x0 - int(rng.integers(0, int(min(0.5 * x0, 0.2 * box_w)) + 1))
+    ext_top = y0 - int(rng.integers(0, int(min(0.5 * y0, 0.2 * box_h)) + 1))
+    ext_right = x1 + int(rng.integers(0, int(min(0.5 * (width - x1), 0.2 * box_w)) + 1))
+    ext_bottom = y1 + int(rng.integers(0, int(min(0.5 * (height - y1), 0.2 * box_h)) + 1))
+    mid_x, mid_y = (x0 + x1) / 2, (y0 + y1) / 2
+    sides = [  # clockwise: top, right, bottom, left
+        ((x0, y0), (mid_x, ext_top), (x1, y0)),
+        ((x1, y0), (ext_right, mid_y), (x1, y1)),
+        ((x1, y1), (mid_x, ext_bottom), (x0, y1)),
+        ((x0, y1), (ext_left, mid_y), (x0, y0)),
+    ]
+    t = np.arange(1, BLOB_SAMPLES + 1) * 0.05
+    points = []
+    for start, control, end in sides:
+        seen_x, seen_y = set(), set()
+        for x, y in _quadratic_bezier(start, control, end, t):
+            if x in seen_x or y in seen_y:  # the official code skips repeated coordinates per side
+                continue
+            seen_x.add(x)
+            seen_y.add(y)
+            points.append((x + int(rng.integers(-BLOB_JITTER, BLOB_JITTER + 1)),
+                           y + int(rng.integers(-BLOB_JITTER, BLOB_JITTER + 1))))
+    blob = np.zeros(mask.shape, np.uint8)
+    cv2.fillPoly(blob, [np.round(np.array(points)).astype(np.int32)], 1)
+    return blob.astype(bool)
+
+
+def _bbox_mask(mask: np.ndarray) -> np.ndarray:
+    x0, y0, x1, y1 = _bbox(mask)
+    out = np.zeros_like(mask)
+    out[y0:y1, x0:x1] = True
+    return out
+
+
+def choice_ratio(choice: int, rng: np.random.Generator | None, test_mode: bool) -> float:
+    """Area ratio a choice uses: the fixed test-mode ratio, or a draw from SmartEraser's training range."""
+    if choice == 1:
+        return 1.0
+    if test_mode:
+        return TEST_RATIOS[choice]
+    low, high = RANDOM_RATIO_PERCENT[choice]
+    return 1 + int(rng.integers(low, high + 1)) * 0.01
+
+
+def apply_choice(mask: np.ndarray, choice: int, ratio: float, rng: np.random.Generator | None = None,
+                 metric: str = "chessboard") -> np.ndarray:
+    """One SmartEraser choice with an explicit area ratio (no fallback). ``rng`` is used by choice 6 only."""
+    mask = to_binary(mask)
+    if choice not in CHOICES:
+        raise ValueError(f"SmartEraser choice must be one of {CHOICES}, got {choice!r}")
+    if choice == 1 or not mask.any():
+        return mask
+    if choice in (2, 3):
+        return resize_to_area(mask, ratio, metric)
+    if choice == 4:
+        return resize_to_area(convex_hull(mask), ratio, metric)
+    if choice == 5:
+        return ellipse_fit(resize_to_area(mask, ratio, metric)) | mask
+    rng = rng if rng is not None else np.random.default_rng()
+    return bezier_blob(resize_to_area(_bbox_mask(mask), ratio, metric), rng) | mask
+
+
+def irregularize(mask: np.ndarray, choice: int | str = "random", rng: np.random.Generator | None = None,
+                 test_mode: bool = False, metric: str = "chessboard") -> tuple[np.ndarray, int]:
+    """SmartEraser's ``augment_mask``: returns (irregularised bool mask, choice actually used).
+
+    ``choice="random"`` draws uniformly from :func:`allowed_choices`; a fixed choice is applied as asked.
+    ``test_mode`` uses the fixed ratios (0.85, 1.10, 1.35, 2.25, 1.15), otherwise ratios are drawn from the
+    training ranges. A result covering > 70 % of the image falls back to the input (reported as choice 1).
+    An empty mask is returned unchanged.
+    """
+    mask = to_binary(mask)
+    if choice != "random" and choice not in CHOICES:
+        raise ValueError(f"choice must be 'random' or one of {CHOICES}, got {choice!r}")
+    if not mask.any():
+        return mask, 1
+    rng = rng if rng is not None else np.random.default_rng()
+    if choice == "random":
+        allowed = allowed_choices(mask)
+        choice = allowed[int(rng.integers(0, len(allowed)))]
+    choice = int(choice)
+    result = apply_choice(mask, choice, choice_ratio(choice, rng, test_mode), rng, metric)
+    if np.count_nonzero(result) > FALLBACK_COVERAGE * result.size:
+        return mask, 1
+    return result, choice
+
+
+def smarteraser_eval_mask(mask: np.ndarray) -> np.ndarray:
+    """The mask SmartEraser evaluation and inference use: dilated to 1.10x its area (test-mode choice 3)."""
+    return irregularize(mask, 3, test_mode=True)[0]
+
+
+# --- clean-ups ComfyUI core lacks (core has GrowMask, FeatherMask for image borders, ThresholdMask) ---
+
+def fill_holes(mask: np.ndarray, max_hole_pixels: int | None = None) -> np.ndarray:
+    """Fill background regions enclosed by the mask (not touching the image border), up to a size if given."""
+    mask = to_binary(mask)
+    if max_hole_pixels is not None and max_hole_pixels < 0:
+        raise ValueError(f"max_hole_pixels must be >= 0 or None, got {max_hole_pixels}")
+    count, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
+    border_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    is_hole = np.ones(count, bool)
+    is_hole[0] = False  # label 0 is the mask itself
+    is_hole[border_labels] = False
+    if max_hole_pixels is not None:
+        is_hole &= stats[:, cv2.CC_STAT_AREA] <= max_hole_pixels
+    return mask | is_hole[labels]
+
+
+def remove_small_islands(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Drop 8-connected mask components smaller than ``min_pixels`` (stray SAM specks, paint dabs)."""
+    mask = to_binary(mask)
+    if min_pixels < 0:
+        raise ValueError(f"min_pixels must be >= 0, got {min_pixels}")
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_pixels
+    keep[0] = False  # background
+    return keep[labels]
+
+
+def feather(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Soft edge that ramps from 1 at the mask boundary to 0 at ``radius`` px outside it (float32).
+
+    The inside stays 1, so the object is still fully erased; core FeatherMask only fades the image borders
+    and a blur would let the object's edge show through.
+    """
+    mask = to_binary(mask)
+    if radius < 0:
+        raise ValueError(f"feather radius must be >= 0, got {radius}")
+    if radius == 0 or not mask.any():
+        return mask.astype(np.float32)
+    outside = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return np.clip(1.0 - outside / (radius + 1.0), 0.0, 1.0).astype(np.float32)
+
+
+def clean_mask(mask: np.ndarray, fill: bool = True, max_hole_pixels: int | None = None,
+               min_island_pixels: int = 0, feather_radius: float = 0.0) -> np.ndarray:
+    """Islands, then holes, then feather: islands first so specks don't enclose fake holes. Float32 out."""
+    out = to_binary(mask)
+    if min_island_pixels > 0:
+        out = remove_small_islands(out, min_island_pixels)
+    if fill:
+        out = fill_holes(out, max_hole_pixels)
+    return feather(out, feather_radius)
+
+
+# --- ComfyUI MASK batches [B,H,W] (torch); the core never imports ComfyUI ---
+
+def check_mask_matches_image(image, mask):
+    """Validate a MASK [B,H,W] against an IMAGE [B,H,W,C]; return the mask, a batch of 1 broadcast.
+
+    Sizes must be equal; batches equal or one of them 1. Raises ValueError naming both sizes otherwise.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must be [batch, height, width, channels], got shape {tuple(image.shape)}")
+    mask = _as_mask_batch(mask)
+    image_hw, mask_hw = tuple(image.shape[1:3]), tuple(mask.shape[1:3])
+    if image_hw != mask_hw:
+        raise ValueError(f"mask is {mask_hw[1]}x{mask_hw[0]} (width x height) but the image is "
+                         f"{image_hw[1]}x{image_hw[0]}; resize the mask to the image first")
+    image_batch, mask_batch = image.shape[0], mask.shape[0]
+    if image_batch != mask_batch and 1 not in (image_batch, mask_batch):
+        raise ValueError(f"mask batch of {mask_batch} does not match image batch of {image_batch}; "
+                         "use equal batches or a batch of 1")
+    if mask_batch == 1 and image_batch > 1:
+        mask = mask.expand(image_batch, -1, -1)
+    return mask
+
+
+def _as_mask_batch(mask):
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be [batch, height, width], got shape {tuple(mask.shape)}")
+    return mask
+
+
+def item_rng(seed: int, index: int) -> np.random.Generator:
+    """Independent, reproducible generator for batch item ``index`` under node seed ``seed``."""
+    return np.random.default_rng([int(seed), int(index)])
+
+
+def _map_batch(masks, per_item: Callable[[int, np.ndarray], np.ndarray],
+               progress: Callable[[int, int], None] | None, check_interrupt: Callable[[], None] | None):
+    import torch
+
+    masks = _as_mask_batch(masks)
+    items = masks.detach().float().cpu().numpy()
+    out = []
+    for index, item in enumerate(items):
+        if check_interrupt is not None:
+            check_interrupt()
+        out.append(np.asarray(per_item(index, item > 0.5), np.float32))
+        if progress is not None:
+            progress(index + 1, len(items))
+    return torch.from_numpy(np.stack(out)).to(masks.device)
+
+
+def irregularize_batch(masks, choice: int | str = "random", seed: int = 0, test_mode: bool = False,
+                       metric: str = "chessboard", progress=None, check_interrupt=None):
+    """:func:`irregularize` on each item of a MASK batch (thresholded at 0.5); returns (masks, choices)."""
+    used: list[int] = []
+
+    def one(index, item):
+        result, choice_used = irregularize(item, choice, item_rng(seed, index), test_mode, metric)
+        used.append(choice_used)
+        return result
+
+    return _map_batch(masks, one, progress, check_interrupt), used
+
+
+def resize_to_area_batch(masks, ratio: float, metric: str = "chessboard", progress=None,
+                         check_interrupt=None):
+    """:func:`resize_to_area` on each item of a MASK batch (thresholded at 0.5)."""
+    return _map_batch(masks, lambda _, item: resize_to_area(item, ratio, metric), progress, check_interrupt)
+
+
+def clean_mask_batch(masks, fill: bool = True, max_hole_pixels: int | None = None,
+                     min_island_pixels: int = 0, feather_radius: float = 0.0, progress=None,
+                     check_interrupt=None):
+    """:func:`clean_mask` on each item of a MASK batch (thresholded at 0.5)."""
+    return _map_batch(masks, lambda _, item: clean_mask(item, fill, max_hole_pixels, min_island_pixels,
+                                                         feather_radius), progress, check_interrupt)

@@ -1,0 +1,205 @@
+"""SmartEraser (CVPR 2025) inference core: masked-region guidance (RG) and visual guidance (VG).
+
+The facts reproduced here come from the official code (longtaojiang/SmartEraser; ../shared/METHODS.md §1):
+
+* RG: the 9-channel SD1.5-inpainting UNet sees ``[z_t, mask, VAE(image)]`` where the image is the **whole,
+  unmasked** picture. The latent-resolution mask is the pixel mask binarised at 0.5 and resized with
+  nearest-neighbour, as diffusers' ``StableDiffusionInpaintPipeline.prepare_mask_latents`` does.
+* VG: the masked region is cut out on a white background (mask bounding box), CLIP-preprocessed to 224 px and
+  encoded by ``CLIPVisionModelWithProjection`` (``image_embeds``, 768-d); the projector IM2TEXT maps it to a
+  text token ``y = x + Linear(LayerNorm(x))``; the token is spliced into a 7-token text context.
+
+Everything here is plain torch/numpy/PIL; the ComfyUI layer (nodes/smarteraser.py) supplies the text hidden
+states, the CLIP vision encoder and the VAE.
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+CONTEXT_TOKENS = 7  # SmartEraser tokenises every prompt to max_length 7 (BOS + 5 words + EOS)
+TOKEN_DIM = 768  # SD1.5 text width == CLIP ViT-L/14 projection width
+DEFAULT_PROMPT = "Remove the instance of"  # the demo's inference prompt (app_remove.py)
+DEFAULT_CFG = 1.5
+DEFAULT_STEPS = 50
+EVAL_MASK_AREA_RATIO = 1.10  # test masks are dilated to 1.10x their area for evaluation
+PASTE_BLUR_RADIUS = 5  # demo paste-back: original mask through a Gaussian blur of radius 5
+CROP_SIZE = 512
+
+# CLIPImageProcessor settings of openai/clip-vit-large-patch14
+CLIP_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+PROJECTOR_KEYS = {
+    "fc_out.weight": (TOKEN_DIM, TOKEN_DIM),
+    "fc_out.bias": (TOKEN_DIM,),
+    "norm.weight": (TOKEN_DIM,),
+    "norm.bias": (TOKEN_DIM,),
+}
+
+
+# --------------------------------------------------------------------------------------------- projector
+class Im2TextProjector(torch.nn.Module):
+    """SmartEraser's IM2TEXT: ``y = x + fc_out(norm(x))`` on CLIP image embeddings (parameter names as saved)."""
+
+    def __init__(self, dim=TOKEN_DIM):
+        super().__init__()
+        self.fc_out = torch.nn.Linear(dim, dim)
+        self.norm = torch.nn.LayerNorm(dim)
+
+    def forward(self, x):
+        return x + self.fc_out(self.norm(x))
+
+
+def validate_projector_state_dict(state_dict, source="projector"):
+    """Raise a ValueError naming what was found unless ``state_dict`` is an IM2TEXT(768) state dict."""
+    found = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if set(found) != set(PROJECTOR_KEYS) or any(found[k] != s for k, s in PROJECTOR_KEYS.items()):
+        shown = ", ".join(f"{k} {list(s)}" for k, s in sorted(found.items())[:8]) or "no tensors"
+        needed = ", ".join(f"{k} {list(s)}" for k, s in PROJECTOR_KEYS.items())
+        raise ValueError(
+            f"{source} is not a SmartEraser projector (clip_mlp_weight): found {shown}"
+            f"{' ...' if len(found) > 8 else ''}; needed exactly {needed}."
+        )
+
+
+def read_projector_state_dict(path):
+    """The projector weights from ``clip_mlp_weight.pth`` (loaded with weights_only=True) or a .safetensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"SmartEraser projector file not found: {path}")
+    if path.lower().endswith((".safetensors", ".sft")):
+        from safetensors.torch import load_file
+
+        state_dict = load_file(path)
+    else:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict of the SmartEraser projector.")
+    validate_projector_state_dict(state_dict, source=path)
+    return {k: v.float() for k, v in state_dict.items()}
+
+
+def load_projector(path):
+    projector = Im2TextProjector()
+    projector.load_state_dict(read_projector_state_dict(path))
+    return projector.eval()
+
+
+# --------------------------------------------------------------------------------------------- masks
+def binarize_mask(mask):
+    """1 where the mask is on. The demo thresholds the 8-bit mask at > 128 (gray2whiteblack)."""
+    return (mask * 255.0 > 128.0).to(mask.dtype)
+
+
+def latent_mask(mask, latent_height, latent_width):
+    """RG's mask channel: binary mask [B,H,W] → [B,1,h,w] by nearest-neighbour, as diffusers' inpaint pipeline."""
+    binary = binarize_mask(mask.float()).unsqueeze(1)
+    return torch.nn.functional.interpolate(binary, size=(latent_height, latent_width), mode="nearest")
+
+
+def mask_bbox(binary):
+    """(x0, y0, x1, y1), end-exclusive like PIL's getbbox, of a binary [H,W] mask; None when empty."""
+    ys, xs = torch.nonzero(binary > 0, as_tuple=True)
+    if ys.numel() == 0:
+        return None
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+# --------------------------------------------------------------------------------------------- VG pixels
+def white_instance_crop(image, mask):
+    """The masked object on white, cropped to the mask's bounding box (official ``crop_white_instance``).
+
+    image [H,W,3] in [0,1], mask [H,W] in [0,1] → [h,w,3]; pixels outside the (binarised) mask become white.
+    """
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"image is {tuple(image.shape[:2])} but mask is {tuple(mask.shape)}; they must match.")
+    binary = binarize_mask(mask.float())
+    box = mask_bbox(binary)
+    if box is None:
+        raise ValueError("the mask is empty: SmartEraser needs a mask over the object to remove.")
+    x0, y0, x1, y1 = box
+    on_white = torch.where(binary.unsqueeze(-1) > 0, image.float(), torch.ones_like(image, dtype=torch.float32))
+    return on_white[y0:y1, x0:x1]
+
+
+def clip_pixel_values(crop):
+    """CLIPImageProcessor (clip-vit-large-patch14) on an image [h,w,3] in [0,1] → [1,3,224,224].
+
+    As the official code: 8-bit PIL image, shortest side resized to 224 with bicubic, centre crop 224,
+    rescale 1/255, normalise with CLIP's mean/std.
+    """
+    pixels = (crop.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+    picture = Image.fromarray(pixels, "RGB")
+    w, h = picture.size
+    short, long = (w, h) if w <= h else (h, w)
+    long_new = int(CLIP_SIZE * long / short)
+    size = (CLIP_SIZE, long_new) if w <= h else (long_new, CLIP_SIZE)
+    picture = picture.resize(size, Image.Resampling.BICUBIC)
+    w, h = picture.size
+    top, left = (h - CLIP_SIZE) // 2, (w - CLIP_SIZE) // 2
+    array = np.asarray(picture, dtype=np.float32)[top:top + CLIP_SIZE, left:left + CLIP_SIZE] / 255.0
+    array = (array - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def zero_pixel_values(like=None):
+    """The unconditional branch's CLIP input: zeros in *normalised* pixel space (``torch.zeros_like(image)``)."""
+    if like is not None:
+        return torch.zeros_like(like)
+    return torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE)
+
+
+# --------------------------------------------------------------------------------------------- tokens
+def seven_token_ids(content_ids, bos, eos, pad=None):
+    """Token ids as CLIPTokenizer(max_length=7, padding="max_length", truncation=True) gives them.
+
+    ``content_ids`` are the prompt's word tokens without BOS/EOS; at most 5 fit (longer prompts are truncated
+    before EOS, as transformers does); the rest is padding (SD1.5/CLIP pad with EOS).
+    """
+    pad = eos if pad is None else pad
+    ids = [bos] + list(content_ids)[:CONTEXT_TOKENS - 2] + [eos]
+    return ids + [pad] * (CONTEXT_TOKENS - len(ids))
+
+
+def _check_context(hidden, token, name):
+    if hidden.ndim != 3 or hidden.shape[1] != CONTEXT_TOKENS:
+        raise ValueError(f"{name} text hidden states must be [B, {CONTEXT_TOKENS}, C]; got {list(hidden.shape)}.")
+    if token.ndim != 3 or token.shape[1] != 1 or token.shape[2] != hidden.shape[2]:
+        raise ValueError(f"the image token must be [B, 1, {hidden.shape[2]}]; got {list(token.shape)}.")
+
+
+def splice_conditional(hidden, image_token):
+    """Conditional context: ``hidden[:, :-2] ++ image_token ++ hidden[:, -1:]`` (position −2 of 7 replaced)."""
+    _check_context(hidden, image_token, "conditional")
+    image_token = image_token.to(hidden).expand(hidden.shape[0], -1, -1)
+    return torch.cat((hidden[:, :-2], image_token, hidden[:, -1:]), dim=1)
+
+
+def splice_unconditional(hidden, zero_token):
+    """Unconditional context: ``hidden[:, :1] ++ zero_token ++ hidden[:, 1:-1]`` (token after BOS, last dropped)."""
+    _check_context(hidden, zero_token, "unconditional")
+    zero_token = zero_token.to(hidden).expand(hidden.shape[0], -1, -1)
+    return torch.cat((hidden[:, :1], zero_token, hidden[:, 1:-1]), dim=1)
+
+
+def image_tokens(image_embeds, projector):
+    """CLIP ``image_embeds`` [B,768] → IM2TEXT tokens [B,1,768] (fp32)."""
+    if image_embeds.ndim != 2 or image_embeds.shape[1] != TOKEN_DIM:
+        raise ValueError(
+            f"SmartEraser needs CLIP ViT-L/14 image embeds of width {TOKEN_DIM} (clip-vit-large-patch14); "
+            f"the CLIP vision model gave {list(image_embeds.shape)}."
+        )
+    param = next(projector.parameters())
+    with torch.no_grad():
+        return projector(image_embeds.to(device=param.device, dtype=param.dtype)).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------------------------- RG
+def check_inpaint_size(height, width):
+    if height % 8 or width % 8:
+        raise ValueError(
+            f"SmartEraser works on latents of 1/8 the image size: the image is {width}x{height}, "
+            f"both sides must be multiples of 8 (crop it to {CROP_SIZE}x{CROP_SIZE} first)."
+        )

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds (or refreshes) the development/test environment on a fresh machine, offline from
+# PyPI only. Idempotent: a second run installs nothing new.
+#   ERASEKIT_VENV   where the venv lives (default ~/.cache/erasekit/venv, reused between runs)
+#   COMFYUI_PATH    a ComfyUI checkout whose requirements are installed too (default ~/ComfyUI)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${ERASEKIT_VENV:-$HOME/.cache/erasekit/venv}"
+comfy="${COMFYUI_PATH:-$HOME/ComfyUI}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+fi
+py="$venv/bin/python"
+stamp="$venv/.erasekit-setup"
+want="$(cat "$root/requirements.txt" "$root/tests/requirements.txt" "$comfy/requirements.txt" 2>/dev/null | sha1sum | cut -c1-12)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # torch is ComfyUI's to own at run time; for tests we pin the pair that imports with torchvision.
+  "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  if [ -f "$comfy/requirements.txt" ]; then
+    grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$comfy/requirements.txt" > "$venv/comfy-reqs.txt"
+    "$py" -m pip install -q -r "$venv/comfy-reqs.txt" requests
+  fi
+  SAM2_BUILD_CUDA=0 "$py" -m pip install -q -r "$root/tests/requirements.txt"
+  "$py" -m pip install -q --no-deps -e "$root"
+  echo "$want" > "$stamp"
+fi
+# The frontend check (tests/comfy/test_frontend.py) drives ComfyUI's real UI in headless Chromium.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 \
+    || echo "dev_setup: could not install chromium; the frontend test will skip" >&2
+fi
+node_dir="${ERASEKIT_NODE_MODULES:-$HOME/.cache/erasekit/node/node_modules}"
+if command -v npm >/dev/null 2>&1 && [ ! -d "$node_dir/playwright-core" ]; then
+  mkdir -p "$(dirname "$node_dir")"
+  (cd "$(dirname "$node_dir")" && npm install --silent --no-audit --no-fund playwright-core@1.65.1) >/dev/null 2>&1 \
+    || echo "dev_setup: could not install playwright-core; the frontend test will skip" >&2
+fi
+echo "$venv"

@@ -1,0 +1,248 @@
+"""A real ComfyUI, imported in-process on CPU, with EraseKit loaded as a custom node folder.
+
+One harness per test session (ComfyUI keeps global state). It owns temporary model, input and output
+folders, builds tiny models on demand from the builders in ``tiny/*.py`` and runs prompts through
+ComfyUI's own validator and executor.
+"""
+import asyncio
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parents[2]
+PACK_FOLDER_NAME = "ComfyUI-EraseKit"  # a folder name with a dash: the pack must not care what it is called
+TINY_DIR = Path(__file__).resolve().parent / "tiny"
+
+# Models folders every workflow may name; the pack registers its own at import.
+CORE_MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "text_encoders", "loras", "clip_vision",
+                      "controlnet", "upscale_models", "embeddings")
+
+
+def find_comfyui():
+    """The ComfyUI checkout to test against, or (None, reason)."""
+    for candidate, source in ((os.environ.get("COMFYUI_PATH"), "COMFYUI_PATH"), (str(Path.home() / "ComfyUI"), "~/ComfyUI")):
+        if candidate and (Path(candidate) / "main.py").is_file() and (Path(candidate) / "comfy").is_dir():
+            return Path(candidate), None
+    return None, "no ComfyUI checkout: set COMFYUI_PATH to one (or keep one at ~/ComfyUI)"
+
+
+class _Server:
+    """The few attributes of ComfyUI's PromptServer that the executor touches."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+class _LogCapture(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def load_tiny_builders():
+    builders = {}
+    for path in sorted(TINY_DIR.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"erasekit_tiny_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        for key, build in getattr(module, "MODELS", {}).items():
+            if key in builders:
+                raise RuntimeError(f"two tiny builders for {key}: {builders[key].__module__} and {path.name}")
+            builders[key] = build
+    return builders
+
+
+class ComfyHarness:
+    def __init__(self, comfy_path: Path, workdir: Path):
+        self.comfy_path = comfy_path
+        self.workdir = workdir
+        self.models_dir = workdir / "models"
+        self.input_dir = workdir / "input"
+        self.output_dir = workdir / "output"
+        self.custom_nodes_dir = workdir / "custom_nodes"
+        self.load_warnings = []
+        self._builders = None
+        self._object_info = None
+
+    # ---------------------------------------------------------------- start-up
+    def start(self):
+        if str(self.comfy_path) not in sys.path:
+            sys.path.insert(0, str(self.comfy_path))
+        argv = sys.argv
+        sys.argv = [argv[0], "--cpu", "--disable-all-custom-nodes"]
+        try:
+            import comfy.options
+            comfy.options.enable_args_parsing()
+            import comfy.cli_args  # noqa: F401  (parses --cpu now, before model_management picks a device)
+        finally:
+            sys.argv = argv
+        import folder_paths
+        import nodes
+
+        for d in (self.models_dir, self.input_dir, self.output_dir, self.custom_nodes_dir, self.workdir / "temp"):
+            d.mkdir(parents=True, exist_ok=True)
+        folder_paths.set_input_directory(str(self.input_dir))
+        folder_paths.set_output_directory(str(self.output_dir))
+        folder_paths.set_temp_directory(str(self.workdir / "temp"))
+        folder_paths.models_dir = str(self.models_dir)
+        self._use_temp_model_folders(CORE_MODEL_FOLDERS)
+
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        self._load_pack()
+        self._use_temp_model_folders(folder_paths.folder_names_and_paths.keys())
+        self._copy_inputs()
+        return self
+
+    def _use_temp_model_folders(self, names):
+        import folder_paths
+        for name in list(names):
+            if name in ("custom_nodes", "configs"):
+                continue
+            path = self.models_dir / name
+            path.mkdir(parents=True, exist_ok=True)
+            folder_paths.add_model_folder_path(name, str(path), is_default=True)
+
+    def _load_pack(self):
+        import nodes
+        link = self.custom_nodes_dir / PACK_FOLDER_NAME
+        if not link.exists():
+            link.symlink_to(PACK_ROOT, target_is_directory=True)
+        capture = _LogCapture()
+        root = logging.getLogger()
+        root.addHandler(capture)
+        try:
+            ok = asyncio.run(nodes.load_custom_node(str(link), set(nodes.NODE_CLASS_MAPPINGS), module_parent="custom_nodes"))
+        finally:
+            root.removeHandler(capture)
+        self.load_warnings = [f"{r.levelname}: {r.getMessage()}" for r in capture.records]
+        if not ok:
+            raise RuntimeError("ComfyUI could not load EraseKit: " + "; ".join(self.load_warnings))
+
+    def _copy_inputs(self):
+        """Real images (../shared/data) that example workflows name, in ComfyUI's input folder."""
+        shared = PACK_ROOT.parent / "shared" / "data" / "images"
+        shared = Path(os.environ.get("ERASEKIT_SHARED_DATA", shared.parent)) / "images"
+        for sub in ("masked", "removal_pairs"):
+            for f in sorted((shared / sub).glob("*")) if (shared / sub).is_dir() else []:
+                shutil.copyfile(f, self.input_dir / f.name)
+
+    # ---------------------------------------------------------------- models
+    @property
+    def builders(self):
+        if self._builders is None:
+            self._builders = load_tiny_builders()
+        return self._builders
+
+    def ensure_model(self, folder, filename):
+        """Write the tiny model registered for (folder, filename) unless it is there; returns its path."""
+        import folder_paths
+        folder = folder_paths.map_legacy(folder) if hasattr(folder_paths, "map_legacy") else folder
+        target = self.models_dir / folder / filename
+        if target.exists():
+            return target
+        build = self.builders.get((folder, filename))
+        if build is None:
+            raise KeyError(f"no tiny model builder for {folder}/{filename}; add one to tests/comfy/tiny/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".partial")
+        build(tmp)
+        os.replace(tmp, target)
+        return target
+
+    # ---------------------------------------------------------------- node info
+    @property
+    def object_info(self):
+        """What GET /object_info returns, for every registered node."""
+        if self._object_info is None:
+            import nodes
+            from comfy_api.internal import _ComfyNodeInternal
+            info = {}
+            for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+                if issubclass(cls, _ComfyNodeInternal):
+                    info[name] = cls.GET_NODE_INFO_V1()
+                else:
+                    types = cls.INPUT_TYPES()
+                    info[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()},
+                                  "output": cls.RETURN_TYPES, "name": name,
+                                  "python_module": getattr(cls, "RELATIVE_PYTHON_MODULE", "nodes")}
+            self._object_info = info
+        return self._object_info
+
+    def pack_module(self):
+        """EraseKit's package object as ComfyUI imported it."""
+        link = self.custom_nodes_dir / PACK_FOLDER_NAME
+        return sys.modules[str(link).replace(".", "_x_")]
+
+    def node_class(self, name):
+        import nodes
+        return nodes.NODE_CLASS_MAPPINGS[name]
+
+    def pack_node_names(self):
+        return sorted(n for n, i in self.object_info.items() if i["python_module"].endswith(PACK_FOLDER_NAME))
+
+    # ---------------------------------------------------------------- running
+    def run_prompt(self, prompt):
+        """Validate and execute an API-format prompt; returns a PromptResult. Raises on any error."""
+        import execution
+        prompt_id = str(uuid.uuid4())
+        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid:
+            raise PromptError(f"invalid prompt: {error}; node errors: {node_errors}")
+        server = _Server()
+        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+        executor.execute(prompt, prompt_id, {}, outputs)
+        if not executor.success:
+            failures = [d for e, d in executor.status_messages if e == "execution_error"]
+            detail = failures[0] if failures else {}
+            raise PromptError(
+                f"{detail.get('node_type')} (node {detail.get('node_id')}) failed: {detail.get('exception_type')}: "
+                f"{detail.get('exception_message')}\n" + "".join(detail.get("traceback", [])),
+                exception_message=detail.get("exception_message", ""))
+        return PromptResult(executor, outputs)
+
+    def workflow_prompt(self, workflow):
+        """The API prompt for a UI-format workflow, after building the tiny models it names."""
+        from workflow_to_prompt import workflow_to_prompt, model_files
+        for folder, filename in model_files(workflow, self.object_info):
+            self.ensure_model(folder, filename)
+        return workflow_to_prompt(workflow, self.object_info)
+
+    def run_workflow(self, workflow):
+        return self.run_prompt(self.workflow_prompt(workflow))
+
+
+class PromptError(RuntimeError):
+    def __init__(self, message, exception_message=""):
+        super().__init__(message)
+        self.exception_message = exception_message
+
+
+class PromptResult:
+    def __init__(self, executor, output_nodes):
+        self.executor = executor
+        self.output_nodes = output_nodes
+        self.ui = executor.history_result["outputs"]
+
+    def outputs(self, node_id):
+        """The values a node returned, one per output slot (first item of each output list)."""
+        entry = self.executor.caches.outputs.get(str(node_id))
+        if entry is None:
+            raise KeyError(f"node {node_id} has no cached outputs")
+        values = entry.outputs if hasattr(entry, "outputs") else entry
+        return [v[0] if isinstance(v, list) and len(v) == 1 else v for v in values]

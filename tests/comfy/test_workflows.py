@@ -1,0 +1,15 @@
+"""Every example workflow executes through ComfyUI's own executor on tiny models."""
+import json
+from pathlib import Path
+
+import pytest
+
+WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_executes(comfy, path):
+    workflow = json.loads(path.read_text())
+    result = comfy.run_workflow(workflow)
+    assert result.output_nodes, f"{path.name} has no output node"
+    assert result.ui, f"{path.name} produced no output"

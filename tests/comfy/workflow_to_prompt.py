@@ -1,0 +1,143 @@
+"""UI-format workflow (what ComfyUI's frontend saves) → API-format prompt (what it queues).
+
+Mirrors the frontend's ``graphToPrompt`` for the graphs EraseKit ships: widget values are assigned to
+the node's widget inputs in definition order (a ``control_after_generate`` input and an
+``image_upload`` input each own one extra, non-serialised value), links override widgets, reroutes
+and primitive nodes are resolved, muted nodes are dropped and bypassed nodes are passed through by
+type. ``tests/comfy/test_frontend.py`` checks it against the real frontend in headless Chromium.
+"""
+
+VIRTUAL_NODES = {"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}
+MODE_MUTED, MODE_BYPASSED = 2, 4
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+class WorkflowError(ValueError):
+    pass
+
+
+def _input_spec(info, name):
+    for section in ("required", "optional"):
+        spec = info["input"].get(section, {}).get(name)
+        if spec is not None:
+            return spec
+    return None
+
+
+def _is_widget(spec):
+    kind, options = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+    if options.get("forceInput") or options.get("rawLink"):
+        return False
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def widget_names(info):
+    """Widget names in the order the frontend creates them, with None for value-only helper widgets."""
+    names = []
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            spec = _input_spec(info, name)
+            if spec is None or not _is_widget(spec):
+                continue
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            names.append(name)
+            if options.get("control_after_generate"):
+                names.append(None)  # "fixed"/"randomize"/...: saved in the workflow, not sent
+            if options.get("image_upload") or options.get("video_upload") or options.get("audio_upload"):
+                names.append(None)  # the upload button's value
+    return names
+
+
+def _widget_values(node, info):
+    values = node.get("widgets_values", [])
+    if isinstance(values, dict):
+        return {k: v for k, v in values.items() if _input_spec(info, k) is not None}
+    named = {}
+    for name, value in zip(widget_names(info), values):
+        if name is not None:
+            named[name] = value
+    return named
+
+
+def workflow_to_prompt(workflow, object_info):
+    if workflow.get("definitions", {}).get("subgraphs"):
+        raise WorkflowError("subgraphs are not supported by this converter")
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {}
+    for link in workflow.get("links", []):
+        if isinstance(link, dict):
+            link = [link["id"], link["origin_id"], link["origin_slot"], link["target_id"], link["target_slot"], link["type"]]
+        links[link[0]] = link
+
+    def resolve(link_id):
+        """(node, slot) that feeds this link after reroutes and bypasses, or a primitive's value."""
+        seen = set()
+        while link_id is not None and link_id not in seen:
+            seen.add(link_id)
+            link = links.get(link_id)
+            if link is None:
+                return None
+            origin = nodes.get(link[1])
+            if origin is None or origin.get("mode") == MODE_MUTED:
+                return None
+            kind = origin["type"]
+            if kind == "Reroute":
+                link_id = (origin.get("inputs") or [{}])[0].get("link")
+                continue
+            if kind == "PrimitiveNode":
+                return ("value", (origin.get("widgets_values") or [None])[0])
+            if origin.get("mode") == MODE_BYPASSED:
+                link_id = _bypass_input(origin, link[2], link[5])
+                continue
+            return ("link", [str(origin["id"]), int(link[2])])
+        return None
+
+    prompt = {}
+    for node in workflow["nodes"]:
+        kind = node["type"]
+        if kind in VIRTUAL_NODES or node.get("mode") in (MODE_MUTED, MODE_BYPASSED):
+            continue
+        info = object_info.get(kind)
+        if info is None:
+            raise WorkflowError(f"node {node['id']} has type {kind!r}, which this ComfyUI does not know (missing node)")
+        inputs = {}
+        for name, value in _widget_values(node, info).items():
+            inputs[name] = {"__value__": value} if isinstance(value, list) else value
+        for socket in node.get("inputs") or []:
+            if socket.get("link") is None:
+                continue
+            resolved = resolve(socket["link"])
+            if resolved is None:
+                continue
+            name = socket.get("widget", {}).get("name") or socket["name"]
+            inputs[name] = resolved[1]
+        prompt[str(node["id"])] = {"inputs": inputs, "class_type": kind, "_meta": {"title": node.get("title") or info.get("display_name") or kind}}
+
+    for entry in prompt.values():  # drop links to nodes that were removed (muted, virtual)
+        for name, value in list(entry["inputs"].items()):
+            if isinstance(value, list) and value[0] not in prompt:
+                del entry["inputs"][name]
+    return prompt
+
+
+def _bypass_input(node, slot, kind):
+    """The link of the bypassed node's input that passes its output ``slot`` of type ``kind`` through."""
+    inputs = node.get("inputs") or []
+    if slot < len(inputs) and inputs[slot].get("type") == kind and inputs[slot].get("link") is not None:
+        return inputs[slot]["link"]
+    for socket in inputs:
+        if socket.get("type") == kind and socket.get("link") is not None:
+            return socket["link"]
+    return None
+
+
+def model_files(workflow, object_info=None):
+    """(folder, filename) of every model the workflow's loaders name, from their properties.models."""
+    found = []
+    for node in workflow["nodes"]:
+        if node.get("mode") == MODE_MUTED:
+            continue
+        for model in node.get("properties", {}).get("models", []):
+            found.append((model["directory"], model["name"]))
+    return found

@@ -1,0 +1,1 @@
+"""train — EraseKit core (plain Python + torch; never imports ComfyUI)."""
