@@ -116,7 +116,7 @@ def _read_manifest_lines(path):
     """Records of one manifest; a torn last line (a kill while appending) is ignored."""
     records = []
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+        for line in handle:
             line = line.strip()
             if not line:
                 continue
@@ -137,7 +137,7 @@ class TripletWriter:
     ``shard`` = ``"i/N"`` makes this writer append to its own ``manifest-shard-i-of-N.jsonl`` so N
     processes can fill one folder. ``has(id)`` sees samples of every manifest present when the writer
     opened (a resumed run with another shard count skips what is done). With ``resume=False`` a folder
-    that already holds samples is an error rather than silently mixed. On opening, stale temp files are
+    that already holds samples (for a shard: samples in its own manifest) is an error, not silently mixed. On opening, stale temp files are
     deleted, manifest lines whose files are gone are dropped, and (for an unsharded writer, the only one
     that knows no other process writes here) files that no manifest names are deleted. Orphans left by
     sharded writers are invisible to readers and are overwritten when their sample is written again.
@@ -185,9 +185,12 @@ class TripletWriter:
                 all_ids.add(record["id"])
                 if path == self.manifest_path:
                     self._done[record["id"]] = record
-        if all_ids and not resume:
+        # a shard only refuses its own earlier samples: the other shards of the run fill the same folder
+        clashing = all_ids if self.shard is None else set(self._done)
+        if clashing and not resume:
             raise ValueError(
-                f"{self.root} already holds {len(all_ids)} samples; resume the run or choose an empty folder"
+                f"{self.manifest_path} already lists {len(clashing)} samples" if self.shard is not None else
+                f"{self.root} already holds {len(clashing)} samples; resume the run or choose an empty folder"
             )
         self._known = all_ids
         if self.shard is None:

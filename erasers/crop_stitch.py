@@ -98,12 +98,12 @@ def _resize(pixels_bchw, height, width):
     return F.interpolate(pixels_bchw, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking)
 
 
-def crop_around_mask(image, mask, context=0.5, target_side=1024, multiple=16, min_margin=0, square=False):
+def crop_around_mask(image, mask, context=0.5, target_side=1024, multiple=16, min_margin=0, square=False, upscale=True):
     """Crop ``image``/``mask`` around the mask with context and scale the crop to the eraser's working size.
 
     The box is the mask's bounding box (over the batch) grown by ``context`` × its longer side on each side
     (clipped to the photo). It is resized so its longer side is ``target_side`` floored to a multiple of
-    ``multiple``, then padded on the right/bottom (edge pixels; mask 0) up to multiples of ``multiple``.
+    ``multiple`` (with ``upscale=False`` a smaller box keeps its size), then padded on the right/bottom (edge pixels; mask 0) up to multiples of ``multiple``.
     Returns ``(crop_image [B,h,w,3], crop_mask [B,h,w], CropInfo)``.
     """
     mask = _check_image_mask(image, mask)
@@ -113,6 +113,8 @@ def crop_around_mask(image, mask, context=0.5, target_side=1024, multiple=16, mi
     x0, y0, x1, y1 = context_box(mask_box(mask), height, width, context, min_margin, square)
     side = (int(target_side) // multiple) * multiple
     scale = side / max(x1 - x0, y1 - y0)
+    if not upscale:
+        scale = min(scale, 1.0)
     resized_w = max(1, min(side, int(round((x1 - x0) * scale))))
     resized_h = max(1, min(side, int(round((y1 - y0) * scale))))
     padded_w = int(math.ceil(resized_w / multiple)) * multiple
@@ -187,6 +189,6 @@ def stitch(original_image, result_crop, info, mask, grow=0, blur_radius=5.0):
 
     out = original_image.expand(batch, -1, -1, -1).clone()
     region = out[:, info.y0 : info.y1, info.x0 : info.x1, :]
-    blended = region * (1 - alpha) + patch.to(region.dtype) * alpha
+    blended = torch.lerp(region, patch.to(region.dtype), alpha.to(region.dtype))
     out[:, info.y0 : info.y1, info.x0 : info.x1, :] = torch.where(alpha > 0, blended, region)
     return out

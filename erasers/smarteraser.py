@@ -203,3 +203,66 @@ def check_inpaint_size(height, width):
             f"SmartEraser works on latents of 1/8 the image size: the image is {width}x{height}, "
             f"both sides must be multiples of 8 (crop it to {CROP_SIZE}x{CROP_SIZE} first)."
         )
+
+
+# --------------------------------------------------------------------------------------------- crop
+def official_crop_box(mask, image_height, image_width):
+    """The demo's crop decision for one binary mask [H,W] (app_remove.py ``predict``).
+
+    Returns ``("crop", (x0, y0, x1, y1))`` — a square of side min(H, W) around the mask, which the demo takes as a
+    512 crop after resizing the short side to 512 — or ``("pad", full image box)`` when the mask's longer side
+    exceeds the image's shorter side (the demo then resizes the long side to 512 and pads).
+    """
+    box = mask_bbox(mask > 0)
+    if box is None:
+        raise ValueError("the mask is empty: SmartEraser needs a mask over the object to remove.")
+    x0, y0, x1, y1 = box
+    side = min(image_height, image_width)
+    if max(x1 - x0, y1 - y0) > side:
+        return "pad", (0, 0, image_width, image_height)
+    left = max(0, min(x0 - (side - (x1 - 1 - x0)) // 2, image_width - side))
+    top = max(0, min(y0 - (side - (y1 - 1 - y0)) // 2, image_height - side))
+    return "crop", (left, top, left + side, top + side)
+
+
+def _resize_bchw(pixels, height, width):
+    if tuple(pixels.shape[-2:]) == (height, width):
+        return pixels.clone()
+    shrinking = height < pixels.shape[-2] or width < pixels.shape[-1]
+    return torch.nn.functional.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False,
+                                           antialias=shrinking)
+
+
+def smarteraser_crop(image, mask, size=CROP_SIZE):
+    """The demo's 512 working crop, as ``(crop [B,s,s,3], crop_mask [B,s,s], CropInfo)`` for crop_stitch.stitch.
+
+    The box comes from :func:`official_crop_box` on the union of the batch's masks. Where the demo pads (mask
+    larger than the short side) the whole image is scaled so its long side is ``size`` and padded with white
+    (mask 0) — on the right/bottom rather than centred, so that ``crop_stitch.stitch`` can paste it back.
+    """
+    from .crop_stitch import CropInfo, _check_image_mask
+
+    mask = _check_image_mask(image, mask)
+    _, height, width, _ = image.shape
+    mode, (x0, y0, x1, y1) = official_crop_box(mask.amax(dim=0), height, width)
+    scale = size / max(x1 - x0, y1 - y0)
+    resized_w = max(1, min(size, int(round((x1 - x0) * scale))))
+    resized_h = max(1, min(size, int(round((y1 - y0) * scale))))
+    crop = _resize_bchw(image[:, y0:y1, x0:x1].movedim(-1, 1).float(), resized_h, resized_w).clamp(0, 1)
+    crop = torch.nn.functional.pad(crop, (0, size - resized_w, 0, size - resized_h), value=1.0)
+    crop_mask = _resize_bchw(mask[:, None, y0:y1, x0:x1].float(), resized_h, resized_w).clamp(0, 1)
+    crop_mask = torch.nn.functional.pad(crop_mask, (0, size - resized_w, 0, size - resized_h), value=0.0)
+    info = CropInfo(x0, y0, x1, y1, height, width, resized_h, resized_w, size, size)
+    return crop.movedim(1, -1).contiguous(), crop_mask[:, 0].contiguous(), info
+
+
+def eval_mask(mask, area_ratio=EVAL_MASK_AREA_RATIO):
+    """MASK [B,H,W] dilated to ``area_ratio`` × its area per item (1.10 = SmartEraser's evaluation masks)."""
+    from .masks import resize_to_area_batch, smarteraser_eval_mask
+
+    if abs(area_ratio - 1.0) < 1e-9:
+        return mask
+    if abs(area_ratio - EVAL_MASK_AREA_RATIO) < 1e-9:
+        items = [torch.from_numpy(np.asarray(smarteraser_eval_mask(m.cpu().numpy()), dtype=np.float32)) for m in mask]
+        return torch.stack(items).to(mask)
+    return torch.as_tensor(resize_to_area_batch(mask, area_ratio)).to(mask)

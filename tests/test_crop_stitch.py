@@ -102,3 +102,13 @@ def test_bad_inputs_raise_clear_errors():
     wrong = CropInfo(0, 0, 32, 32, 40, 40, 64, 64, 64, 64)
     with pytest.raises(ValueError, match="40x40"):
         stitch(image, crop, wrong, mask)
+
+
+def test_no_upscale_keeps_small_crops_at_their_size():
+    image = torch.rand(1, 99, 141, 3)
+    mask = torch.zeros(1, 99, 141)
+    mask[0, 30:60, 50:90] = 1
+    crop, _, info = crop_around_mask(image, mask, context=0.25, target_side=1024, upscale=False)
+    assert (info.resized_height, info.resized_width) == (info.box_height, info.box_width)
+    assert crop.shape[1] % 16 == 0 and crop.shape[2] % 16 == 0 and crop.shape[1] < 100
+    assert torch.equal(crop[0, : info.box_height, : info.box_width], image[0, info.y0 : info.y1, info.x0 : info.x1])

@@ -99,6 +99,10 @@ def test_shards_write_separate_manifests_read_as_one(tmp_path):
     assert (tmp_path / "manifest-shard-0-of-2.jsonl").exists() and (tmp_path / "manifest-shard-1-of-2.jsonl").exists()
     ds = TripletDataset(tmp_path)
     assert [r["id"] for r in ds.iter_records()] == ["s0", "s1", "s2", "s3"]
+    with TripletWriter(tmp_path, shard="2/3", resume=False) as writer:  # other shards' samples are no clash...
+        assert writer.has("s0")
+    with pytest.raises(ValueError, match="manifest-shard-1-of-2.jsonl already lists 2 samples"):
+        TripletWriter(tmp_path, shard="1/2", resume=False)  # ...its own are
     with TripletWriter(tmp_path, shard="0/3") as writer:  # another shard count still sees finished samples
         assert all(writer.has(f"s{i}") for i in range(4))
     assert parse_shard("3/4") == (3, 4)

@@ -1,0 +1,867 @@
+"""Video4Removal: mine real removal pairs from static-camera video (OmniEraser, ../shared/METHODS.md §3).
+
+One streaming pass per video. A MOG2 background model runs on a downscaled copy of every frame; a frame
+whose cleaned foreground covers more than ``foreground_ratio`` (0.15, the paper's) of the picture is a
+*foreground* frame, one with almost none is a *background* frame. Each kept foreground frame is paired with
+the background frame that is nearest in time and closest in MSE (lighting drift) within a time window, and
+the pair is only accepted when the pictures agree outside the object mask (same lighting) and the
+background frame is actually empty where the object is. Fast-motion frames (object much less sharp than the
+background model in the same place) are dropped; a moving camera stops the clip with a reason.
+
+Memory is bounded whatever the video's length: a thinned bank of recent background frames and a thinned
+queue of foreground frames waiting for a background frame after them; nothing else is kept.
+
+``mine_video`` does the work in the calling process; ``VideoJobRunner`` runs it in spawned child processes
+so a decoder that crashes takes down only its child, and the caller gets a reason instead of a dead run.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import multiprocessing
+import os
+import queue
+import re
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..erasers import masks as mask_ops
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
+MASK_AUGMENTATIONS = ("none", "dilate", "erode", "bbox", "random")
+
+
+@dataclass(frozen=True)
+class PairingConfig:
+    """Every number that decides which pairs a video yields (stored in each sample's manifest record)."""
+
+    foreground_ratio: float = 0.15  # paper: a frame is foreground when its foreground-pixel ratio > 0.15
+    background_ratio: float = 0.002  # at most this much cleaned foreground: the scene is empty
+    window_seconds: float = 6.0  # a pair's two frames are at most this far apart
+    lighting_mse: float = 20.0  # max MSE (0-255 scale) between the frames outside the dilated mask
+    empty_fraction: float = 0.01  # max share of the object mask the background frame's foreground may cover
+    min_object_mse: float = 400.0  # the object must differ from the background inside the mask at least this much
+    blur_ratio: float = 0.4  # object sharpness below this share of its recent median: motion blur
+    sample_gap_seconds: float = 0.2  # min time between two kept foreground frames (near-duplicates)
+    bank_size: int = 24  # background frames kept (thinned over the window)
+    max_pending: int = 24  # foreground frames waiting for a later background frame
+    analysis_width: int = 160  # MOG2 and the checks run at this width; outputs keep the full resolution
+    analysis_fps: float = 10.0  # frames analysed per second of video; the others are only decoded (grab)
+    warmup_frames: int = 10  # frames the background model needs before its verdicts count
+    mog_history: int = 500
+    mog_var_threshold: float = 16.0
+    min_island_fraction: float = 0.0005  # foreground specks smaller than this share of the frame are noise
+    max_camera_shift: float = 0.02  # global shift vs. the first frame, as a share of the width: camera moved
+    motion_check_seconds: float = 0.5  # time between two global-motion checks (ORB + RANSAC similarity)
+    motion_patience: int = 2  # consecutive checks over the limit before the clip counts as moving
+    difference_threshold: float = 25.0  # full-resolution |source - target| that counts as object (0-255)
+    mask_dilate_ratio: float = 1.10  # safety margin of the object mask (area ratio) before augmentation
+    mask_augment: str = "none"  # none | dilate | erode | bbox | random (one per sample, seeded by its id)
+
+    def __post_init__(self):
+        if not 0 < self.foreground_ratio < 1:
+            raise ValueError(f"foreground_ratio must be in (0, 1), got {self.foreground_ratio}")
+        if not 0 <= self.background_ratio < self.foreground_ratio:
+            raise ValueError(
+                f"background_ratio must be in [0, foreground_ratio={self.foreground_ratio}), got {self.background_ratio}"
+            )
+        for name in ("window_seconds", "lighting_mse", "analysis_width", "analysis_fps", "bank_size", "max_pending",
+                     "mask_dilate_ratio", "motion_check_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.mask_augment not in MASK_AUGMENTATIONS:
+            raise ValueError(f"mask_augment must be one of {MASK_AUGMENTATIONS}, got {self.mask_augment!r}")
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown pairing settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class VideoSkipped(Exception):
+    """The clip cannot give pairs (unopenable, moving camera, ...); ``str(e)`` is the reason."""
+
+
+@dataclass
+class Pair:
+    """One mined sample: full-resolution RGB frames and the object mask (True = remove)."""
+
+    frame: int
+    background_frame: int
+    source: np.ndarray
+    target: np.ndarray
+    mask: np.ndarray
+    stats: dict
+
+
+@dataclass
+class VideoReport:
+    """What happened to one video (the run summary is a list of these)."""
+
+    video: str
+    status: str = "ok"  # ok | skipped | crashed
+    reason: str = ""
+    frames: int = 0
+    fps: float = 0.0
+    width: int = 0
+    height: int = 0
+    pairs: int = 0
+    written: int = 0
+    counts: dict = field(default_factory=dict)  # frame classes and rejection reasons
+
+    def as_dict(self):
+        return asdict(self)
+
+
+# --- small pure helpers ---------------------------------------------------------------------------
+
+def analysis_size(width, height, analysis_width):
+    if width <= analysis_width:
+        return width, height
+    return analysis_width, max(1, round(height * analysis_width / width))
+
+
+def clean_foreground(raw, min_island_pixels):
+    """MOG2 output (255 = foreground, 127 = shadow) → bool object mask: shadows out, specks out, holes in."""
+    fg = (raw == 255).astype(np.uint8)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
+    mask = mask_ops.remove_small_islands(fg.astype(bool), min_island_pixels)
+    return mask_ops.fill_holes(mask)
+
+
+def sharpness(gray, box):
+    """Variance of the Laplacian inside ``box`` = (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = box
+    crop = gray[y0:y1, x0:x1]
+    if crop.size < 9:
+        return 0.0
+    return float(cv2.Laplacian(crop, cv2.CV_32F).var())
+
+
+def mask_box(mask, pad=2):
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    return (max(0, int(xs.min()) - pad), max(0, int(ys.min()) - pad), min(w, int(xs.max()) + pad + 1), min(h, int(ys.max()) + pad + 1))
+
+
+def masked_mse(a, b, where):
+    """Mean squared difference of two float32 images over the pixels where ``where`` is True (0-255 scale)."""
+    count = int(np.count_nonzero(where))
+    if count == 0:
+        return 0.0
+    diff = a[where] - b[where]
+    return float(np.einsum("ij,ij->", diff, diff) / (count * diff.shape[-1])) if diff.ndim == 2 else float((diff * diff).mean())
+
+
+def component_boxes(mask):
+    """Each 8-connected component replaced by its filled bounding box."""
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    out = np.zeros(mask.shape, bool)
+    for x, y, w, h, _ in stats[1:count]:
+        out[y:y + h, x:x + w] = True
+    return out
+
+
+def augment_mask(mask, mode, rng):
+    """The paper's mask augmentation (dilate, erode, bbox) on the mask core; returns (mask, what was done)."""
+    if mode == "random":
+        mode = ("none", "dilate", "erode", "bbox")[int(rng.integers(0, 4))]
+    if mode == "dilate":
+        ratio = float(rng.uniform(1.1, 1.5))
+        return mask_ops.resize_to_area(mask, ratio), {"mode": "dilate", "area_ratio": round(ratio, 3)}
+    if mode == "erode":
+        ratio = float(rng.uniform(0.8, 0.95))
+        return mask_ops.resize_to_area(mask, ratio), {"mode": "erode", "area_ratio": round(ratio, 3)}
+    if mode == "bbox":
+        return component_boxes(mask), {"mode": "bbox"}
+    return mask, {"mode": "none"}
+
+
+class CameraMotion:
+    """Global motion of a frame against the first one: ORB features matched and a RANSAC similarity fit.
+
+    Moving cars are outliers of the fit, so a static camera reads ~0 px even in heavy traffic; a panning,
+    shaking or zooming camera reads its displacement. ``measure`` returns (shift in px at full
+    resolution, inliers), or (inf, inliers) when the frame no longer matches the first one at all.
+    """
+
+    def __init__(self, full_width, probe_width=320):
+        self.probe_width = probe_width
+        self.scale = full_width / min(full_width, probe_width)
+        self.orb = cv2.ORB_create(500)
+        self.matcher = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True)
+        self.reference = None
+
+    def _features(self, frame):
+        height, width = frame.shape[:2]
+        if width > self.probe_width:
+            frame = cv2.resize(frame, (self.probe_width, max(1, round(height * self.probe_width / width))),
+                               interpolation=cv2.INTER_AREA)
+        gray = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if frame.ndim == 3 else frame
+        return self.orb.detectAndCompute(gray, None)
+
+    def measure(self, frame):
+        keypoints, descriptors = self._features(frame)
+        if self.reference is None:
+            self.reference = (keypoints, descriptors)
+            return 0.0, len(keypoints)
+        ref_points, ref_descriptors = self.reference
+        if ref_descriptors is None or len(ref_points) < 8:
+            return 0.0, 0  # a featureless scene (fog, flat wall): no evidence either way
+        if descriptors is None:
+            return math.inf, 0
+        matches = self.matcher.match(ref_descriptors, descriptors)
+        if len(matches) < 8:
+            return math.inf, len(matches)
+        a = np.float32([ref_points[m.queryIdx].pt for m in matches])
+        b = np.float32([keypoints[m.trainIdx].pt for m in matches])
+        model, inliers = cv2.estimateAffinePartial2D(a, b, method=cv2.RANSAC, ransacReprojThreshold=2.0)
+        if model is None or int(inliers.sum()) < 8:
+            return math.inf, 0 if inliers is None else int(inliers.sum())
+        # displacement of the probe's corners captures translation, rotation and zoom in one number
+        height, width = frame.shape[:2]
+        w = min(width, self.probe_width)
+        h = height * w / width
+        corners = np.float32([[0, 0], [w, 0], [0, h], [w, h]])
+        moved = corners @ model[:, :2].T + model[:, 2]
+        return float(np.abs(moved - corners).max()) * self.scale, int(inliers.sum())
+
+
+def video_id(path):
+    """Stable, file-name-safe id of a video: its stem plus a short hash of its name and size."""
+    path = Path(path)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._-") or "video"
+    size = path.stat().st_size if path.exists() else 0
+    digest = hashlib.sha1(f"{path.name}:{size}".encode()).hexdigest()[:6]
+    return f"{stem}-{digest}"
+
+
+def sample_id(vid, frame):
+    return f"{vid}-f{frame:06d}"
+
+
+# --- decoding --------------------------------------------------------------------------------------
+
+def open_video(path):
+    """cv2.VideoCapture of ``path`` with its (fps, frame count, width, height), or VideoSkipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoSkipped(f"{path} does not exist or is not a file")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise VideoSkipped(f"OpenCV cannot open {path.name} (not a video, or no decoder for its codec)")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
+    if not (fps > 0 and math.isfinite(fps)):
+        fps = 25.0  # some containers do not say; the window is then measured in 25-fps frames
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+    return capture, float(fps), count, width, height
+
+
+def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=False):
+    """Yield (index, BGR uint8 frame) for every ``step``-th frame in [start, stop); the others are only
+    decoded (``grab``), not converted, and yielded as (index, None) if ``include_skipped``. The stream
+    ends at the first frame the decoder cannot give.
+
+    ``prefetch`` > 0 decodes in a thread up to that many frames ahead (OpenCV releases the GIL while
+    decoding, so decoding overlaps the caller's analysis; memory stays bounded by the queue).
+    """
+    capture, _, _, _, _ = open_video(path)
+    if start:
+        capture.set(cv2.CAP_PROP_POS_FRAMES, start)
+
+    def frames():
+        index = start
+        while stop is None or index < stop:
+            if (index - start) % step:
+                if not capture.grab():
+                    return
+                if include_skipped:
+                    yield index, None
+            else:
+                ok, frame = capture.read()
+                if not ok or frame is None:
+                    return
+                yield index, frame
+            index += 1
+
+    if prefetch <= 0:
+        try:
+            yield from frames()
+        finally:
+            capture.release()
+        return
+    import threading
+
+    buffer = queue.Queue(maxsize=prefetch)
+    stopping = threading.Event()
+    failure = []
+
+    def decode():
+        try:
+            for item in frames():
+                while not stopping.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stopping.is_set():
+                    return
+        except BaseException as error:  # handed to the consumer
+            failure.append(error)
+        finally:
+            buffer.put(None)
+
+    thread = threading.Thread(target=decode, name="erasekit-video-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is None:
+                break
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stopping.set()
+        while thread.is_alive():
+            try:
+                buffer.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+        capture.release()
+
+
+# --- the streaming miner ---------------------------------------------------------------------------
+
+@dataclass
+class _Background:
+    index: int
+    full: np.ndarray  # BGR, full resolution
+    small: np.ndarray  # float32 BGR at analysis size
+    foreground: np.ndarray  # bool raw MOG foreground at analysis size (what is not empty)
+
+
+@dataclass
+class _Foreground:
+    index: int
+    full: np.ndarray
+    small: np.ndarray
+    mask: np.ndarray  # cleaned bool mask at analysis size
+    ratio: float
+    sharpness_ratio: float
+
+
+def shadow_pixels(source, target):
+    """MOG2's shadow rule at full resolution: darker than the background by 8-50 % with the same colour."""
+    src = source.astype(np.float32) + 1.0
+    tgt = target.astype(np.float32) + 1.0
+    ratio = src / tgt
+    mean_ratio = ratio.mean(axis=2)
+    colour_spread = np.abs(ratio - mean_ratio[..., None]).max(axis=2)
+    return (mean_ratio > 0.5) & (mean_ratio < 0.92) & (colour_spread < 0.08)
+
+
+def refine_mask(source, target, zone, threshold, min_island):
+    """Object mask at full resolution: |source - target| inside the MOG zone, shadows out, cleaned.
+
+    ``source``/``target`` are RGB uint8 of one size, ``zone`` a bool mask where the object may be.
+    Only the zone's box is processed. Returns None when the difference finds nothing there.
+    """
+    if not zone.any():
+        return None
+    x0, y0, x1, y1 = mask_box(zone, pad=0)
+    src, tgt, inside = source[y0:y1, x0:x1], target[y0:y1, x0:x1], zone[y0:y1, x0:x1]
+    diff = cv2.absdiff(cv2.GaussianBlur(src, (3, 3), 0), cv2.GaussianBlur(tgt, (3, 3), 0)).max(axis=2)
+    crop = (diff > threshold) & inside & ~shadow_pixels(src, tgt)
+    crop = cv2.morphologyEx(crop.astype(np.uint8), cv2.MORPH_CLOSE,
+                            cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))).astype(bool) & inside
+    mask = np.zeros(zone.shape, bool)
+    mask[y0:y1, x0:x1] = crop
+    mask = mask_ops.fill_holes(mask_ops.remove_small_islands(mask, min_island))
+    return mask if mask.any() else None
+
+
+class PairMiner:
+    """Streaming Video4Removal state: ``push(index, frame)`` analysed frames in order, then ``finish()``.
+
+    Both return lists of accepted :class:`Pair` objects. ``counts`` tallies frame classes and rejection
+    reasons. ``segmenter`` (optional) maps an RGB frame and the object zone found by MOG (bool, full
+    size) to an object mask or None; without it the MOG foreground refined at full resolution against the
+    paired background frame is the mask.
+    """
+
+    def __init__(self, fps, width, height, config=PairingConfig(), segmenter=None):
+        self.config = config
+        self.fps = float(fps)
+        self.width, self.height = int(width), int(height)
+        self.small_size = analysis_size(self.width, self.height, config.analysis_width)
+        small_area = self.small_size[0] * self.small_size[1]
+        self.min_island = max(4, int(round(config.min_island_fraction * small_area)))
+        self.min_island_full = max(16, int(round(config.min_island_fraction * self.width * self.height)))
+        self.step = max(1, int(round(self.fps / config.analysis_fps)))
+        self.window = max(1, int(round(config.window_seconds * self.fps)))
+        self.sample_gap = max(1, int(round(config.sample_gap_seconds * self.fps)), self.window // config.max_pending + 1)
+        self.bank_gap = max(1, (2 * self.window) // config.bank_size + 1)
+        self.motion_every = max(1, int(round(config.motion_check_seconds * self.fps)))
+        self.segmenter = segmenter
+        self.mog = cv2.createBackgroundSubtractorMOG2(
+            history=config.mog_history, varThreshold=config.mog_var_threshold, detectShadows=True
+        )
+        self.camera = CameraMotion(self.width)
+        self.bank = deque()
+        self.pending = deque()
+        self.last_kept = -10**9
+        self.recent_sharpness = deque(maxlen=9)
+        self.last_motion_check = -10**9
+        self.counts = Counter()
+        self.frames = 0
+        self.largest_shift = 0.0
+        self._moving_checks = 0
+
+    # frame classification ---------------------------------------------------------------------
+    def push(self, index, frame):
+        if frame.shape[:2] != (self.height, self.width):
+            raise VideoSkipped(
+                f"frame {index} is {frame.shape[1]}×{frame.shape[0]} but the video says {self.width}×{self.height}"
+            )
+        self.frames += 1
+        if index - self.last_motion_check >= self.motion_every:
+            self.last_motion_check = index
+            self._check_camera(index, frame)
+        small = cv2.resize(frame, self.small_size, interpolation=cv2.INTER_AREA)
+        raw = self.mog.apply(small)
+        if self.frames <= self.config.warmup_frames:
+            self.counts["warmup"] += 1
+            return self._resolve(index)
+        raw_ratio = np.count_nonzero(raw == 255) / raw.size
+        if raw_ratio <= self.config.background_ratio:
+            self._add_background(index, frame, small, raw)  # nothing moves: no cleaning needed
+            return self._resolve(index)
+        mask = clean_foreground(raw, self.min_island)
+        ratio = float(np.count_nonzero(mask)) / mask.size
+        if ratio <= self.config.background_ratio:
+            self._add_background(index, frame, small, raw)
+        elif ratio > self.config.foreground_ratio:
+            self._add_foreground(index, frame, small, mask, ratio)
+        else:
+            self.counts["in_between"] += 1
+        return self._resolve(index)
+
+    def finish(self):
+        pairs = []
+        while self.pending:
+            pairs.extend(self._pair(self.pending.popleft()))
+        return pairs
+
+    def _check_camera(self, index, frame):
+        shift, inliers = self.camera.measure(frame)
+        limit = self.config.max_camera_shift * self.width
+        if math.isfinite(shift):
+            self.largest_shift = max(self.largest_shift, shift)
+        if shift <= limit:
+            self._moving_checks = 0
+            return
+        self._moving_checks += 1
+        if self._moving_checks >= self.config.motion_patience:
+            seen = f"{shift:.0f} px" if math.isfinite(shift) else f"no match ({inliers} features agree)"
+            raise VideoSkipped(
+                f"camera moves: frame {index} is displaced by {seen} against the first frame "
+                f"(limit {limit:.0f} px); Video4Removal needs a static camera"
+            )
+
+    def _add_background(self, index, frame, small, raw):
+        self.counts["background"] += 1
+        if self.bank and index - self.bank[-1].index < self.bank_gap:
+            return
+        self.bank.append(_Background(index, frame.copy(), small.astype(np.float32), raw == 255))
+
+    def _add_foreground(self, index, frame, small, mask, ratio):
+        self.counts["foreground"] += 1
+        # Fast motion smears the object. Its sharpness (Laplacian variance in its box) is first divided by
+        # the background model's there (so the scene's texture cancels), then compared with the median of
+        # recent foreground frames: a frame much softer than the object usually looks is blurred.
+        box = mask_box(mask)
+        gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+        background_gray = cv2.cvtColor(self.mog.getBackgroundImage(), cv2.COLOR_BGR2GRAY)
+        relative = sharpness(gray, box) / max(sharpness(background_gray, box), 1.0)
+        history = sorted(self.recent_sharpness)
+        self.recent_sharpness.append(relative)
+        sharp_ratio = relative / history[len(history) // 2] if len(history) >= 3 and history[len(history) // 2] > 0 else 1.0
+        if sharp_ratio < self.config.blur_ratio:
+            self.counts["rejected_blur"] += 1
+            return
+        if index - self.last_kept < self.sample_gap:
+            self.counts["near_duplicate"] += 1
+            return
+        self.last_kept = index
+        self.pending.append(_Foreground(index, frame.copy(), small.astype(np.float32), mask, ratio, sharp_ratio))
+
+    def _resolve(self, now):
+        pairs = []
+        while self.pending and now - self.pending[0].index >= self.window:
+            pairs.extend(self._pair(self.pending.popleft()))
+        oldest_needed = (self.pending[0].index if self.pending else now) - self.window
+        while self.bank and self.bank[0].index < oldest_needed:
+            self.bank.popleft()
+        return pairs
+
+    # pairing ---------------------------------------------------------------------------------------
+    def _choose_background(self, fg, zone):
+        """Best background frame for ``fg``: within the window, empty in ``zone``, same lighting outside it;
+        cost = MSE / lighting limit + time distance / window. Returns (frame or None, mse, reasons)."""
+        cfg = self.config
+        outside = ~zone
+        zone_pixels = max(1, int(np.count_nonzero(zone)))
+        best, best_cost, best_mse, reasons = None, math.inf, 0.0, Counter()
+        for bg in self.bank:
+            dt = abs(bg.index - fg.index)
+            if dt > self.window:
+                reasons["no_background_in_window"] += 1
+                continue
+            if np.count_nonzero(bg.foreground & zone) / zone_pixels > cfg.empty_fraction:
+                reasons["background_not_empty_there"] += 1
+                continue
+            mse_out = masked_mse(fg.small, bg.small, outside)
+            if mse_out > cfg.lighting_mse:
+                reasons["lighting_differs"] += 1
+                continue
+            cost = mse_out / cfg.lighting_mse + dt / self.window
+            if cost < best_cost:
+                best, best_cost, best_mse = bg, cost, mse_out
+        return best, best_mse, reasons
+
+    def _covers_motion(self, mask, motion, share=0.6):
+        """Does ``mask`` (full size, grown a little) cover most of the MOG foreground (analysis size)?"""
+        small = cv2.resize(mask.astype(np.uint8), self.small_size, interpolation=cv2.INTER_AREA) > 0
+        small = cv2.dilate(small.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        return np.count_nonzero(small & motion) >= share * max(1, np.count_nonzero(motion))
+
+    def _pair(self, fg):
+        cfg = self.config
+        zone = mask_ops.resize_to_area(fg.mask, 1.5)  # the object plus a margin for its shadow and halo
+        best, mse_out, reasons = self._choose_background(fg, zone)
+        if best is None:
+            reason = reasons.most_common(1)[0][0] if reasons else "no_background_in_window"
+            self.counts[f"rejected_{reason}"] += 1
+            return []
+        mse_in = masked_mse(fg.small, best.small, fg.mask)
+        if mse_in < cfg.min_object_mse:
+            self.counts["rejected_no_object_in_mask"] += 1
+            return []
+        source = cv2.cvtColor(fg.full, cv2.COLOR_BGR2RGB)
+        target = cv2.cvtColor(best.full, cv2.COLOR_BGR2RGB)
+        zone_full = cv2.resize(zone.astype(np.uint8), (self.width, self.height), interpolation=cv2.INTER_NEAREST) > 0
+        if self.segmenter is not None:
+            mask = self.segmenter(source, zone_full)
+            mask_source = getattr(self.segmenter, "name", "segmenter")
+            if mask is not None and not self._covers_motion(mask, fg.mask):
+                # a moving thing outside the prompt's objects would stay in the source but not the target
+                self.counts["rejected_mask_misses_motion"] += 1
+                return []
+        else:
+            mask = refine_mask(source, target, zone_full, cfg.difference_threshold, self.min_island_full)
+            mask_source = "mog"
+        if mask is None or not mask.any():
+            self.counts["rejected_segmenter" if self.segmenter is not None else "rejected_no_object_in_mask"] += 1
+            return []
+        mask = mask_ops.resize_to_area(mask, cfg.mask_dilate_ratio)
+        self.counts["pairs"] += 1
+        stats = {
+            "time_s": round(fg.index / self.fps, 3),
+            "background_time_s": round(best.index / self.fps, 3),
+            "foreground_ratio": round(fg.ratio, 4),
+            "sharpness_ratio": round(fg.sharpness_ratio, 3),
+            "mse_outside": round(mse_out, 3),
+            "mse_inside": round(mse_in, 3),
+            "mask_source": mask_source,
+        }
+        return [Pair(fg.index, best.index, source, target, mask, stats)]
+
+
+REASON_WORDS = {
+    "no_background_in_window": "no empty frame within the time window",
+    "background_not_empty_there": "the background frames nearby are not empty where the object is (busy scene)",
+    "lighting_differs": "lighting differs too much between the frames outside the object",
+    "no_object_in_mask": "no object stands out inside the mask against the background frame",
+    "blur": "the object is motion-blurred",
+    "segmenter": "the segmenter found no object of the prompt",
+    "mask_misses_motion": "the prompt's objects do not cover what moves",
+}
+
+
+def explain(counts, pairs):
+    """A sentence saying why a video gave no pairs (empty when it gave some)."""
+    if pairs:
+        return ""
+    foreground = counts.get("foreground", 0)
+    background = counts.get("background", 0)
+    if foreground == 0:
+        return "no pairs: no frame has enough foreground (no large enough moving object)"
+    if background == 0:
+        return (f"no pairs: the scene is never empty ({foreground} foreground frames, no frame without "
+                "foreground to pair them with)")
+    rejected = {k[len("rejected_"):]: v for k, v in counts.items() if k.startswith("rejected_")}
+    if not rejected:
+        return "no pairs: no foreground frame could be paired"
+    top, number = max(rejected.items(), key=lambda kv: kv[1])
+    return f"no pairs: {REASON_WORDS.get(top, top)} ({number} of {foreground} foreground frames)"
+
+
+def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None, progress=None, check_interrupt=None):
+    """Mine one video in this process. A generator of :class:`Pair` whose return value is the
+    :class:`VideoReport` (see :func:`run_mining`). A skipped clip ends with ``status = "skipped"`` and the
+    reason; pairs already yielded stay valid (each is complete on its own)."""
+    report = VideoReport(video=str(path))
+    try:
+        capture, fps, count, width, height = open_video(path)
+        capture.release()
+    except VideoSkipped as skip:
+        report.status, report.reason = "skipped", str(skip)
+        return report
+    report.fps, report.width, report.height = fps, width, height
+    if width <= 0 or height <= 0:
+        report.status, report.reason = "skipped", f"{Path(path).name} reports no frame size"
+        return report
+    end = min(count, stop) if (count and stop) else (stop or count)
+    total = max(0, end - start)
+    miner = PairMiner(fps, width, height, config, segmenter)
+    last = start - 1
+    try:
+        for index, frame in iter_frames(path, start, stop, miner.step, prefetch=8, include_skipped=True):
+            last = index
+            if frame is None:
+                continue
+            if check_interrupt is not None:
+                check_interrupt()
+            for pair in miner.push(index, frame):
+                report.pairs += 1
+                yield pair
+            if progress is not None and miner.frames % 10 == 0:
+                progress(index - start + 1, max(total, index - start + 1))
+        for pair in miner.finish():
+            report.pairs += 1
+            yield pair
+    except VideoSkipped as skip:
+        report.status, report.reason = "skipped", str(skip)
+    report.frames = last - start + 1
+    report.counts = dict(miner.counts)
+    if report.status == "ok":
+        if miner.frames == 0:
+            report.status = "skipped"
+            report.reason = f"{Path(path).name} has no decodable frame (empty, truncated or damaged file)"
+        else:
+            report.reason = explain(miner.counts, report.pairs)
+            # containers estimate their length; only a clear shortfall means the file ends early
+            if total and report.frames + max(miner.step, 2) < total * 0.98:
+                report.reason = "; ".join(filter(None, [report.reason, (
+                    f"decoding stopped at frame {last} of {end} (truncated or damaged file)")]))
+    if progress is not None:
+        progress(max(total, report.frames), max(total, report.frames))
+    return report
+
+
+def run_mining(path, config=PairingConfig(), segmenter=None, start=0, stop=None, progress=None, check_interrupt=None):
+    """``mine_video`` collected: returns (list of Pair, VideoReport)."""
+    generator = mine_video(path, config, segmenter, start, stop, progress, check_interrupt)
+    pairs = []
+    while True:
+        try:
+            pairs.append(next(generator))
+        except StopIteration as done:
+            return pairs, done.value
+
+
+def pair_record(vid, video_path, pair, config, augmentation):
+    """The manifest record of one pair (the triplet format's video origin plus how it was made)."""
+    return {
+        "origin": {
+            "kind": "video",
+            "video": Path(video_path).name,
+            "video_id": vid,
+            "frame": pair.frame,
+            "background_frame": pair.background_frame,
+        },
+        "mask_source": pair.stats["mask_source"],
+        "mask_augment": augmentation,
+        "stats": {k: v for k, v in pair.stats.items() if k != "mask_source"},
+        "params": {"method": "video4removal", **asdict(config)},
+    }
+
+
+def finalize_pair(vid, pair, config):
+    """(sample id, mask after augmentation, augmentation record); the augmentation is seeded by the id."""
+    sid = sample_id(vid, pair.frame)
+    seed = int(hashlib.sha1(sid.encode()).hexdigest()[:8], 16)
+    mask, augmentation = augment_mask(pair.mask, config.mask_augment, np.random.default_rng(seed))
+    return sid, mask, augmentation
+
+
+# --- isolation: mining in spawned children ---------------------------------------------------------
+
+def _worker_main(connection, config_dict, segmenter_spec):
+    """Child process loop: receive (job, path, start, stop) or None; send ("pair", job, ...),
+    ("progress", job, done, total) and finally ("done", job, report dict) for each job."""
+    cv2.setNumThreads(1)
+    config = PairingConfig.from_dict(config_dict)
+    segmenter = None
+    if segmenter_spec:
+        from .segmenters import load_text_segmenter
+
+        segmenter = load_text_segmenter(**segmenter_spec)
+    while True:
+        task = connection.recv()
+        if task is None:
+            return
+        job, path, start, stop = task
+        vid = video_id(path)
+
+        def progress(done, total, job=job):
+            connection.send(("progress", job, done, total))
+
+        try:
+            generator = mine_video(path, config, segmenter, start, stop, progress)
+            while True:
+                try:
+                    pair = next(generator)
+                except StopIteration as finished:
+                    report = finished.value
+                    break
+                sid, mask, augmentation = finalize_pair(vid, pair, config)
+                record = pair_record(vid, path, pair, config, augmentation)
+                connection.send(("pair", job, sid, pair.source, mask, pair.target, record))
+        except Exception as error:  # a Python-level failure of one video must not stop the worker
+            report = VideoReport(video=str(path), status="skipped", reason=f"{type(error).__name__}: {error}")
+        connection.send(("done", job, report.as_dict()))
+
+
+class VideoJobRunner:
+    """Mine videos in ``workers`` spawned child processes; a child that dies fails only its current video.
+
+    ``run(jobs)`` with jobs = [(path, start, stop), ...] yields events as they arrive:
+    ("pair", job, sample_id, source, mask, target, record), ("progress", job, done, total) and
+    ("done", job, report dict). A child that dies (decoder segfault, out of memory) gives a "done" event
+    with status "crashed" and is replaced; so does one silent for ``timeout`` seconds (hung decoder).
+    Each child has its own pipe, so a child killed mid-message cannot corrupt another's messages.
+    """
+
+    def __init__(self, config=PairingConfig(), workers=1, segmenter_spec=None, timeout=600.0):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.config_dict = asdict(config)
+        self.workers = workers
+        self.segmenter_spec = segmenter_spec
+        self.timeout = timeout
+        self._context = multiprocessing.get_context("spawn")
+        self._children = []
+
+    def _spawn(self):
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(
+            target=_worker_main, args=(child_end, self.config_dict, self.segmenter_spec), daemon=True
+        )
+        process.start()
+        child_end.close()
+        return {"process": process, "pipe": parent_end, "job": None, "since": 0.0}
+
+    def start(self):
+        while len(self._children) < self.workers:
+            self._children.append(self._spawn())
+        return self
+
+    def close(self):
+        for child in self._children:
+            try:
+                child["pipe"].send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        for child in self._children:
+            child["process"].join(timeout=5)
+            if child["process"].is_alive():
+                child["process"].kill()
+                child["process"].join()
+            child["pipe"].close()
+        self._children = []
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _crashed(self, index, paths, hung):
+        child = self._children[index]
+        job = child["job"]
+        if child["process"].is_alive():
+            child["process"].kill()
+        child["process"].join()
+        child["pipe"].close()
+        code = child["process"].exitcode
+        reason = (f"no progress for {self.timeout:.0f} s (decoder hung); its process was killed" if hung
+                  else f"the decoding process died (exit code {code}): the file crashes the decoder")
+        self._children[index] = self._spawn()
+        return ("done", job, VideoReport(video=str(paths[job]), status="crashed", reason=reason).as_dict())
+
+    def run(self, jobs):
+        import time
+        from multiprocessing.connection import wait
+
+        self.start()
+        waiting = deque(enumerate(jobs))
+        paths = {job: spec[0] for job, spec in waiting}
+        while True:
+            for child in self._children:
+                if child["job"] is None and waiting:
+                    job, (path, start, stop) = waiting.popleft()
+                    child["job"], child["since"] = job, time.monotonic()
+                    child["pipe"].send((job, str(path), start, stop))
+            busy = [c for c in self._children if c["job"] is not None]
+            if not busy:
+                return
+            ready = wait([c["pipe"] for c in busy], timeout=1.0)
+            for index, child in enumerate(self._children):
+                if child["job"] is None:
+                    continue
+                if child["pipe"] in ready:
+                    try:
+                        event = child["pipe"].recv()
+                    except (EOFError, OSError):
+                        yield self._crashed(index, paths, hung=False)
+                        continue
+                    child["since"] = time.monotonic()
+                    if event[0] == "done":
+                        child["job"] = None
+                    yield event
+                elif time.monotonic() - child["since"] > self.timeout:
+                    yield self._crashed(index, paths, hung=True)
+
+
+def find_videos(inputs):
+    """Video files named in ``inputs`` (files, or folders searched recursively), sorted, no duplicates."""
+    found = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS))
+        elif item.exists():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"{item} does not exist (expected a video file or a folder of videos)")
+    unique, seen = [], set()
+    for path in found:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique

@@ -1,0 +1,245 @@
+"""OmniEraser through ComfyUI's own FLUX: parity with diffusers, the loader node's errors, and the workflows.
+
+Parity: on a tiny random FLUX (built from a config on both sides), the velocity ComfyUI predicts through EraseKit's
+LoRA mapping, img_in widening (ComfyUI patches) and condition (the concat_cond object patch, fed through ComfyUI's
+own process_conds / calc_cond_batch with CFG batching) equals diffusers' FluxTransformer2DModel with the official
+widening, the same LoRA loaded by diffusers and the official packed condition.
+"""
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(in_channels=16, out_channels=16, vec_in_dim=20, context_in_dim=24, hidden_size=32, mlp_ratio=4.0,
+            num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=10000, qkv_bias=True,
+            guidance_embed=True, patch_size=2, image_model="flux")
+SHIFT, SCALE = 0.1159, 0.3611  # FLUX VAE shift_factor / scaling_factor (diffusers config)
+
+
+def pack_module(comfy, name):
+    return importlib.import_module(f"{comfy.pack_module().__name__}.{name}")
+
+
+def diffusers_flux(seed=0):
+    torch.manual_seed(seed)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, pooled_projection_dim=20, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    with torch.no_grad():  # diffusers zero-inits some layers; random everywhere makes the check meaningful
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.3 / max(1, p.shape[-1]) ** 0.5 if p.ndim == 2 else 0.02)
+    return model.eval()
+
+
+def comfy_flux(diffusers_model):
+    """ComfyUI's FLUX (model_base.Flux) of the same config, weights converted by ComfyUI's own diffusers map."""
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux(dict(TINY))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    weights = comfy.model_detection.convert_diffusers_mmdit(diffusers_model.state_dict(), "diffusion_model.")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not [k for k in missing if k.startswith("diffusion_model.")] and not unexpected
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def official_lora(model, rank=4, seed=1, widened=True):
+    """Random rank-4 LoRA on every official target (x_embedder included), in the official file's key format."""
+    from erasekit.erasers.omnieraser import LORA_TARGETS
+
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in LORA_TARGETS):
+            cols = module.in_features * (4 if name == "x_embedder" and widened else 1)
+            out[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, cols, generator=generator) / cols ** 0.5
+            out[f"transformer.{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.2
+    return out
+
+
+def official_condition(background_raw, foreground_raw, mask):
+    """The official pipeline's condition, written out as it does it (prepare_image_with_mask)."""
+    masks = (mask >= 0.5).float()[:, None]
+    masks = F.interpolate(masks, size=(masks.shape[2] // 8, masks.shape[3] // 8))
+    masks = (1 - masks).repeat(1, 16, 1, 1)
+    return torch.cat([(background_raw - SHIFT) * SCALE, (foreground_raw - SHIFT) * SCALE, masks], dim=1)
+
+
+def pack(latent):
+    from diffusers import FluxPipeline
+
+    b, c, h, w = latent.shape
+    return FluxPipeline._pack_latents(latent, b, c, h, w)
+
+
+def diffusers_velocity(model, noise, condition, context, pooled, sigma, guidance):
+    from diffusers import FluxPipeline
+
+    b, _, h, w = noise.shape
+    hidden = torch.cat([pack(noise), pack(condition)], dim=2)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noise.device, noise.dtype)
+    txt_ids = torch.zeros(context.shape[1], 3)
+    with torch.no_grad():
+        out = model(hidden_states=hidden, encoder_hidden_states=context, pooled_projections=pooled,
+                    timestep=torch.full((b,), sigma), img_ids=img_ids, txt_ids=txt_ids,
+                    guidance=torch.full((b,), guidance), return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
+
+
+@pytest.fixture(scope="module")
+def parity_inputs():
+    generator = torch.Generator().manual_seed(3)
+    batch, height, width = 2, 64, 80
+    mask = torch.zeros(batch, height, width)
+    mask[0, 12:40, 20:53] = 1.0
+    mask[1, 30:61, 5:30] = 0.8
+    mask[1, 2:9, 60:77] = 0.3  # below the 0.5 threshold: kept
+    return dict(
+        noise=torch.randn(batch, 16, height // 8, width // 8, generator=generator),
+        background=torch.randn(batch, 16, height // 8, width // 8, generator=generator),
+        foreground=torch.randn(batch, 16, height // 8, width // 8, generator=generator),
+        mask=mask,
+        context=torch.randn(batch, 7, 24, generator=generator),
+        negative_context=torch.randn(batch, 7, 24, generator=generator),
+        pooled=torch.randn(batch, 20, generator=generator),
+        sigma=0.7,
+    )
+
+
+def comfy_velocities(comfy_module, patcher, inputs, strength_guidance=3.5):
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    condition = {"background": inputs["background"], "foreground": inputs["foreground"], "mask": inputs["mask"]}
+    key = comfy_module.CONDITION_KEY
+    positive = [[inputs["context"], {"pooled_output": inputs["pooled"], "guidance": strength_guidance, key: condition}]]
+    negative = [[inputs["negative_context"], {"pooled_output": inputs["pooled"], "guidance": strength_guidance, key: condition}]]
+    comfy.model_management.load_models_gpu([patcher])
+    patcher.pre_run()
+    try:
+        noise = inputs["noise"]
+        conds = {"positive": comfy.sampler_helpers.convert_cond(positive),
+                 "negative": comfy.sampler_helpers.convert_cond(negative)}
+        conds = comfy.samplers.process_conds(patcher.model, noise, conds,
+                                             noise.device, latent_image=torch.zeros_like(noise), seed=0)
+        sigma = torch.full((noise.shape[0],), inputs["sigma"])
+        # Both conds in one call: ComfyUI batches cond and uncond together, as for CFG > 1.
+        denoised = comfy.samplers.calc_cond_batch(patcher.model, [conds["positive"], conds["negative"]], noise, sigma,
+                                                  patcher.model_options)
+        return [(noise - d) / inputs["sigma"] for d in denoised]
+    finally:
+        patcher.cleanup()
+        patcher.detach()
+
+
+def test_parity_with_diffusers_official_layout(comfy, parity_inputs):
+    nodes_oe = pack_module(comfy, "nodes.omnieraser")
+    from erasekit.erasers.omnieraser import widen_x_embedder
+
+    reference = diffusers_flux()
+    patcher = comfy_flux(reference)
+    original_img_in = patcher.model.diffusion_model.img_in.weight.detach().clone()
+    lora = official_lora(reference)
+
+    patched, mapping = nodes_oe.apply_omnieraser_lora(patcher, lora, 1.0)
+    assert mapping.unmatched == [] and mapping.widened_in_features == 256
+    velocity, negative_velocity = comfy_velocities(nodes_oe, patched, parity_inputs)
+
+    widen_x_embedder(reference)
+    reference.load_lora_adapter(lora, prefix="transformer")
+    cond = official_condition(parity_inputs["background"], parity_inputs["foreground"], parity_inputs["mask"])
+    args = (parity_inputs["noise"], cond)
+    expected = diffusers_velocity(reference, *args, parity_inputs["context"], parity_inputs["pooled"], parity_inputs["sigma"], 3.5)
+    expected_negative = diffusers_velocity(reference, *args, parity_inputs["negative_context"], parity_inputs["pooled"],
+                                           parity_inputs["sigma"], 3.5)
+    assert velocity.abs().mean() > 0.1 and not torch.allclose(velocity, negative_velocity, atol=1e-2)
+    assert (velocity - expected).abs().max() <= 1e-4
+    assert (negative_velocity - expected_negative).abs().max() <= 1e-4
+
+    # The LoRA is a patch: unpatching restores FLUX's own 64-wide img_in and its concat_cond.
+    assert tuple(patcher.model.diffusion_model.img_in.weight.shape) == (32, 64)
+    assert torch.equal(patcher.model.diffusion_model.img_in.weight, original_img_in)
+    assert "concat_cond" not in vars(patcher.model)
+
+
+def test_strength_scales_the_lora_like_diffusers(comfy, parity_inputs):
+    nodes_oe = pack_module(comfy, "nodes.omnieraser")
+    from erasekit.erasers.omnieraser import widen_x_embedder
+
+    reference = diffusers_flux(seed=5)
+    patcher = comfy_flux(reference)
+    lora = official_lora(reference, seed=6)
+    patched, _ = nodes_oe.apply_omnieraser_lora(patcher, lora, 0.5)
+    velocity, _ = comfy_velocities(nodes_oe, patched, parity_inputs)
+    widen_x_embedder(reference)
+    reference.load_lora_adapter(lora, prefix="transformer", adapter_name="oe")
+    reference.set_adapters(["oe"], weights=[0.5])
+    cond = official_condition(parity_inputs["background"], parity_inputs["foreground"], parity_inputs["mask"])
+    expected = diffusers_velocity(reference, parity_inputs["noise"], cond, parity_inputs["context"],
+                                  parity_inputs["pooled"], parity_inputs["sigma"], 3.5)
+    assert (velocity - expected).abs().max() <= 1e-4
+
+
+def test_missing_condition_and_foreign_loras_are_clear_errors(comfy, parity_inputs):
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    nodes_oe = pack_module(comfy, "nodes.omnieraser")
+    reference = diffusers_flux()
+    patcher = comfy_flux(reference)
+    patched, _ = nodes_oe.apply_omnieraser_lora(patcher, official_lora(reference), 1.0)
+    plain = comfy.sampler_helpers.convert_cond([[parity_inputs["context"], {"pooled_output": parity_inputs["pooled"]}]])
+    comfy.model_management.load_models_gpu([patched])
+    try:
+        with pytest.raises(ValueError, match="OmniEraser Conditioning"):
+            comfy.samplers.process_conds(patched.model, parity_inputs["noise"], {"positive": plain}, "cpu", seed=0)
+    finally:
+        patched.detach()
+
+    sd15 = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4)}
+    with pytest.raises(ValueError, match="SD1.5/SDXL"):
+        nodes_oe.apply_omnieraser_lora(patcher, sd15, 1.0)
+    extra = official_lora(reference)
+    extra["transformer.transformer_blocks.7.attn.to_q.lora_A.weight"] = torch.zeros(4, 32)
+    with pytest.raises(ValueError, match="transformer_blocks.7.attn.to_q"):
+        nodes_oe.apply_omnieraser_lora(patcher, extra, 1.0)
+
+
+def test_full_width_flux_takes_the_official_lora_file_with_zero_unmatched_keys(comfy):
+    """The tiny full-width FLUX (as ComfyUI detects it from the file) and the rank-4 official-format LoRA."""
+    import comfy.sd
+    import comfy.utils
+
+    nodes_oe = pack_module(comfy, "nodes.omnieraser")
+    model_path = comfy.ensure_model("diffusion_models", "flux1-dev.safetensors")
+    lora_path = comfy.ensure_model("loras", "omnieraser_lora.safetensors")
+    model = comfy.sd.load_diffusion_model(str(model_path))
+    lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+    patched, mapping = nodes_oe.apply_omnieraser_lora(model, lora, 1.0)
+    assert mapping.unmatched == [] and mapping.widened_in_features == 256
+    assert len(mapping.patches) * 2 == len(lora)
+
+
+@pytest.mark.parametrize("name", ["omnieraser", "omnieraser_controlnet"])
+def test_example_workflow_runs_and_keeps_pixels_outside_the_mask(comfy, name):
+    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    result = comfy.run_workflow(workflow)
+    assert result.ui, f"{name} produced no output"

@@ -1,0 +1,93 @@
+"""Tiny random GroundingDINO, SAM and SAM 2 transformers folders (config + weights + processor files).
+
+Built from configs (no downloads) with the same layout ``save_pretrained`` gives the public weights
+(IDEA-Research/grounding-dino-tiny, facebook/sam-vit-base, facebook/sam2.1-hiera-tiny), so the adapters in
+dataset_tools/segmenters.py load them through the same code path. Unit tests import these builders by path;
+MODELS registers them for ComfyUI workflows under the folders the nodes look in.
+"""
+from pathlib import Path
+
+import torch
+
+GROUNDING_DINO = "tiny-grounding-dino"
+SAM = "tiny-sam"
+SAM2 = "tiny-sam2"
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "car", "person", "road", "a", "dog", "cat"]
+
+
+def build_grounding_dino(path, seed=0):
+    import transformers as T
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = T.GroundingDinoConfig(
+        backbone_config=T.SwinConfig(embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                                     image_size=64, out_features=["stage2", "stage3", "stage4"]),
+        text_config=T.BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=16, max_position_embeddings=32),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=8, num_feature_levels=3,
+        encoder_n_points=1, decoder_n_points=1, max_text_len=16)
+    model = T.GroundingDinoForObjectDetection(config).eval()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    tokenizer = T.BertTokenizer(str(path / "vocab.txt"))
+    processor = T.GroundingDinoProcessor(
+        image_processor=T.GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+        tokenizer=tokenizer)
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
+def build_sam(path, seed=0):
+    import transformers as T
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    vision = T.SamVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_dim=32,
+                               output_channels=16, image_size=64, patch_size=16, window_size=2,
+                               global_attn_indexes=[1], num_pos_feats=8)
+    config = T.SamConfig(
+        vision_config=vision,
+        prompt_encoder_config=T.SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=T.SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                   mlp_dim=32, iou_head_hidden_dim=16))
+    model = T.SamModel(config).eval()
+    processor = T.SamProcessor(image_processor=T.SamImageProcessor(
+        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64}, mask_size={"longest_edge": 16}))
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
+def build_sam2(path, seed=0):
+    import transformers as T
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    # a global-attention block must not open a pooled stage, hence two blocks in stage 2
+    backbone = T.Sam2HieraDetConfig(
+        hidden_size=8, num_attention_heads=1, image_size=[64, 64], blocks_per_stage=[1, 2, 1, 1],
+        embed_dim_per_stage=[8, 16, 32, 64], num_attention_heads_per_stage=[1, 1, 1, 1],
+        window_size_per_stage=[4, 4, 4, 2], global_attention_blocks=[2], window_positional_embedding_background_size=[2, 2])
+    vision = T.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
+                                backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]], fpn_hidden_size=32)
+    config = T.Sam2Config(
+        vision_config=vision,
+        prompt_encoder_config=T.Sam2PromptEncoderConfig(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=T.Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, iou_head_hidden_dim=16))
+    model = T.Sam2Model(config).eval()
+    processor = T.Sam2Processor(image_processor=T.Sam2ImageProcessor(
+        size={"height": 64, "width": 64}, mask_size={"height": 16, "width": 16}))
+    model.save_pretrained(str(path))
+    processor.save_pretrained(str(path))
+    return path
+
+
+MODELS = {
+    ("grounding-dino", GROUNDING_DINO): build_grounding_dino,
+    ("sams", SAM): build_sam,
+    ("sam2", SAM2): build_sam2,
+}

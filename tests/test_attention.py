@@ -1,0 +1,198 @@
+"""Self-rectifying attention core: token-grid masks, the fast masked attention, removal guidance."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from erasekit.erasers import attention as sra
+
+
+def _qkv(batch=2, heads=3, length=30, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, length, dim, generator=g) for _ in range(3)]
+
+
+def _reference(q, k, v, blocked, query_scale=1.0):
+    probs = sra.sra_probabilities(q, k, blocked.expand(q.shape[0], -1), query_scale)
+    out = torch.einsum("bhij,bhjd->bhid", probs, v.float())
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+# ------------------------------------------------------------------ grids
+
+def _unet_level_sizes(h, w, levels):
+    """Sizes a stride-2, pad-1 conv (the UNet's Downsample) really produces."""
+    conv = torch.nn.Conv2d(1, 1, 3, stride=2, padding=1)
+    x = torch.zeros(1, 1, h, w)
+    sizes = [(h, w)]
+    for _ in range(levels):
+        x = conv(x)
+        sizes.append(tuple(x.shape[-2:]))
+    return sizes
+
+
+@pytest.mark.parametrize("h,w", [(13, 9), (64, 64), (7, 11), (5, 1)])
+def test_grid_mask_matches_unet_downsampling_and_covers_any_touching_pixel(h, w):
+    g = torch.Generator().manual_seed(h * w)
+    mask = torch.rand(1, h, w, generator=g) > 0.8
+    for level, (gh, gw) in enumerate(_unet_level_sizes(h, w, 4)):
+        got = sra.grid_mask(mask, gh, gw)
+        assert got.shape == (1, gh, gw)
+        s = 2 ** level
+        for i in range(gh):
+            for j in range(gw):
+                want = bool(mask[0, i * s:(i + 1) * s, j * s:(j + 1) * s].any())
+                assert bool(got[0, i, j]) == want, (level, i, j)
+
+
+def test_flux_grid_pads_odd_latents_like_pad_to_patch_size():
+    assert sra.flux_image_grid(13, 9) == (7, 5)
+    mask = torch.zeros(1, 13, 9, dtype=torch.bool)
+    mask[0, 12, 8] = True  # the last, unpaired latent pixel belongs to the last token
+    tokens = sra.grid_mask(mask, 7, 5)
+    assert tokens.flatten().nonzero().flatten().tolist() == [7 * 5 - 1]
+
+
+def test_latent_mask_binarises_and_keeps_partial_coverage():
+    mask = torch.zeros(1, 64, 48)
+    mask[0, 10, 10] = 0.6   # one pixel above 0.5 -> its latent pixel is inside
+    mask[0, 40, 40] = 0.4   # below 0.5 -> ignored
+    lat = sra.latent_mask(mask, 8, 6)
+    assert lat.shape == (1, 8, 6)
+    assert lat.sum() == 1 and bool(lat[0, 1, 1])
+
+
+def test_blocked_tokens_leave_text_tokens_free():
+    grid = torch.ones(1, 2, 3, dtype=torch.bool)
+    blocked = sra.blocked_tokens(grid, 10, offset=4)
+    assert blocked.tolist() == [[False] * 4 + [True] * 6]
+    with pytest.raises(ValueError, match="does not fit"):
+        sra.blocked_tokens(grid, 9, offset=4)
+
+
+def test_check_mask_for_latent_errors():
+    ok = sra.check_mask_for_latent(torch.zeros(512, 512), 64, 64, 2)
+    assert ok.shape == (1, 512, 512)
+    sra.check_mask_for_latent(torch.zeros(2, 517, 771), 64, 96, 2)  # floor to multiples of 8 is fine
+    with pytest.raises(ValueError, match="mask batch of 3 does not match the latent batch of 2"):
+        sra.check_mask_for_latent(torch.zeros(3, 512, 512), 64, 64, 2)
+    with pytest.raises(ValueError, match="aspect ratios differ"):
+        sra.check_mask_for_latent(torch.zeros(1, 512, 768), 64, 64, 1)
+
+
+# ------------------------------------------------------------------ attention
+
+@pytest.mark.parametrize("per_item", [False, True])
+@pytest.mark.parametrize("query_scale", [1.0, 0.3])
+def test_sra_equals_the_explicit_softmax_rule(per_item, query_scale):
+    q, k, v = _qkv()
+    g = torch.Generator().manual_seed(1)
+    blocked = torch.rand(2 if per_item else 1, 30, generator=g) > 0.6
+    out = sra.self_rectifying_attention(q, k, v, blocked, query_scale=query_scale)
+    torch.testing.assert_close(out, _reference(q, k, v, blocked, query_scale), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_queries_give_exactly_zero_weight_to_masked_keys():
+    q, k, v = _qkv()
+    blocked = torch.zeros(1, 30, dtype=torch.bool)
+    blocked[0, 5:17] = True
+    probs = sra.sra_probabilities(q, k, blocked.expand(2, -1))
+    assert torch.equal(probs[:, :, 5:17, 5:17], torch.zeros_like(probs[:, :, 5:17, 5:17]))
+    assert (probs[:, :, :5, 5:17] > 0).all()  # outside queries still see the object
+    # The fast path: huge values at the masked keys do not move the masked queries by one bit.
+    v_poisoned = v.clone()
+    v_poisoned[:, :, 5:17] = 1e30
+    a = sra.self_rectifying_attention(q, k, v, blocked).view(2, 30, 3, 8)
+    b = sra.self_rectifying_attention(q, k, v_poisoned, blocked).view(2, 30, 3, 8)
+    assert torch.equal(a[:, 5:17], b[:, 5:17])
+
+
+def test_outside_queries_keep_the_callers_plain_output_bit_for_bit():
+    q, k, v = _qkv()
+    blocked = torch.zeros(1, 30, dtype=torch.bool)
+    blocked[0, 3:9] = True
+    plain = sra.plain_attention(q, k, v)
+    out = sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain.clone())
+    keep = ~blocked[0]
+    assert torch.equal(out[:, keep], plain[:, keep])
+    assert not torch.allclose(out[:, ~keep], plain[:, ~keep])
+
+
+def test_heads_first_output_layout():
+    q, k, v = _qkv()
+    blocked = torch.zeros(1, 30, dtype=torch.bool)
+    blocked[0, 3:9] = True
+    plain = F.scaled_dot_product_attention(q, k, v)
+    out = sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain, heads_first_out=True)
+    torch.testing.assert_close(out.transpose(1, 2).reshape(2, 30, -1), _reference(q, k, v, blocked), atol=1e-5, rtol=1e-5)
+
+
+def test_full_mask_falls_back_to_plain_and_empty_mask_is_identity():
+    q, k, v = _qkv()
+    plain = sra.plain_attention(q, k, v)
+    full = sra.self_rectifying_attention(q, k, v, torch.ones(1, 30, dtype=torch.bool), plain_out=plain.clone())
+    assert torch.equal(full, plain) and not full.isnan().any()
+    per_item = torch.zeros(2, 30, dtype=torch.bool)
+    per_item[0] = True  # item 0 fully covered, item 1 partly
+    per_item[1, :4] = True
+    out = sra.self_rectifying_attention(q, k, v, per_item, plain_out=plain.clone())
+    assert torch.equal(out[0], plain[0]) and not out.isnan().any()
+    torch.testing.assert_close(out[1:], _reference(q[1:], k[1:], v[1:], per_item[1:]), atol=1e-5, rtol=1e-5)
+    empty = torch.zeros(1, 30, dtype=torch.bool)
+    assert sra.self_rectifying_attention(q, k, v, empty, plain_out=plain) is plain
+
+
+def test_strength_blends_towards_plain():
+    q, k, v = _qkv()
+    blocked = torch.zeros(1, 30, dtype=torch.bool)
+    blocked[0, 10:20] = True
+    plain = sra.plain_attention(q, k, v)
+    full = _reference(q, k, v, blocked)
+    half = sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain.clone(), strength=0.5)
+    torch.testing.assert_close(half, 0.5 * plain + 0.5 * full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain.clone(), strength=0.0), plain)
+
+
+def test_callers_padding_mask_is_respected_and_rows_without_keys_stay_plain():
+    q, k, v = _qkv(batch=1)
+    blocked = torch.zeros(1, 30, dtype=torch.bool)
+    blocked[0, 20:] = True
+    pad = torch.ones(1, 1, 30, 30, dtype=torch.bool)
+    pad[..., 25:] = False          # keys 25.. are padding for everyone
+    pad[:, :, 22, :20] = False     # query 22 may only see keys 20..24, all blocked -> keeps plain
+    plain = sra.plain_attention(q, k, v, pad)
+    out = sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain.clone(), attn_mask=pad)
+    assert not out.isnan().any()
+    assert torch.equal(out[:, 22], plain[:, 22])
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(8)
+    rule = pad.clone()
+    rule[:, :, 20:, 20:] = False
+    rule[:, :, 22] = pad[:, :, 22]
+    want = logits.masked_fill(~rule, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(out, want.transpose(1, 2).reshape(1, 30, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_half_precision_runs_and_matches():
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv())
+    blocked = torch.zeros(1, 30, dtype=torch.bool)
+    blocked[0, 10:20] = True
+    out = sra.self_rectifying_attention(q, k, v, blocked)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _reference(q, k, v, blocked), atol=3e-2, rtol=3e-2)
+
+
+# ------------------------------------------------------------------ guidance
+
+def test_removal_guidance_form_and_scale_zero():
+    plain, redirected = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert sra.removal_guidance(plain, redirected, 0.0) is plain
+    torch.testing.assert_close(sra.removal_guidance(plain, redirected, 9.0), plain + 9.0 * (redirected - plain))
+    torch.testing.assert_close(sra.removal_guidance(plain, redirected, 1.0), redirected)
+
+
+def test_step_index_and_suppression_window():
+    sigmas = torch.tensor([14.6, 8.0, 4.0, 2.0, 1.0, 0.0])
+    assert [sra.step_index(s, sigmas) for s in sigmas[:-1]] == [0, 1, 2, 3, 4]
+    assert sra.step_index(torch.tensor(3.0), sigmas) == 2  # a midpoint evaluation (Heun, DPM2)
+    assert sra.suppression_active(9) and not sra.suppression_active(10)

@@ -1,0 +1,143 @@
+"""GroundingDINO / SAM / SAM 2 adapters (dataset_tools/segmenters.py) on tiny random transformers models."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from erasekit.dataset_tools import segmenters as S
+from erasekit.dataset_tools import video as V
+
+_spec = importlib.util.spec_from_file_location(
+    "erasekit_tiny_segmenters_unit", Path(__file__).parent / "comfy" / "tiny" / "segmenters.py")
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segmenters")
+    return {
+        "dino": tiny.build_grounding_dino(root / "dino"),
+        "sam": tiny.build_sam(root / "sam"),
+        "sam2": tiny.build_sam2(root / "sam2"),
+    }
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    picture = (rng.random((90, 120, 3)) * 60 + 90).astype(np.uint8)
+    picture[30:60, 40:90] = (200, 40, 40)
+    return picture
+
+
+def test_prompt_normalisation():
+    assert S.GroundingDino.normalize_prompt("Car, Person") == "car. person."
+    assert S.GroundingDino.normalize_prompt("car.") == "car."
+    with pytest.raises(ValueError, match="prompt"):
+        S.GroundingDino.normalize_prompt("  ")
+
+
+def test_grounding_dino_matches_a_direct_transformers_run(folders, image):
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    detector = S.load_grounding_dino(folders["dino"])
+    found = detector.detect(image, "Car", box_threshold=0.0, text_threshold=0.0)
+    assert found, "a threshold of 0 keeps every query"
+    for detection in found:
+        x0, y0, x1, y1 = detection.box
+        assert 0 <= x0 < x1 <= 120 and 0 <= y0 < y1 <= 90
+        assert "car" in detection.label
+    processor = AutoProcessor.from_pretrained(str(folders["dino"]))
+    model = AutoModelForZeroShotObjectDetection.from_pretrained(str(folders["dino"])).eval()
+    inputs = processor(images=image, text="car.", return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    reference = processor.post_process_grounded_object_detection(
+        outputs, inputs["input_ids"], threshold=0.0, text_threshold=0.0, target_sizes=[image.shape[:2]])[0]
+    assert len(found) == len(reference["scores"])
+    np.testing.assert_allclose([d.score for d in found], reference["scores"].numpy(), rtol=1e-5)
+    assert detector.detect(image, "car", box_threshold=1.01) == []
+
+
+@pytest.mark.parametrize("kind", ["sam", "sam2"])
+def test_segment_boxes_match_a_direct_transformers_run(folders, image, kind):
+    from transformers import AutoModel, AutoProcessor
+
+    sam = S.load_sam(folders[kind])
+    assert sam.kind == kind
+    boxes = [(10, 10, 60, 50), (40, 30, 90, 60)]
+    masks = sam.segment_boxes(image, boxes)
+    assert masks.shape == (2, 90, 120) and masks.dtype == bool
+    processor = AutoProcessor.from_pretrained(str(folders[kind]))
+    model = AutoModel.from_pretrained(str(folders[kind])).eval()
+    inputs = processor(images=image, input_boxes=[[list(map(float, b)) for b in boxes]], return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs, multimask_output=False)
+    if kind == "sam2":
+        reference = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"])[0]
+    else:
+        reference = processor.image_processor.post_process_masks(
+            outputs.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"])[0]
+    np.testing.assert_array_equal(masks, reference[:, 0].numpy().astype(bool))
+    assert sam.segment_boxes(image, []).shape == (0, 90, 120)
+    with pytest.raises(ValueError, match="x1 > x0"):
+        sam.segment_boxes(image, [(50, 10, 20, 40)])
+    with pytest.raises(ValueError, match="uint8"):
+        sam.segment_boxes(image.astype(np.float32), boxes)
+
+
+@pytest.mark.parametrize("kind", ["sam", "sam2"])
+def test_propose_masks_are_distinct_scored_and_large_enough(folders, image, kind):
+    sam = S.load_sam(folders[kind])
+    masks, scores = sam.propose_masks(image, points_per_side=4, score_threshold=-1e9, min_area_fraction=0.01,
+                                      max_overlap=0.5, batch_size=5)
+    assert masks.shape[1:] == (90, 120) and len(masks) == len(scores) >= 1
+    assert list(scores) == sorted(scores, reverse=True)
+    assert all(m.mean() >= 0.01 for m in masks)
+    for i in range(len(masks)):
+        for j in range(i):
+            assert S.mask_iou(masks[i], masks[j]) <= 0.5
+    none, _ = sam.propose_masks(image, points_per_side=2, score_threshold=1e9)
+    assert none.shape == (0, 90, 120)
+
+
+def test_loaders_reject_wrong_models_and_files(folders, tmp_path):
+    with pytest.raises(ValueError, match="not GroundingDINO"):
+        S.load_grounding_dino(folders["sam"])
+    with pytest.raises(ValueError, match="not SAM"):
+        S.load_sam(folders["dino"])
+    checkpoint = tmp_path / "sam_vit_b_01ec64.pth"
+    checkpoint.write_bytes(b"\0" * 16)
+    with pytest.raises(ValueError, match="transformers folders"):
+        S.load_sam(checkpoint)
+    with pytest.raises(FileNotFoundError):
+        S.load_sam(tmp_path / "absent")
+
+
+def test_text_segmenter_keeps_objects_in_the_motion_zone(folders, image):
+    segmenter = S.load_text_segmenter(folders["dino"], folders["sam2"], "car", box_threshold=0.0, text_threshold=0.0)
+    assert segmenter.name == "grounding_dino+sam2"
+    anywhere = segmenter(image)
+    if anywhere is not None:
+        assert anywhere.shape == (90, 120) and anywhere.dtype == bool
+        assert segmenter(image, np.zeros((90, 120), bool)) is None  # nothing moved: nothing to cut out
+        inside = segmenter(image, anywhere)
+        assert inside is not None and not (inside & ~anywhere).any()
+
+
+def test_video_pairs_take_their_masks_from_the_segmenter(folders, shared_data):
+    video = shared_data / "video" / "road_cars.avi"
+    if not video.is_file():
+        pytest.skip(f"{video} is missing")
+    # random weights cut out arbitrary regions: accept them wherever they lie, so pairs come through
+    segmenter = S.TextSegmenter(S.load_grounding_dino(folders["dino"]), S.load_sam(folders["sam"]), "car",
+                                box_threshold=0.0, text_threshold=0.0, min_zone_overlap=0.0)
+    pairs, report = V.run_mining(video, V.PairingConfig(foreground_ratio=0.04), segmenter=segmenter, stop=100)
+    assert report.status == "ok"
+    assert pairs, report.counts
+    for pair in pairs:
+        assert pair.stats["mask_source"] == "grounding_dino+sam"
+        assert pair.mask.shape == pair.source.shape[:2] and pair.mask.any()

@@ -1,0 +1,167 @@
+"""Training samples over the triplet format: paired random crops and mask augmentation.
+
+``PairedCropDataset`` wraps any indexable of triplets (``dataset_tools.triplets.TripletDataset`` or a list
+of dicts with uint8 ``source``/``target`` H×W×3 and a bool/uint8 ``mask`` H×W) and yields crops at the
+training size in ComfyUI's layout, so model-specific step functions and the nodes share one format:
+
+- ``source``, ``target``: float32 ``[S, S, 3]`` in [0, 1]; ``mask``: float32 ``[S, S]`` in {0, 1}, 1 = remove.
+
+Items are addressed by a key ``(index, draw)``. The crop and the mask augmentation come from a generator
+seeded with ``(seed, index, draw)``, so a sample depends only on its key: the same on every worker, every
+process and after a resume. With ``variants=K`` the draw is taken modulo K, giving each sample K fixed
+versions; that is what makes VAE latents cacheable (``train.caching``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+# OmniEraser's PairedRandomCrop upsamples an image smaller than the crop by this margin over the exact fit.
+UPSCALE_MARGIN = 1.1
+
+
+def _as_mask(mask, where):
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[2] in (1, 3):
+        mask = mask[..., 0]
+    if mask.ndim != 2:
+        raise ValueError(f"{where}: mask must be H×W, got shape {mask.shape}")
+    if mask.dtype == bool:
+        return mask
+    scale = 1.0 if np.issubdtype(mask.dtype, np.floating) else 255.0
+    return mask > 0.5 * scale
+
+
+def check_triplet(sample, where="sample"):
+    """Source/target uint8 H×W×3 of one size and a mask of the same H×W, else ValueError naming both sizes."""
+    source, target = np.asarray(sample["source"]), np.asarray(sample["target"])
+    for name, image in (("source", source), ("target", target)):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"{where}: {name} must be a uint8 H×W×3 image, got {image.dtype} {image.shape}")
+    if source.shape != target.shape:
+        raise ValueError(
+            f"{where}: source is {source.shape[1]}×{source.shape[0]} but target is "
+            f"{target.shape[1]}×{target.shape[0]}; a training pair must have one size"
+        )
+    mask = _as_mask(sample["mask"], where)
+    if mask.shape != source.shape[:2]:
+        raise ValueError(
+            f"{where}: mask is {mask.shape[1]}×{mask.shape[0]} but source is {source.shape[1]}×{source.shape[0]}"
+        )
+    return source, mask, target
+
+
+def sample_rng(seed, index, draw):
+    """The generator behind one sample's crop and augmentation."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(index), int(draw)])
+
+
+def _resize(source, mask, target, width, height):
+    interp = cv2.INTER_AREA if width < source.shape[1] else cv2.INTER_LINEAR
+    source = cv2.resize(source, (width, height), interpolation=interp)
+    target = cv2.resize(target, (width, height), interpolation=interp)
+    mask = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    return source, mask, target
+
+
+def paired_random_crop(source, mask, target, size, rng, resize_short_side=None):
+    """One random ``size``×``size`` window cut at the same place from all three images.
+
+    OmniEraser's rule: an image smaller than the crop is first upscaled to 1.1× the exact fit. With
+    ``resize_short_side`` the short side is first scaled to that length (keeps whole objects in a small crop).
+    """
+    height, width = source.shape[:2]
+    if resize_short_side:
+        scale = resize_short_side / min(height, width)
+        source, mask, target = _resize(source, mask, target, max(1, round(width * scale)), max(1, round(height * scale)))
+        height, width = source.shape[:2]
+    if width < size or height < size:
+        scale = max(size / width, size / height) * UPSCALE_MARGIN
+        source, mask, target = _resize(source, mask, target, int(width * scale), int(height * scale))
+        height, width = source.shape[:2]
+    top = int(rng.integers(0, height - size + 1))
+    left = int(rng.integers(0, width - size + 1))
+    window = (slice(top, top + size), slice(left, left + size))
+    return source[window], mask[window], target[window]
+
+
+def smarteraser_mask_augmenter(mask, rng):
+    """SmartEraser's mask irregularisation (``erasers.masks.irregularize``, random choice)."""
+    from ..erasers.masks import irregularize
+
+    return irregularize(mask, "random", rng)[0]
+
+
+class PairedCropDataset(torch.utils.data.Dataset):
+    """Paired random crops of triplets at ``size`` px; see the module docstring for keys and layout.
+
+    ``augment_mask``: ``None`` or ``callable(bool mask H×W, np.random.Generator) → bool mask``, applied to
+    the full-size mask before cropping (SmartEraser's area ratios refer to the whole image);
+    ``smarteraser_mask_augmenter`` is the mask core's irregularisation.
+    """
+
+    def __init__(self, triplets: Sequence, size: int, seed: int = 0, augment_mask: Callable | None = None,
+                 resize_short_side: int | None = None, variants: int | None = None):
+        if len(triplets) == 0:
+            raise ValueError("the training dataset is empty: it holds no (source, mask, target) samples")
+        if size < 16 or size % 16:
+            raise ValueError(f"training size must be a positive multiple of 16 px, got {size}")
+        if variants is not None and variants < 1:
+            raise ValueError(f"variants must be >= 1 or None, got {variants}")
+        self.triplets = triplets
+        self.size = int(size)
+        self.seed = int(seed)
+        self.augment_mask = augment_mask
+        self.resize_short_side = resize_short_side
+        self.variants = variants
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def key(self, index, draw):
+        """The canonical key of ``(index, draw)``: identical keys give identical samples."""
+        return int(index), int(draw) % self.variants if self.variants else int(draw)
+
+    def validate(self, progress=None):
+        """Read every triplet once and check sizes; raises ValueError on the first bad one."""
+        for index in range(len(self.triplets)):
+            check_triplet(self.triplets[index], self._where(index))
+            if progress is not None:
+                progress(index + 1, len(self.triplets))
+        return len(self.triplets)
+
+    def _where(self, index):
+        record = getattr(self.triplets, "records", None)
+        if record is not None:
+            return f"sample {record[index].get('id', index)!r} of {getattr(self.triplets, 'root', 'the dataset')}"
+        return f"sample {index}"
+
+    def __getitem__(self, key):
+        index, draw = key if isinstance(key, tuple) else (key, 0)
+        index, draw = self.key(index, draw)
+        source, mask, target = check_triplet(self.triplets[index], self._where(index))
+        rng = sample_rng(self.seed, index, draw)
+        if self.augment_mask is not None:
+            mask = np.asarray(self.augment_mask(mask, rng), bool)
+        source, mask, target = paired_random_crop(source, mask, target, self.size, rng, self.resize_short_side)
+        return {
+            "source": torch.from_numpy(np.ascontiguousarray(source)).float().div_(255.0),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).float(),
+            "target": torch.from_numpy(np.ascontiguousarray(target)).float().div_(255.0),
+            "index": index,
+            "key": f"{index}:{draw}",
+        }
+
+
+def collate(samples):
+    """Stack samples into a batch: IMAGE-layout tensors plus lists of indices and cache keys."""
+    return {
+        "source": torch.stack([s["source"] for s in samples]),
+        "mask": torch.stack([s["mask"] for s in samples]),
+        "target": torch.stack([s["target"] for s in samples]),
+        "index": [s["index"] for s in samples],
+        "key": [s["key"] for s in samples],
+    }

@@ -1,0 +1,404 @@
+"""A small, model-agnostic training loop with exact resume, on HF ``accelerate``.
+
+The caller supplies what is model specific:
+
+- ``step_fn(model, batch, generator) → loss`` (a scalar tensor): one micro-batch forward pass. ``batch`` is
+  what the data loader yields; ``generator`` is a ``torch.Generator`` on the training device seeded from
+  (seed, micro-step, process), the only randomness a step may use (noise, timesteps) so a resumed run
+  draws exactly what the uninterrupted run drew.
+- ``params``: ``{name: Parameter}``, the trainable parameters (e.g. ``train.lora.inject_lora``'s result).
+- ``dataset``: indexable by the keys ``(index, draw)`` (see ``train.datasets.PairedCropDataset``). The data
+  order is a reproducible permutation per epoch; the position in it is part of the training state.
+
+What the loop owns: AdamW (or bitsandbytes' 8-bit AdamW), a diffusers LR schedule, gradient accumulation,
+bf16 autocast, gradient clipping, checkpoints every N optimizer steps (atomic: a temp folder renamed into
+place), ``resume`` (trainable weights, optimizer, scheduler, RNG states, data position, loss history),
+validation at intervals, TensorBoard scalars and a loss-curve PNG. Under ``accelerate launch`` with several
+processes the ``model`` is wrapped by ``accelerator.prepare`` (DDP) and each process takes its own share
+of every global batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import curves
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+@dataclass
+class LoopConfig:
+    """Hyper-parameters of a run. ``steps`` counts optimizer steps (each = ``grad_accum`` micro-batches)."""
+
+    steps: int
+    batch_size: int = 1
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    scale_lr: bool = False  # lr × grad_accum × batch_size × processes, like diffusers' --scale_lr
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    optimizer: str = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "bf16"  # "bf16" autocast or "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    output_dir: str | None = None  # loss_curve.png and TensorBoard logs (logs/)
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    validate_every: int = 0
+    num_workers: int = 0
+
+    def check(self):
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"steps, batch_size and grad_accum must be >= 1, got {self.steps}, "
+                             f"{self.batch_size}, {self.grad_accum}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.mixed_precision not in ("bf16", "no"):
+            raise ValueError(f"mixed_precision must be 'bf16' or 'no', got {self.mixed_precision!r}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every needs a checkpoint_dir")
+        return self
+
+
+@dataclass
+class TrainResult:
+    step: int
+    history: list = field(default_factory=list)
+    interrupted: bool = False
+    checkpoint: str | None = None
+    seconds: float = 0.0
+
+
+def derive_seed(*parts):
+    """A 63-bit seed from integers (stable across runs and platforms)."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
+
+
+class KeyBatches(torch.utils.data.Sampler):
+    """Endless micro-batches of dataset keys ``(index, draw)`` from global ``position`` on.
+
+    Global position p → epoch p // n, item ``perm_epoch[p % n]``, draw p. Process ``rank`` of ``world``
+    takes micro-batch m's positions ((m·world + rank)·batch … +batch).
+    """
+
+    def __init__(self, num_items, seed, batch_size, start_micro=0, rank=0, world=1):
+        self.num_items, self.seed, self.batch_size = num_items, seed, batch_size
+        self.start_micro, self.rank, self.world = start_micro, rank, world
+        self._epoch, self._perm = None, None
+
+    def _item(self, position):
+        epoch = position // self.num_items
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 1))
+            self._epoch, self._perm = epoch, torch.randperm(self.num_items, generator=generator).tolist()
+        return self._perm[position % self.num_items]
+
+    def batch_keys(self, micro):
+        first = (micro * self.world + self.rank) * self.batch_size
+        return [(self._item(p), p) for p in range(first, first + self.batch_size)]
+
+    def __iter__(self):
+        micro = self.start_micro
+        while True:
+            yield self.batch_keys(micro)
+            micro += 1
+
+
+def make_optimizer(params, config: LoopConfig, learning_rate):
+    """AdamW over ``params``; ``adamw8bit`` needs bitsandbytes and a CUDA device (clear error otherwise)."""
+    kwargs = dict(lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.weight_decay, eps=config.adam_epsilon)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ValueError("8-bit Adam needs the bitsandbytes package (pip install bitsandbytes); "
+                             "use optimizer 'adamw' instead") from error
+        if not all(p.is_cuda for p in params):
+            raise ValueError("8-bit Adam (bitsandbytes) needs the trainable parameters on a CUDA GPU; "
+                             "use optimizer 'adamw' on CPU")
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def make_scheduler(optimizer, config: LoopConfig):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=config.steps, num_cycles=config.lr_num_cycles)
+
+
+def set_gradient_checkpointing(model, enabled):
+    """Turn activation checkpointing on/off: the model's own switch (diffusers) or checkpointed children."""
+    if model is None:
+        return
+    if hasattr(model, "enable_gradient_checkpointing"):
+        (model.enable_gradient_checkpointing if enabled else model.disable_gradient_checkpointing)()
+        return
+    for module in model.children():
+        if enabled and not hasattr(module, "_erasekit_forward"):
+            module._erasekit_forward = module.forward
+            module.forward = _checkpointed(module._erasekit_forward)
+        elif not enabled and hasattr(module, "_erasekit_forward"):
+            module.forward = module._erasekit_forward
+            del module._erasekit_forward
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def list_checkpoints(folder):
+    """Complete checkpoints in ``folder`` as [(step, path)], oldest first."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isfile(os.path.join(folder, name, "state.json")):
+            found.append((int(match.group(1)), os.path.join(folder, name)))
+    return sorted(found)
+
+
+def _rng_state():
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder, step, params, optimizer, scheduler, state, keep=2):
+    """Write ``folder/checkpoint-<step>`` atomically and keep the newest ``keep``; returns its path."""
+    final = os.path.join(folder, f"checkpoint-{step:07d}")
+    if os.path.isfile(os.path.join(final, "state.json")):
+        return final
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".tmp-checkpoint-{step:07d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, os.path.join(tmp, "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(tmp, "optimizer.pt"))
+    torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as handle:  # written last: marks the folder complete
+        json.dump(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for _, old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path, params, optimizer, scheduler, device=None):
+    """Restore a checkpoint into live objects; returns its state dict (step, micro, history, …)."""
+    with open(os.path.join(path, "state.json")) as handle:
+        state = json.load(handle)
+    weights = load_file(os.path.join(path, "trainable.safetensors"))
+    missing, unexpected = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the trainable parameters: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    optim = torch.load(os.path.join(path, "optimizer.pt"), map_location=device or "cpu", weights_only=True)
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    _set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def _default_accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(device_placement=False)
+
+
+def _resume_path(resume, checkpoint_dir):
+    if not resume:
+        return None
+    if isinstance(resume, (str, os.PathLike)) and resume not in ("latest",):
+        if not os.path.isfile(os.path.join(resume, "state.json")):
+            raise FileNotFoundError(f"{resume} is not a complete checkpoint folder (no state.json)")
+        return os.fspath(resume)
+    found = list_checkpoints(checkpoint_dir)
+    return found[-1][1] if found else None
+
+
+def train(step_fn: Callable, params: dict, dataset, config: LoopConfig, *, model=None, accelerator=None,
+          collate_fn=None, resume=False, progress=None, check_interrupt=None, validate=None,
+          device=None) -> TrainResult:
+    """Run (or continue) training; see the module docstring. Returns the final step and loss history.
+
+    ``resume``: False, True/"latest" (newest checkpoint in ``config.checkpoint_dir``, fresh start if none)
+    or a checkpoint folder. ``progress(step, total, loss)``; ``check_interrupt()`` raises to abort (a
+    checkpoint of the last finished step is written first when checkpointing is on) or returns True to
+    stop early with ``interrupted=True``. ``validate(step) → {"scalars": {...}, "images": {tag: HWC}}``
+    runs on the main process every ``validate_every`` steps and at the end.
+    """
+    config.check()
+    started = time.perf_counter()
+    accelerator = accelerator or _default_accelerator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    device = torch.device(device) if device is not None else accelerator.device
+    trainable = list(params.values())
+    if not trainable:
+        raise ValueError("nothing to train: the trainable parameter set is empty")
+    if world > 1:
+        if model is None:
+            raise ValueError("several processes need the model to wrap for gradient synchronisation")
+        model = accelerator.prepare_model(model)
+    set_gradient_checkpointing(accelerator.unwrap_model(model) if model is not None else None,
+                               config.gradient_checkpointing)
+
+    lr = config.learning_rate * (config.grad_accum * config.batch_size * world if config.scale_lr else 1)
+    optimizer = make_optimizer(trainable, config, lr)
+    scheduler = make_scheduler(optimizer, config)
+
+    step, history = 0, []
+    checkpoint = _resume_path(resume, config.checkpoint_dir)
+    if checkpoint:
+        state = load_checkpoint(checkpoint, params, optimizer, scheduler, device=device)
+        shape = (state["batch_size"], state["grad_accum"], state["world"])
+        if shape != (config.batch_size, config.grad_accum, world):
+            raise ValueError(f"checkpoint {checkpoint} was made with batch_size, grad_accum, processes = {shape}; "
+                             f"this run has {(config.batch_size, config.grad_accum, world)}: resuming would "
+                             "skip or repeat samples")
+        step, history = state["step"], [tuple(h) for h in state["history"]]
+        log.info("resumed from %s at step %d", checkpoint, step)
+
+    sampler = KeyBatches(len(dataset), config.seed, config.batch_size, step * config.grad_accum, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                                         collate_fn=collate_fn)
+    batches = iter(loader)
+    tensorboard = None
+    if accelerator.is_main_process and config.output_dir:
+        tensorboard = curves.TensorBoardLog(os.path.join(config.output_dir, "logs"))
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if config.mixed_precision == "bf16"
+                else contextlib.nullcontext())
+
+    def state_now():
+        return {"step": step, "micro": step * config.grad_accum, "history": history, "world": world,
+                "batch_size": config.batch_size, "grad_accum": config.grad_accum, "config": asdict(config)}
+
+    def write_checkpoint():
+        path = None
+        if accelerator.is_main_process and config.checkpoint_dir:
+            path = save_checkpoint(config.checkpoint_dir, step, params, optimizer, scheduler, state_now(),
+                                   config.keep_checkpoints)
+            if config.output_dir:
+                curves.save_loss_curve(history, os.path.join(config.output_dir, "loss_curve.png"))
+        accelerator.wait_for_everyone()
+        return path
+
+    def run_validation():
+        if validate is None or not accelerator.is_main_process:
+            return
+        report = validate(step) or {}
+        if tensorboard is not None:
+            tensorboard.scalars(report.get("scalars", {}), step)
+            for tag, image in report.get("images", {}).items():
+                tensorboard.image(tag, image, step)
+
+    interrupted = False
+    last_checkpoint = None
+    try:
+        while step < config.steps:
+            window = []
+            for micro_in_window in range(config.grad_accum):
+                if check_interrupt is not None and check_interrupt():
+                    interrupted = True
+                    break
+                micro = step * config.grad_accum + micro_in_window
+                batch = next(batches)
+                generator = torch.Generator(device).manual_seed(derive_seed(config.seed, micro, rank))
+                last = micro_in_window == config.grad_accum - 1
+                sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(model)
+                with sync:
+                    with autocast:
+                        loss = step_fn(model, batch, generator)
+                    (loss / config.grad_accum).backward()
+                window.append(loss.detach().float())
+            if interrupted:
+                optimizer.zero_grad(set_to_none=True)
+                break
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = torch.stack(window).mean()
+            if world > 1:
+                loss_value = accelerator.reduce(loss_value.to(accelerator.device), "mean")
+            loss_value = float(loss_value)
+            history.append((step, loss_value))
+            if tensorboard is not None:
+                tensorboard.scalars({"loss": loss_value, "lr": scheduler.get_last_lr()[0]}, step)
+            if progress is not None:
+                progress(step, config.steps, loss_value)
+            if config.validate_every and step % config.validate_every == 0:
+                run_validation()
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                last_checkpoint = write_checkpoint()
+    except BaseException:
+        if config.checkpoint_dir and step > 0:
+            write_checkpoint()  # the last finished step survives an abort; the partial window is redone
+        if tensorboard is not None:
+            tensorboard.close()
+        raise
+    if config.checkpoint_dir and (interrupted or not config.checkpoint_every or step % config.checkpoint_every):
+        last_checkpoint = write_checkpoint() or last_checkpoint
+    if not interrupted and config.validate_every and step % config.validate_every:
+        run_validation()
+    if accelerator.is_main_process and config.output_dir:
+        curves.save_loss_curve(history, os.path.join(config.output_dir, "loss_curve.png"))
+    if tensorboard is not None:
+        tensorboard.close()
+    return TrainResult(step=step, history=history, interrupted=interrupted, checkpoint=last_checkpoint,
+                       seconds=time.perf_counter() - started)
