@@ -239,7 +239,7 @@ def sam_instances(folder, sam, mask_folder, class_name="object", points_per_side
             _count(skips, "no SAM proposal")
         for k, mask in enumerate(masks):
             path = mask_folder / f"{image_path.stem}_sam{k:03d}.png"
-            tmp = path.with_name(f".tmp-{path.name}")
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # shards may propose at once
             cv2.imwrite(str(tmp), mask.astype(np.uint8) * 255)
             os.replace(tmp, path)
             found.append(Instance(id=f"sam-{image_path.stem}-{k:03d}", class_name=class_name, image=str(image_path),

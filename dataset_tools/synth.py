@@ -17,7 +17,9 @@ Blending: ``matting`` (pymatting closed-form alpha with the official trimap: mas
 is foreground, the eroded-away band is unknown = 128), ``feather`` (alpha rises linearly over
 ``feather_px`` inside the mask edge: fast), ``hard`` (binary alpha).
 """
+import json
 import multiprocessing
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from PIL import Image
 
 from . import instances as inst
 from .imageio import IMAGE_EXTENSIONS, read_rgb
-from .triplets import TripletWriter, parse_shard
+from .triplets import TripletWriter, encode_triplet, parse_shard
 
 BLEND_MODES = ("matting", "feather", "hard")
 TOO_SMALL = "background smaller than the crop"
@@ -383,6 +385,14 @@ def _cached(cache, key, make, limit=32):
     return cache[key]
 
 
+def _stamp(path):
+    """Path and modification time: a file rewritten in place (e.g. new SAM masks) is not served stale."""
+    try:
+        return path, os.stat(path).st_mtime_ns
+    except (OSError, TypeError):
+        return path, None
+
+
 def _cut(instance):
     rgb, mask, reason = inst.load_instance(instance)
     return (None, None, reason) if rgb is None else (*inst.cut_instance(rgb, mask), None)
@@ -403,10 +413,13 @@ def make_sample(plan, index):
     rng = np.random.default_rng([plan.seed, index])
     background_path = plan.backgrounds[index % len(plan.backgrounds)]
     instance = plan.instances[index % len(plan.instances)]
-    background, transform, reason = _cached(_BACKGROUND_CACHE, background_path, lambda: _background(background_path, plan.config), 4)
+    # cache keys hold everything the value depends on: one process may serve plans of several runs
+    background_key = (_stamp(background_path), plan.config.size, plan.config.min_side)
+    background, transform, reason = _cached(_BACKGROUND_CACHE, background_key, lambda: _background(background_path, plan.config), 4)
     if background is None:
         return sample_id(index), None, None, reason
-    rgb, mask, reason = _cached(_INSTANCE_CACHE, instance.id, lambda: _cut(instance))
+    instance_key = (_stamp(instance.image), _stamp(instance.mask_file), json.dumps(instance.coco, sort_keys=True))
+    rgb, mask, reason = _cached(_INSTANCE_CACHE, instance_key, lambda: _cut(instance))
     if rgb is None:
         return sample_id(index), None, None, reason
     obstacles = transform_boxes(plan.obstacles.get(background_path, []), transform, plan.config.size)
@@ -433,8 +446,12 @@ def _init_worker(plan):
 
 
 def _work(index):
+    """make_sample + PNG encoding, so a worker process hands the writer only bytes to store."""
     try:
-        return make_sample(_WORKER_PLAN, index)
+        sid, sample, record, reason = make_sample(_WORKER_PLAN, index)
+        if sample is not None:
+            sample = encode_triplet(sample["source"], sample["mask"], sample["target"])
+        return sid, sample, record, reason
     except Exception as error:  # one bad item must not kill the run; the summary names it
         return sample_id(index), None, None, f"error: {type(error).__name__}: {error}"
 
@@ -461,7 +478,7 @@ def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=Non
             if sample is None:
                 summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
             else:
-                writer.write(sid, sample["source"], sample["mask"], sample["target"], record)
+                writer.write_encoded(sid, sample, record)
                 summary["written"] += 1
             done += 1
             if progress:

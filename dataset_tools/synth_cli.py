@@ -76,6 +76,58 @@ def collect_instances(args, skips):
     return found
 
 
+INSTANCE_CACHE = "instances.json"
+
+
+def _instance_key(args, use_clip):
+    """What the instance table depends on: its sources (with file sizes and times) and the scoring models."""
+    def stamp(path, files=False):
+        """Path, size and time; a folder's time changes when files come or go; ``files``: also its files'."""
+        path = Path(path)
+        if not path.exists():
+            return [str(path)]
+        found = [str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns]
+        if files and path.is_dir():
+            found += [stamp(p) for p in sorted(path.iterdir()) if p.is_file()]
+        return found
+
+    return {
+        "coco": [stamp(p) for p in args.coco], "coco_images": [stamp(p) for p in args.coco_images],
+        "instances": [stamp(p) for p in args.instances], "class_name": args.class_name,
+        "sam": [stamp(args.sam_model, files=True) if args.sam_model else None, [stamp(p) for p in args.sam_images],
+                args.sam_points, args.sam_score],
+        "clip": stamp(args.clip_model, files=True) if use_clip else None,
+    }
+
+
+def cached_instances(args, use_clip):
+    """Collect (and CLIP-score) the instances, or reuse ``<output>/instances.json`` from an earlier run
+    with the same sources and models: a resumed or sharded run does not score a million instances again."""
+    cache = Path(args.output) / INSTANCE_CACHE
+    key = _instance_key(args, use_clip)
+    if args.resume and cache.is_file():
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            if data.get("key") == json.loads(json.dumps(key)):
+                return [inst.Instance(**i) for i in data["instances"]], data["skips"]
+        except (ValueError, TypeError, KeyError):
+            pass  # a damaged cache is rebuilt
+    skips = {}
+    instances = collect_instances(args, skips)
+    if use_clip and instances:
+        from .clip_score import ClipScorer
+
+        scorer = ClipScorer.from_folder(args.clip_model, args.device)
+        update, close = _progress_bar(len(instances), not args.no_progress, "CLIP scores")
+        instances = inst.score_instances(instances, scorer, skips=skips, progress=update)
+        close()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".tmp-{os.getpid()}-{INSTANCE_CACHE}")
+    tmp.write_text(json.dumps({"key": key, "skips": skips, "instances": [i.to_json() for i in instances]}))
+    os.replace(tmp, cache)
+    return instances, skips
+
+
 def _progress_bar(total_hint, enabled, desc):
     if not enabled:
         return None, lambda: None
@@ -94,16 +146,8 @@ def _progress_bar(total_hint, enabled, desc):
 def run(args):
     if args.shard:
         parse_shard(args.shard)
-    skips = {}
-    instances = collect_instances(args, skips)
     use_clip = bool(args.clip_model) and not args.no_clip_filter
-    if use_clip and instances:
-        from .clip_score import ClipScorer
-
-        scorer = ClipScorer.from_folder(args.clip_model, args.device)
-        update, close = _progress_bar(len(instances), not args.no_progress, "CLIP scores")
-        instances = inst.score_instances(instances, scorer, skips=skips, progress=update)
-        close()
+    instances, skips = cached_instances(args, use_clip)
     backgrounds, obstacles, background_skips = synth.collect_backgrounds(args.backgrounds, args.background_annotations)
     for reason, count in background_skips.items():
         skips[reason] = skips.get(reason, 0) + count

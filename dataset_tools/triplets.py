@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -103,6 +104,32 @@ def _encode_png(image):
     if not ok:
         raise ValueError(f"could not encode a {image.shape} image as PNG")
     return buffer.tobytes()
+
+
+@dataclass(frozen=True)
+class EncodedTriplet:
+    """A validated sample as PNG bytes (picklable: worker processes encode, the writer process stores)."""
+
+    source: bytes
+    mask: bytes
+    target: bytes
+    width: int
+    height: int
+
+
+def encode_triplet(source, mask, target):
+    """Validate one sample (sizes, dtypes, binary mask) and encode its three PNGs."""
+    source = _as_rgb("source", source)
+    target = _as_rgb("target", target)
+    if target.shape != source.shape:
+        raise ValueError(
+            f"target is {target.shape[1]}×{target.shape[0]} but source is {source.shape[1]}×{source.shape[0]}"
+        )
+    mask = _as_binary_mask(mask, source.shape[:2])
+    height, width = source.shape[:2]
+    return EncodedTriplet(
+        _encode_png(source), _encode_png(mask.astype(np.uint8) * 255), _encode_png(target), int(width), int(height)
+    )
 
 
 def _write_durable(path, data):
@@ -219,34 +246,31 @@ class TripletWriter:
         {"kind": "image", "image", "instance"}); its other keys (e.g. ``params``) are kept as given.
         Writing an id that already exists is an error (use ``has`` first).
         """
+        return self.write_encoded(sample_id, encode_triplet(source, mask, target), record)
+
+    def write_encoded(self, sample_id, encoded, record):
+        """``write`` for an ``EncodedTriplet`` (validated and PNG-encoded elsewhere, e.g. in a worker process)."""
         check_sample_id(sample_id)
         if sample_id in self._known:
             raise ValueError(f"sample {sample_id!r} already exists in {self.root}")
-        source = _as_rgb("source", source)
-        target = _as_rgb("target", target)
-        if target.shape != source.shape:
-            raise ValueError(
-                f"target is {target.shape[1]}×{target.shape[0]} but source is {source.shape[1]}×{source.shape[0]}"
-            )
-        mask = _as_binary_mask(mask, source.shape[:2])
+        if not isinstance(encoded, EncodedTriplet):
+            raise ValueError(f"write_encoded needs an EncodedTriplet from encode_triplet, got {type(encoded).__name__}")
         if not isinstance(record, dict):
             raise ValueError(f"record must be a dict, got {type(record).__name__}")
         check_origin(record.get("origin"))
-        height, width = source.shape[:2]
         full = {
             "id": sample_id,
             "source": f"source/{sample_id}.png",
             "mask": f"mask/{sample_id}.png",
             "target": f"target/{sample_id}.png",
-            "width": int(width),
-            "height": int(height),
+            "width": encoded.width,
+            "height": encoded.height,
             **{k: v for k, v in record.items() if k not in ("id", "source", "mask", "target", "width", "height")},
         }
         line = json.dumps(full) + "\n"  # serialise first: a record that is not JSON must not leave files
-        payloads = (_encode_png(source), _encode_png(mask.astype(np.uint8) * 255), _encode_png(target))
         finals = self._files_of(sample_id)
         temps = [p.with_name(f"{self._tmp_tag}{p.name}") for p in finals]
-        for tmp, data in zip(temps, payloads):
+        for tmp, data in zip(temps, (encoded.source, encoded.mask, encoded.target)):
             _write_durable(tmp, data)
         for tmp, final in zip(temps, finals):
             os.replace(tmp, final)

@@ -108,6 +108,13 @@ class SmartEraserLoader(io.ComfyNode):
         return io.NodeOutput(*load_release(release_folder_path(folder)))
 
 
+def projector_files():
+    """Files in models/smarteraser, without the weights inside release folders (unet/, vae/, ...)."""
+    inside_release = {"unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor"}
+    return [f for f in folder_paths.get_filename_list(FOLDER)
+            if not inside_release & set(f.replace(os.sep, "/").split("/")[:-1])]
+
+
 class SmartEraserProjectorLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -118,7 +125,7 @@ class SmartEraserProjectorLoader(io.ComfyNode):
             description="Loads SmartEraser's image-to-text projector (clip_mlp_weight.pth or the converter's "
                         "_projector.safetensors) for use with a checkpoint made by erasekit-convert-smarteraser.",
             inputs=[
-                io.Combo.Input("projector_name", options=folder_paths.get_filename_list(FOLDER),
+                io.Combo.Input("projector_name", options=projector_files(),
                                tooltip="Projector file in models/smarteraser (.pth loaded weights-only, or "
                                        ".safetensors)."),
             ],
@@ -184,6 +191,9 @@ def clip_image_embeds(clip_vision, pixel_values):
     model = getattr(clip_vision, "model", None)
     if model is None or not hasattr(clip_vision, "patcher"):
         raise ValueError(f"expected a CLIP_VISION model (CLIPVisionLoader with clip-vit-large-patch14); got {type(clip_vision).__name__}.")
+    if getattr(clip_vision, "image_size", core.CLIP_SIZE) != core.CLIP_SIZE:
+        raise ValueError(f"SmartEraser was trained with CLIP ViT-L/14 at {core.CLIP_SIZE} px (clip-vit-large-patch14); "
+                         f"the CLIP vision model given works at {clip_vision.image_size} px.")
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     out = model(pixel_values=pixel_values.to(clip_vision.load_device, torch.float32), intermediate_output=-2)
     return out[2].float().to(comfy.model_management.intermediate_device())

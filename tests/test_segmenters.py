@@ -22,6 +22,7 @@ def folders(tmp_path_factory):
         "dino": tiny.build_grounding_dino(root / "dino"),
         "sam": tiny.build_sam(root / "sam"),
         "sam2": tiny.build_sam2(root / "sam2"),
+        "sam_checkpoint": tiny.build_segment_anything_checkpoint(root / "sam_vit_tiny.pth"),
     }
 
 
@@ -89,7 +90,27 @@ def test_segment_boxes_match_a_direct_transformers_run(folders, image, kind):
         sam.segment_boxes(image.astype(np.float32), boxes)
 
 
-@pytest.mark.parametrize("kind", ["sam", "sam2"])
+def test_segment_anything_checkpoint_matches_its_own_predictor(folders, image):
+    """A models/sams checkpoint: architecture read from the weights, masks equal to SamPredictor's."""
+    from segment_anything import SamPredictor
+
+    state = S.load_state_dict(folders["sam_checkpoint"])
+    assert S.segment_anything_config(state) == tiny.SEGMENT_ANYTHING_CONFIG
+    sam = S.load_sam(folders["sam_checkpoint"])
+    assert sam.kind == "sam"
+    boxes = [(10, 10, 60, 50), (40, 30, 90, 60)]
+    masks = sam.segment_boxes(image, boxes)
+    assert masks.shape == (2, 90, 120) and masks.dtype == bool
+    predictor = SamPredictor(S.build_segment_anything(state))
+    predictor.set_image(image)
+    for mask, box in zip(masks, boxes):
+        reference, _, _ = predictor.predict(box=np.array(box, dtype=np.float32), multimask_output=False)
+        np.testing.assert_array_equal(mask, reference[0])
+    proposals, scores = sam.propose_masks(image, points_per_side=3, score_threshold=-1e9, min_area_fraction=0.0)
+    assert len(proposals) == len(scores) >= 1
+
+
+@pytest.mark.parametrize("kind", ["sam", "sam2", "sam_checkpoint"])
 def test_propose_masks_are_distinct_scored_and_large_enough(folders, image, kind):
     sam = S.load_sam(folders[kind])
     masks, scores = sam.propose_masks(image, points_per_side=4, score_threshold=-1e9, min_area_fraction=0.01,
@@ -111,8 +132,14 @@ def test_loaders_reject_wrong_models_and_files(folders, tmp_path):
         S.load_sam(folders["dino"])
     checkpoint = tmp_path / "sam_vit_b_01ec64.pth"
     checkpoint.write_bytes(b"\0" * 16)
-    with pytest.raises(ValueError, match="transformers folders"):
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
         S.load_sam(checkpoint)
+    sam2_like = tmp_path / "sam2_hiera_tiny.pt"
+    torch.save({"model": {"image_encoder.trunk.patch_embed.proj.weight": torch.zeros(1)}}, sam2_like)
+    with pytest.raises(ValueError, match="SAM 2 checkpoint"):
+        S.load_sam(sam2_like)
+    with pytest.raises(ValueError, match="single checkpoint file"):
+        S.load_grounding_dino(folders["sam_checkpoint"])
     with pytest.raises(FileNotFoundError):
         S.load_sam(tmp_path / "absent")
 

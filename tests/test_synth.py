@@ -298,3 +298,28 @@ def test_bad_files_are_skipped_and_counted(shared_data, tmp_path):
     assert summary["written"] == 4
     assert summary["skipped"] == {imageio.TRUNCATED: 1, synth.TOO_SMALL: 1, imageio.UNREADABLE: 1}
     assert len(TripletDataset(tmp_path / "out")) == 4
+
+
+def test_background_annotations_become_obstacles_in_crop_coordinates(shared_data, tmp_path):
+    pairs = shared_data / "images" / "removal_pairs"
+    coco = {
+        "images": [{"id": 1, "file_name": "unwant_person.jpg", "height": 800, "width": 800}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 200, 160, 80], "area": 9000},  # 1.4 %: obstacle
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 800, 700], "area": 500000},  # 78 %: not one
+        ],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (tmp_path / "bg.json").write_text(json.dumps(coco))
+    paths, obstacles, skips = synth.collect_backgrounds(pairs, tmp_path / "bg.json")
+    person = str(pairs / "unwant_person.jpg")
+    assert person in paths and obstacles == {person: [[100.0, 200.0, 160.0, 80.0]]} and skips == {}
+    found, _ = real_instances(shared_data)
+    plan = synth.build_plan([person], obstacles, found, synth.SynthConfig(size=400, blend="hard"), num_samples=5,
+                            filters={"use_class_count": False})
+    for index in range(5):
+        _, sample, record, reason = synth.make_sample(plan, index)
+        assert reason is None
+        assert record["params"]["obstacles"] == [[50.0, 100.0, 80.0, 40.0]]  # 800 → 400: scale 0.5, no crop offset
+        if not record["params"]["fallback"]:
+            assert synth.obstacle_overlap_ok(record["params"]["box"], [[50.0, 100.0, 80.0, 40.0]], 0.5)

@@ -106,6 +106,24 @@ def test_clip_filter_runs_from_a_local_model_and_is_recorded(shared_data, tmp_pa
     assert 1 <= summary["instances"] <= 5
     records = list(TripletDataset(out).iter_records())
     assert records and all(r["filters"]["clip"] is True for r in records)
+    scores = {i["id"]: i["score"] for i in json.loads((out / "instances.json").read_text())["instances"]}
+    assert len(scores) == 5 and all(isinstance(v, float) for v in scores.values())
+
+
+def test_resumed_runs_reuse_the_scored_instance_table(shared_data, tmp_path, monkeypatch):
+    from erasekit.dataset_tools import clip_score
+
+    clip = build_tiny_clip(tmp_path / "clip")
+    out = tmp_path / "run"
+    assert synth_cli.main(_args(shared_data, out, "--clip-model", str(clip), "--num-samples", "2")) == 0
+    calls = []
+    original = clip_score.ClipScorer.from_folder
+    monkeypatch.setattr(clip_score.ClipScorer, "from_folder", classmethod(lambda cls, *a: calls.append(a) or original(*a)))
+    assert synth_cli.main(_args(shared_data, out, "--clip-model", str(clip), "--num-samples", "4")) == 0
+    assert calls == [] and len(TripletDataset(out)) == 4  # resumed: no CLIP model loaded again
+    (clip / "config.json").touch()  # another model (newer file) → scored again
+    assert synth_cli.main(_args(shared_data, out, "--clip-model", str(clip), "--num-samples", "4")) == 0
+    assert len(calls) == 1
 
 
 def test_cli_errors_are_sentences(shared_data, tmp_path, capsys):
@@ -119,3 +137,30 @@ def test_cli_errors_are_sentences(shared_data, tmp_path, capsys):
     args = [a for a in _args(shared_data, tmp_path / "y") if a != "--no-class-filter"]
     assert synth_cli.main(args) == 2
     assert "no instance passed the filters" in capsys.readouterr().err
+
+
+def test_sam_proposals_are_an_instance_source(shared_data, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "_erasekit_tiny_segmenters_synth", Path(__file__).parent / "comfy" / "tiny" / "segmenters.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)
+    sam = tiny.build_sam(tmp_path / "sam")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "dog_bench.png").write_bytes((shared_data / "images" / "masked" / "dog_bench.png").read_bytes())
+    out = tmp_path / "sam_run"
+    args = [
+        "--backgrounds", str(shared_data / "images" / "removal_pairs"), "--sam-model", str(sam),
+        "--sam-images", str(photos), "--sam-points", "3", "--sam-score=-1e9", "--output", str(out),
+        "--size", "256", "--blend", "hard", "--num-samples", "3", "--no-class-filter", "--no-area-filter", "--no-progress",
+    ]
+    assert synth_cli.main(args) == 0
+    masks = sorted((out / "sam_masks" / "0").glob("dog_bench_sam*.png"))
+    assert masks and not list((out / "sam_masks" / "0").glob(".tmp-*"))
+    records = list(TripletDataset(out).iter_records())
+    assert len(records) == 3
+    assert all(r["origin"]["instance"].startswith("sam-dog_bench-") for r in records)
+    assert json.loads((out / "summary.json").read_text())["instances"] == len(masks)

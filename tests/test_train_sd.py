@@ -212,16 +212,24 @@ def run_training(weights, out, steps, objective="epsilon", mode="full", lr=2e-3,
                                        check_interrupt=check_interrupt, comfy_name=comfy_name)
 
 
-def mean_loss(history, part):
-    values = [v for _, v in history]
-    return float(np.mean(values[:part])), float(np.mean(values[-part:]))
+def heldout_loss(model, batch, seeds=range(6)):
+    """The objective at fixed noise, timesteps and dropout draws: comparable before and after training."""
+    with torch.no_grad():
+        return float(np.mean([model(batch, torch.Generator().manual_seed(1000 + s)).item() for s in seeds]))
 
 
-@pytest.mark.parametrize("objective", ["epsilon", "cro"])
-def test_loss_falls(weights, tmp_path, objective):
-    out = run_training(weights, tmp_path, steps=40, objective=objective, checkpoint_every=0)
-    first, last = mean_loss(out["result"].history, 8)
-    assert last < 0.8 * first, (objective, first, last)
+# CRO's loss is flatter (ε errors are scaled by the short jump's small coefficient): more steps, smaller drop
+@pytest.mark.parametrize("objective, steps, ratio", [("epsilon", 12, 0.85), ("cro", 20, 0.9)])
+def test_loss_falls(weights, tmp_path, objective, steps, ratio):
+    triplets = synthetic_triplets(4)
+    dataset = PairedCropDataset(triplets, SIZE, seed=0)
+    batch = collate([dataset[(i, 0)] for i in range(4)])
+    before_model, _ = make_model(weights, objective=objective)
+    before = heldout_loss(before_model, batch)
+    out = run_training(weights, tmp_path, steps=steps, objective=objective, checkpoint_every=0, dataset=dataset)
+    after = heldout_loss(out["model"], batch)
+    assert after < ratio * before, (objective, before, after)
+    assert len(out["result"].history) == steps
     assert os.path.isfile(out["loss_curve"])
     assert os.path.isfile(os.path.join(out["export"]["folder"], sd_inpaint.PROJECTOR_FILE))
 

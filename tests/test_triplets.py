@@ -56,6 +56,8 @@ def test_write_rejects_bad_input_without_leaving_files(tmp_path):
             writer.write("../x", s, m, t, {"origin": ORIGIN})
         with pytest.raises(TypeError):
             writer.write("a", s, m, t, {"origin": ORIGIN, "params": object()})
+        with pytest.raises(ValueError, match="EncodedTriplet"):
+            writer.write_encoded("a", (b"", b"", b""), {"origin": ORIGIN})
         writer.write("a", s, m, t, {"origin": ORIGIN})
         with pytest.raises(ValueError, match="already exists"):
             writer.write("a", s, m, t, {"origin": ORIGIN})

@@ -201,20 +201,29 @@ def erase(transformer, vae, text, source, mask, steps=8, seed=0, guidance=GUIDAN
 
 # ------------------------------------------------------------------------------------------------ LoRA file
 
-def lora_metadata(rank, alpha, targets=TARGET_MODULES):
-    """diffusers' safetensors metadata so ``load_lora_weights`` rebuilds rank, alpha and targets."""
-    config = {"transformer.r": int(rank), "transformer.lora_alpha": float(alpha),
+def lora_metadata(rank, targets=TARGET_MODULES, extra=None):
+    """diffusers' safetensors metadata so ``load_lora_weights`` rebuilds the config (alpha = rank, see below)."""
+    config = {"transformer.r": int(rank), "transformer.lora_alpha": int(rank),
               "transformer.target_modules": list(targets)}
-    return {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)}
+    return {"format": "pt", "lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True), **(extra or {})}
 
 
-def save_omnieraser_lora(transformer, path, rank, alpha, dtype=torch.bfloat16, targets=TARGET_MODULES):
-    """Write the trained adapter in the official OmniEraser layout; returns the path."""
-    state = lora.lora_state_dict(transformer, prefix="transformer.", dtype=dtype)
-    widened = state["transformer.x_embedder.lora_A.weight"].shape
+def official_lora_state(state, rank, alpha, dtype=torch.bfloat16):
+    """File tensors with the alpha/rank scale folded into ``lora_B``: the official files carry no alpha
+    (loaders assume alpha = rank), so any alpha trains and loads the same everywhere."""
+    scale = float(alpha) / float(rank)
+    out = {k: (v.float() * scale if ".lora_B." in k and scale != 1.0 else v.float()).to(dtype).contiguous()
+           for k, v in state.items()}
+    widened = out["transformer.x_embedder.lora_A.weight"].shape
     if widened[1] != 64 * WIDEN_FACTOR:
         raise ValueError(f"x_embedder lora_A is {tuple(widened)}; the OmniEraser layout needs [rank, 256]")
-    return lora.save_lora_file(path, state, lora_metadata(rank, alpha, targets))
+    return out
+
+
+def save_omnieraser_lora(transformer, path, rank, alpha, dtype=torch.bfloat16, targets=TARGET_MODULES, extra=None):
+    """Write the trained adapter in the official OmniEraser layout; returns the path."""
+    state = official_lora_state(lora.lora_state_dict(transformer, prefix="transformer."), rank, alpha, dtype)
+    return lora.save_lora_file(path, state, lora_metadata(rank, targets, extra))
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -261,7 +270,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--alpha", type=float, default=float(oe.LORA_RANK))
     parser.add_argument("--lr", type=float, default=3e-5, help="base learning rate (official 3e-5)")
     parser.add_argument("--no-scale-lr", action="store_true", help="do not multiply lr by batch × accumulation × GPUs")
-    parser.add_argument("--lr-scheduler", default="cosine_with_restarts")
+    parser.add_argument("--lr-scheduler", choices=loop.LR_SCHEDULERS, default="cosine_with_restarts")
     parser.add_argument("--lr-warmup-steps", type=int, default=0)
     parser.add_argument("--lr-num-cycles", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -355,11 +364,11 @@ def run(args):
     summary = {"steps": result.step, "final_loss": result.history[-1][1] if result.history else None}
     if accelerator.is_main_process:
         save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
-        path = save_omnieraser_lora(accelerator.unwrap_model(transformer), os.path.join(args.output, LORA_FILE),
-                                    args.rank, args.alpha, save_dtype)
         summary["heldout_loss"] = heldout_loss(transformer, vae, text, heldout, args.seed,
                                                mixed_precision=args.mixed_precision, **objective)
-        summary["lora"] = path
+        summary["lora"] = save_omnieraser_lora(
+            accelerator.unwrap_model(transformer), os.path.join(args.output, LORA_FILE), args.rank, args.alpha,
+            save_dtype, extra={"erasekit_summary": json.dumps(summary)})
         with open(os.path.join(args.output, "summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         print(json.dumps(summary), flush=True)

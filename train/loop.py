@@ -10,7 +10,7 @@ The caller supplies what is model specific:
 - ``dataset``: indexable by the keys ``(index, draw)`` (see ``train.datasets.PairedCropDataset``). The data
   order is a reproducible permutation per epoch; the position in it is part of the training state.
 
-What the loop owns: AdamW (or bitsandbytes' 8-bit AdamW), a diffusers LR schedule, gradient accumulation,
+What the loop owns: AdamW (or bitsandbytes' 8-bit AdamW), diffusers' LR schedules, gradient accumulation,
 bf16 autocast, gradient clipping, checkpoints every N optimizer steps (atomic: a temp folder renamed into
 place), ``resume`` (trainable weights, optimizer, scheduler, RNG states, data position, loss history),
 validation at intervals, TensorBoard scalars and a loss-curve PNG. Under ``accelerate launch`` with several
@@ -20,9 +20,11 @@ of every global batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -146,11 +148,32 @@ def make_optimizer(params, config: LoopConfig, learning_rate):
     return torch.optim.AdamW(params, **kwargs)
 
 
-def make_scheduler(optimizer, config: LoopConfig):
-    from diffusers.optimization import get_scheduler
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 
-    return get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
-                         num_training_steps=config.steps, num_cycles=config.lr_num_cycles)
+
+def lr_factor(name, step, total, warmup=0, cycles=1):
+    """The learning-rate multiplier at optimizer step ``step`` (diffusers' ``get_scheduler`` formulas)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if name in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if name == "linear":
+        return max(0.0, 1.0 - progress)
+    if name == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 2.0 * 0.5 * progress)))
+    if progress >= 1.0:
+        return 0.0
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0))))
+
+
+def make_scheduler(optimizer, config: LoopConfig):
+    """A LambdaLR following ``config.lr_scheduler`` (warm-up, then constant / linear / cosine / restarts)."""
+    if config.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {config.lr_scheduler!r}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, config.lr_scheduler, total=config.steps, warmup=config.lr_warmup_steps,
+        cycles=config.lr_num_cycles))
 
 
 def set_gradient_checkpointing(model, enabled):
@@ -253,9 +276,27 @@ def load_checkpoint(path, params, optimizer, scheduler, device=None):
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def _default_accelerator():
-    from accelerate import Accelerator
+class SingleProcess:
+    """The few ``accelerate.Accelerator`` members the loop uses, for one process on ``device`` (e.g. inside
+    ComfyUI, which manages devices itself). Not a distributed engine: several processes need accelerate."""
 
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+
+    def wait_for_everyone(self):
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+
+def _default_accelerator():
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        return SingleProcess("cuda" if torch.cuda.is_available() else "cpu")
     return Accelerator(device_placement=False)
 
 

@@ -121,6 +121,12 @@ def load_clip_vision(path):
     return model.eval()
 
 
+def _text_checkpointing(text_encoder, enabled):
+    """transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*."""
+    prefix = "activation" if hasattr(text_encoder, "activation_checkpointing_enable") else "gradient"
+    getattr(text_encoder, f"{prefix}_checkpointing_{'enable' if enabled else 'disable'}")()
+
+
 class SDInpaintModel(torch.nn.Module):
     """UNet, text encoder and projector (trained) with the frozen VAE and CLIP vision; ``forward`` is the loss."""
 
@@ -155,11 +161,11 @@ class SDInpaintModel(torch.nn.Module):
     # -- gradient checkpointing (the loop's switch)
     def enable_gradient_checkpointing(self):
         self.unet.enable_gradient_checkpointing()
-        self.text_encoder.gradient_checkpointing_enable()
+        _text_checkpointing(self.text_encoder, True)
 
     def disable_gradient_checkpointing(self):
         self.unet.disable_gradient_checkpointing()
-        self.text_encoder.gradient_checkpointing_disable()
+        _text_checkpointing(self.text_encoder, False)
 
     # -- pieces of a step
     def token_ids(self, prompt, device):

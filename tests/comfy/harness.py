@@ -134,13 +134,28 @@ class ComfyHarness:
         if not ok:
             raise RuntimeError("ComfyUI could not load EraseKit: " + "; ".join(self.load_warnings))
 
+    @property
+    def shared_data(self):
+        """../shared/data (real images and videos made by others), or None when it is absent."""
+        path = Path(os.environ.get("ERASEKIT_SHARED_DATA", PACK_ROOT.parent / "shared" / "data"))
+        return path if path.is_dir() else None
+
     def _copy_inputs(self):
-        """Real images (../shared/data) that example workflows name, in ComfyUI's input folder."""
-        shared = PACK_ROOT.parent / "shared" / "data" / "images"
-        shared = Path(os.environ.get("ERASEKIT_SHARED_DATA", shared.parent)) / "images"
+        """Real data (../shared/data) that example workflows name, in ComfyUI's input folder: the images of
+        ``images/masked`` and ``images/removal_pairs`` at the top (as LoadImage lists them), every image
+        folder as a sub-folder (for folder inputs) and the videos at the top."""
+        shared = self.shared_data
+        if shared is None:
+            return
+        images, videos = shared / "images", shared / "video"
         for sub in ("masked", "removal_pairs"):
-            for f in sorted((shared / sub).glob("*")) if (shared / sub).is_dir() else []:
+            for f in sorted((images / sub).glob("*")) if (images / sub).is_dir() else []:
                 shutil.copyfile(f, self.input_dir / f.name)
+        if images.is_dir():
+            for sub in sorted(p for p in images.iterdir() if p.is_dir()):
+                shutil.copytree(sub, self.input_dir / sub.name, dirs_exist_ok=True)
+        for f in sorted(videos.glob("*")) if videos.is_dir() else []:
+            shutil.copyfile(f, self.input_dir / f.name)
 
     # ---------------------------------------------------------------- models
     @property

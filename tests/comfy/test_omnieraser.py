@@ -51,7 +51,9 @@ def comfy_flux(diffusers_model):
     config = comfy.supported_models.Flux(dict(TINY))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
-    weights = comfy.model_detection.convert_diffusers_mmdit(diffusers_model.state_dict(), "diffusion_model.")
+    # convert_diffusers_mmdit writes some converted weights (final adaLN swap) into its input: give it copies.
+    source = {k: v.detach().clone() for k, v in diffusers_model.state_dict().items()}
+    weights = comfy.model_detection.convert_diffusers_mmdit(source, "diffusion_model.")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not [k for k in missing if k.startswith("diffusion_model.")] and not unexpected
     device = comfy.model_management.get_torch_device()
@@ -175,7 +177,9 @@ def test_parity_with_diffusers_official_layout(comfy, parity_inputs):
     # The LoRA is a patch: unpatching restores FLUX's own 64-wide img_in and its concat_cond.
     assert tuple(patcher.model.diffusion_model.img_in.weight.shape) == (32, 64)
     assert torch.equal(patcher.model.diffusion_model.img_in.weight, original_img_in)
-    assert "concat_cond" not in vars(patcher.model)
+    from comfy import model_base
+
+    assert getattr(patcher.model.concat_cond, "__func__", None) is model_base.Flux.concat_cond
 
 
 def test_strength_scales_the_lora_like_diffusers(comfy, parity_inputs):
@@ -197,19 +201,17 @@ def test_strength_scales_the_lora_like_diffusers(comfy, parity_inputs):
 
 
 def test_missing_condition_and_foreign_loras_are_clear_errors(comfy, parity_inputs):
-    import comfy.model_management
-    import comfy.sampler_helpers
-    import comfy.samplers
-
     nodes_oe = pack_module(comfy, "nodes.omnieraser")
+    from comfy import model_management, sampler_helpers, samplers
+
     reference = diffusers_flux()
     patcher = comfy_flux(reference)
     patched, _ = nodes_oe.apply_omnieraser_lora(patcher, official_lora(reference), 1.0)
-    plain = comfy.sampler_helpers.convert_cond([[parity_inputs["context"], {"pooled_output": parity_inputs["pooled"]}]])
-    comfy.model_management.load_models_gpu([patched])
+    plain = sampler_helpers.convert_cond([[parity_inputs["context"], {"pooled_output": parity_inputs["pooled"]}]])
+    model_management.load_models_gpu([patched])
     try:
         with pytest.raises(ValueError, match="OmniEraser Conditioning"):
-            comfy.samplers.process_conds(patched.model, parity_inputs["noise"], {"positive": plain}, "cpu", seed=0)
+            samplers.process_conds(patched.model, parity_inputs["noise"], {"positive": plain}, "cpu", seed=0)
     finally:
         patched.detach()
 
@@ -225,14 +227,13 @@ def test_missing_condition_and_foreign_loras_are_clear_errors(comfy, parity_inpu
 
 def test_full_width_flux_takes_the_official_lora_file_with_zero_unmatched_keys(comfy):
     """The tiny full-width FLUX (as ComfyUI detects it from the file) and the rank-4 official-format LoRA."""
-    import comfy.sd
-    import comfy.utils
-
     nodes_oe = pack_module(comfy, "nodes.omnieraser")
+    from comfy import sd as comfy_sd, utils as comfy_utils
+
     model_path = comfy.ensure_model("diffusion_models", "flux1-dev.safetensors")
     lora_path = comfy.ensure_model("loras", "omnieraser_lora.safetensors")
-    model = comfy.sd.load_diffusion_model(str(model_path))
-    lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+    model = comfy_sd.load_diffusion_model(str(model_path))
+    lora = comfy_utils.load_torch_file(str(lora_path), safe_load=True)
     patched, mapping = nodes_oe.apply_omnieraser_lora(model, lora, 1.0)
     assert mapping.unmatched == [] and mapping.widened_in_features == 256
     assert len(mapping.patches) * 2 == len(lora)
@@ -240,6 +241,25 @@ def test_full_width_flux_takes_the_official_lora_file_with_zero_unmatched_keys(c
 
 @pytest.mark.parametrize("name", ["omnieraser", "omnieraser_controlnet"])
 def test_example_workflow_runs_and_keeps_pixels_outside_the_mask(comfy, name):
+    """The example workflow on the tiny full-width FLUX; the saved photo equals the input outside the feather."""
+    import numpy as np
+    from PIL import Image
+
+    from erasekit.erasers.crop_stitch import feather_mask
+
     workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
     result = comfy.run_workflow(workflow)
-    assert result.ui, f"{name} produced no output"
+    nodes = {n["type"]: n for n in workflow["nodes"]}
+    saved = result.ui[str(nodes["SaveImage"]["id"])]["images"][0]
+    output = np.asarray(Image.open(comfy.output_dir / saved["subfolder"] / saved["filename"]).convert("RGB"))
+
+    photo = np.asarray(Image.open(comfy.input_dir / nodes["LoadImage"]["widgets_values"][0]).convert("RGB"))
+    mask_image = Image.open(comfy.input_dir / nodes["LoadImageMask"]["widgets_values"][0]).convert("RGBA")
+    mask = torch.from_numpy(np.asarray(mask_image)[..., 0].astype(np.float32) / 255.0)
+    grow, blur = nodes["EraseKitStitchCrop"]["widgets_values"]
+    outside = (feather_mask(mask[None], grow, blur)[0] == 0).numpy()
+    # SaveImage writes uint8(255 * x); the untouched input pixels went 8-bit → float → 8-bit the same way.
+    expected = np.clip(255.0 * (torch.from_numpy(photo.astype(np.float32)) / 255.0).numpy(), 0, 255).astype(np.uint8)
+    assert output.shape == photo.shape
+    assert outside.sum() > 0 and np.array_equal(output[outside], expected[outside])
+    assert not np.array_equal(output[~outside], expected[~outside])

@@ -172,7 +172,7 @@ def test_text_context_is_the_seven_token_encoding(nodes, loaded, release):
     _, clip, _, _ = loaded
     tokenizer = CLIPTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
     text_encoder = CLIPTextModel.from_pretrained(str(release / "text_encoder")).eval()
-    for prompt in ("Remove the instance of object", "remove the big red car on the left side", ""):
+    for prompt in (PROMPT, "Remove the instance of object", "remove the big red car on the left side", ""):
         ids = tokenizer(prompt, padding="max_length", max_length=7, truncation=True, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             expected = text_encoder(ids).last_hidden_state
@@ -194,7 +194,7 @@ def test_converted_checkpoint_loads_like_the_release_folder(comfy, loaded, relea
     assert se.load_projector(projector).state_dict().keys() == se.PROJECTOR_KEYS.keys()
 
 
-def test_loader_nodes_through_the_executor(comfy, release):
+def test_loader_nodes_through_the_executor(comfy, nodes, release):
     comfy.ensure_model("smarteraser", tiny.PROJECTOR)
     prompt = {
         "1": {"class_type": "EraseKitSmartEraserLoader", "inputs": {"folder": release.name}},
@@ -205,6 +205,9 @@ def test_loader_nodes_through_the_executor(comfy, release):
         "6": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
         "7": {"class_type": "PreviewAny", "inputs": {"source": ["5", 0]}},
     }
+    listed = nodes.projector_files()  # the release folder's unet/vae/text_encoder weights are not offered
+    assert tiny.PROJECTOR in listed and not [f for f in listed if "tiny_release" in f and "clip_mlp" not in f]
+    assert release.name in nodes.release_folders()
     result = comfy.run_prompt(prompt)
     model, clip, vae, projector = result.outputs("1")
     assert model.model.model_config.unet_config["in_channels"] == 9

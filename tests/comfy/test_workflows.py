@@ -9,6 +9,8 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.j
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_executes(comfy, path):
+    if comfy.shared_data is None:
+        pytest.skip("the example workflows load real images and videos from ../shared/data, which is absent")
     workflow = json.loads(path.read_text())
     result = comfy.run_workflow(workflow)
     assert result.output_nodes, f"{path.name} has no output node"

@@ -1,8 +1,9 @@
 // Loads each workflow given on stdin into ComfyUI's real frontend (headless Chromium) and prints what
 // the UI would queue: {name: {output, missing}} where missing lists node types the frontend lacks.
+// With a third argument (a folder), also saves a screenshot of each loaded graph there as <name>.png.
 import { chromium } from 'playwright-core';
 
-const [url, chromiumPath] = process.argv.slice(2);
+const [url, chromiumPath, screenshotDir] = process.argv.slice(2);
 let input = '';
 for await (const chunk of process.stdin) input += chunk;
 const workflows = JSON.parse(input);
@@ -13,7 +14,7 @@ const browser = await chromium.launch({
          '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
 try {
-  const page = await browser.newPage();
+  const page = await browser.newPage({ viewport: { width: 1600, height: 900 } });
   await page.goto(url);
   await page.waitForFunction(() => window.app && window.app.graph && window.LiteGraph, null, { timeout: 120000 });
   const results = {};
@@ -25,6 +26,11 @@ try {
       const prompt = await window.app.graphToPrompt();
       return { output: prompt.output, missing };
     }, workflow);
+    if (screenshotDir) {
+      await page.evaluate(() => { window.app.canvas.ds.scale = 1; window.app.graph.setDirtyCanvas(true, true); });
+      await page.waitForTimeout(500);
+      await page.screenshot({ path: `${screenshotDir}/${name}.png` });
+    }
   }
   process.stdout.write(JSON.stringify(results));
 } finally {

@@ -86,8 +86,28 @@ def build_sam2(path, seed=0):
     return path
 
 
+SAM_CHECKPOINT = "tiny_sam_vit.pth"
+SEGMENT_ANYTHING_CONFIG = {
+    "embed_dim": 16, "patch_size": 16, "img_size": 64, "depth": 2, "num_heads": 2, "global_attn_indexes": [1],
+    "window_size": 2, "prompt_embed_dim": 32, "mask_in_chans": 4, "decoder_depth": 1, "decoder_mlp_dim": 32,
+    "iou_head_hidden_dim": 16,
+}
+
+
+def build_segment_anything_checkpoint(path, seed=0):
+    """An original segment-anything checkpoint (the models/sams layout: a plain state dict in a .pth)."""
+    from erasekit.dataset_tools.segmenters import build_segment_anything
+
+    torch.manual_seed(seed)
+    model = build_segment_anything(None, SEGMENT_ANYTHING_CONFIG)
+    with open(path, "wb") as handle:
+        torch.save(model.state_dict(), handle)
+    return Path(path)
+
+
 MODELS = {
     ("grounding-dino", GROUNDING_DINO): build_grounding_dino,
     ("sams", SAM): build_sam,
     ("sam2", SAM2): build_sam2,
+    ("sams", SAM_CHECKPOINT): build_segment_anything_checkpoint,
 }

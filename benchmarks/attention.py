@@ -1,0 +1,196 @@
+"""Self-rectifying attention vs plain attention: time and peak memory as ratios, measured in one run.
+
+Cases (what a 512x512 image gives):
+- SD1.5, top UNet level: 64x64 = 4096 tokens, 8 heads x 40, batch 2 (cond + uncond).
+- FLUX: 512 text + 32x32 = 1024 image tokens, 24 heads x 128, batch 1.
+The mask is the real dog_bench mask from ../shared/data (binarised, any-coverage to each token grid), or a
+centred ellipse when the data is absent; its token coverage is printed, since SRA's extra work is the masked
+queries times all keys.
+
+Both variants run exactly what the ComfyUI patch runs: plain = ComfyUI's attention_pytorch (view, SDPA,
+transpose back); patched = the same plain call, then ``self_rectifying_attention`` on the masked queries.
+
+Time: median of interleaved repeats after a warm-up. Peak memory:
+- CUDA: ``torch.cuda.max_memory_allocated`` over the call, inputs included (they are live in both variants).
+- CPU: each variant runs in a fresh subprocess with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so
+  every tensor buffer is its own mmap and is returned to the OS on free; the process's resident high-water mark
+  (``ru_maxrss``) minus its resident size before the inputs were made is then the peak of live tensor memory of
+  the step (inputs + outputs + temporaries), without allocator caching.
+
+Usage: python benchmarks/attention.py [--repeats 7] [--device cpu|cuda] [--dtype float32|float16|bfloat16]
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT.parent))
+try:
+    from erasekit.erasers import attention as core  # installed (pip install -e .) or importable from the parent folder
+except ImportError:  # the package folder has another name (a ComfyUI custom_nodes clone)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sra_core", ROOT / "erasers" / "attention.py")
+    core = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(core)
+
+SHARED_MASK = Path(os.environ.get("ERASEKIT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "images" / "masked" / "dog_bench_mask.png"
+# heads_first: FLUX hands attention [B, H, L, D] tensors (skip_reshape=True); UNets hand [B, L, H*D].
+CASES = {
+    "sd15_512": dict(batch=2, heads=8, dim=40, text=0, grid=(64, 64), latent=(64, 64), heads_first=False),
+    "flux_512": dict(batch=1, heads=24, dim=128, text=512, grid=(32, 32), latent=(64, 64), heads_first=True),
+}
+
+
+def load_mask():
+    """``[1,512,512]`` float mask and where it came from."""
+    if SHARED_MASK.is_file():
+        import numpy as np
+        from PIL import Image
+        m = np.asarray(Image.open(SHARED_MASK).convert("L").resize((512, 512)), dtype=np.float32) / 255.0
+        return torch.from_numpy(m)[None], str(SHARED_MASK.name)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 512), torch.linspace(-1, 1, 512), indexing="ij")
+    return ((yy / 0.55) ** 2 + (xx / 0.35) ** 2 <= 1).float()[None], "synthetic ellipse"
+
+
+def blocked_for(case, mask):
+    latent = core.latent_mask(mask, *case["latent"])
+    grid = core.grid_mask(latent, *case["grid"])
+    length = case["text"] + case["grid"][0] * case["grid"][1]
+    return core.blocked_tokens(grid, length, case["text"])
+
+
+def make_inputs(case, device, dtype, seed=0):
+    length = case["text"] + case["grid"][0] * case["grid"][1]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    if case["heads_first"]:
+        shape = (case["batch"], case["heads"], length, case["dim"])
+    else:
+        shape = (case["batch"], length, case["heads"] * case["dim"])
+    return [torch.randn(shape, generator=g).to(device, dtype) for _ in range(3)]
+
+
+def _heads(q, k, v, heads):
+    if q.ndim == 4:  # already [B, H, L, D]
+        return q, k, v
+    return tuple(core.split_heads(t, heads) for t in (q, k, v))
+
+
+def plain_step(q, k, v, heads):
+    """ComfyUI's attention_pytorch: [B, L, H*D] (or, skip_reshape, [B, H, L, D]) in, [B, L, H*D] out."""
+    qh, kh, vh = _heads(q, k, v, heads)
+    out = F.scaled_dot_product_attention(qh, kh, vh)
+    return out.transpose(1, 2).reshape(qh.shape[0], qh.shape[2], -1)
+
+
+def sra_step(q, k, v, heads, blocked):
+    plain = plain_step(q, k, v, heads)
+    qh, kh, vh = _heads(q, k, v, heads)
+    return core.self_rectifying_attention(qh, kh, vh, blocked, plain_out=plain)
+
+
+def run_variant(case, variant, blocked, device, dtype):
+    q, k, v = make_inputs(case, device, dtype)
+    if variant == "plain":
+        return plain_step(q, k, v, case["heads"])
+    return sra_step(q, k, v, case["heads"], blocked.to(device))
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_both(case, blocked, device, dtype, repeats):
+    q, k, v = make_inputs(case, device, dtype)
+    blocked = blocked.to(device)
+    steps = {"plain": lambda: plain_step(q, k, v, case["heads"]), "sra": lambda: sra_step(q, k, v, case["heads"], blocked)}
+    wall = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
+    with torch.inference_mode():
+        for fn in steps.values():
+            fn()
+        for _ in range(repeats):
+            for name, fn in steps.items():
+                sync(device)
+                start, start_cpu = time.perf_counter(), time.process_time()
+                fn()
+                sync(device)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    # The minimum is the run least disturbed by other processes; the median is printed alongside.
+    return ({name: min(t) for name, t in wall.items()}, {name: min(t) for name, t in cpu.items()},
+            {name: statistics.median(t) for name, t in wall.items()})
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_in_this_process(case_name, variant, device, dtype):
+    case = CASES[case_name]
+    mask, _ = load_mask()
+    blocked = blocked_for(case, mask)
+    with torch.inference_mode():
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run_variant(case, variant, blocked, device, dtype)
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        run_variant(case, variant, blocked, device, dtype)  # warm up lazily loaded kernels before the count
+        before = _rss_bytes()
+        run_variant(case, variant, blocked, device, dtype)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+
+def peak_memory(case_name, variant, device, dtype_name):
+    """Peak bytes of one step, in a fresh process (see the module docstring)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--peak-of", case_name, variant, "--device", device, "--dtype", dtype_name]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--peak-of", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    dtype_name = args.dtype or ("float16" if args.device == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    if args.peak_of:
+        print(json.dumps({"peak": peak_in_this_process(*args.peak_of, args.device, dtype)}))
+        return
+    mask, source = load_mask()
+    print(f"device {args.device}, {dtype_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"mask: {source}, {args.repeats} timed repeats")
+    print("time: fastest of the interleaved repeats (wall clock and process CPU time); median wall in brackets")
+    print(f"{'case':10} {'tokens':>6} {'masked':>7} {'plain ms':>16} {'SRA ms':>16} {'time x':>7} {'cpu x':>6} "
+          f"{'plain MiB':>9} {'SRA MiB':>8} {'memory x':>8}")
+    for name, case in CASES.items():
+        blocked = blocked_for(case, mask)
+        coverage = blocked.float().mean().item()
+        wall, cpu, median = time_both(case, blocked, args.device, dtype, args.repeats)
+        peaks = {v: peak_memory(name, v, args.device, dtype_name) for v in ("plain", "sra")}
+        print(f"{name:10} {blocked.shape[1]:6d} {coverage:7.1%} "
+              f"{wall['plain'] * 1e3:7.1f} [{median['plain'] * 1e3:6.1f}] {wall['sra'] * 1e3:7.1f} [{median['sra'] * 1e3:6.1f}] "
+              f"{wall['sra'] / wall['plain']:7.3f} {cpu['sra'] / cpu['plain']:6.3f} "
+              f"{peaks['plain'] / 2**20:9.1f} {peaks['sra'] / 2**20:8.1f} {peaks['sra'] / peaks['plain']:8.3f}")
+    print("targets: time x <= 1.15, memory x <= 1.10")
+
+
+if __name__ == "__main__":
+    main()
