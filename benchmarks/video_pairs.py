@@ -11,8 +11,6 @@
 """
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile

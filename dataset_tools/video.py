@@ -1,12 +1,17 @@
 """Video4Removal: mine real removal pairs from static-camera video (OmniEraser, ../shared/METHODS.md §3).
 
-One streaming pass per video. A MOG2 background model runs on a downscaled copy of every frame; a frame
-whose cleaned foreground covers more than ``foreground_ratio`` (0.15, the paper's) of the picture is a
-*foreground* frame, one with almost none is a *background* frame. Each kept foreground frame is paired with
-the background frame that is nearest in time and closest in MSE (lighting drift) within a time window, and
-the pair is only accepted when the pictures agree outside the object mask (same lighting) and the
-background frame is actually empty where the object is. Fast-motion frames (object much less sharp than the
-background model in the same place) are dropped; a moving camera stops the clip with a reason.
+One streaming pass per video. A MOG2 background model runs on a downscaled copy of ``analysis_fps``
+frames per second (the others are only decoded); a frame whose cleaned foreground covers more than
+``foreground_ratio`` (0.15, the paper's) of the picture is a *foreground* frame, one with almost none is a
+*background* frame. Each kept foreground frame is paired with the background frame that is nearest in time
+and closest in MSE (lighting drift) within a time window, and the pair is only accepted when the pictures
+agree outside the object zone (same lighting), the background frame is empty where the object is, and the
+object stands out inside the mask. Fast-motion frames (an object much less sharp than it usually is) are
+dropped; a moving camera (ORB + RANSAC against the first frame) stops the clip with a reason.
+
+Masks: GroundingDINO + SAM / SAM 2 through a ``segmenter`` (dataset_tools/segmenters.py), else the MOG
+foreground refined at full resolution against the paired background frame, shadows excluded (the paper
+masks the object, not its shadow: the pair teaches the eraser to remove the shadow too).
 
 Memory is bounded whatever the video's length: a thinned bank of recent background frames and a thinned
 queue of foreground frames waiting for a background frame after them; nothing else is kept.
@@ -22,6 +27,8 @@ import multiprocessing
 import os
 import queue
 import re
+import sys
+import types
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -45,7 +52,7 @@ class PairingConfig:
     lighting_mse: float = 20.0  # max MSE (0-255 scale) between the frames outside the dilated mask
     empty_fraction: float = 0.01  # max share of the object mask the background frame's foreground may cover
     min_object_mse: float = 400.0  # the object must differ from the background inside the mask at least this much
-    blur_ratio: float = 0.4  # object sharpness below this share of its recent median: motion blur
+    blur_ratio: float = 0.4  # object sharpness below this share of its median over the last 0.5 s: motion blur
     sample_gap_seconds: float = 0.2  # min time between two kept foreground frames (near-duplicates)
     bank_size: int = 24  # background frames kept (thinned over the window)
     max_pending: int = 24  # foreground frames waiting for a later background frame
@@ -282,13 +289,14 @@ def open_video(path):
     return capture, float(fps), count, width, height
 
 
-def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=False):
+def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=False, prepare=None):
     """Yield (index, BGR uint8 frame) for every ``step``-th frame in [start, stop); the others are only
     decoded (``grab``), not converted, and yielded as (index, None) if ``include_skipped``. The stream
     ends at the first frame the decoder cannot give.
 
     ``prefetch`` > 0 decodes in a thread up to that many frames ahead (OpenCV releases the GIL while
     decoding, so decoding overlaps the caller's analysis; memory stays bounded by the queue).
+    ``prepare(frame)``, if given, runs in that thread too and the frame item becomes (frame, prepared).
     """
     capture, _, _, _, _ = open_video(path)
     if start:
@@ -306,7 +314,7 @@ def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=Fa
                 ok, frame = capture.read()
                 if not ok or frame is None:
                     return
-                yield index, frame
+                yield index, (frame if prepare is None else (frame, prepare(frame)))
             index += 1
 
     if prefetch <= 0:
@@ -442,7 +450,8 @@ class PairMiner:
         self.bank = deque()
         self.pending = deque()
         self.last_kept = -10**9
-        self.recent_sharpness = deque(maxlen=9)
+        self.recent_sharpness = deque(maxlen=16)
+        self.blur_horizon = max(2, int(round(0.5 * self.fps)))
         self.last_motion_check = -10**9
         self.counts = Counter()
         self.frames = 0
@@ -450,7 +459,8 @@ class PairMiner:
         self._moving_checks = 0
 
     # frame classification ---------------------------------------------------------------------
-    def push(self, index, frame):
+    def push(self, index, frame, small=None):
+        """Analyse one frame; ``small`` is its ``downscale`` to the analysis size if already made."""
         if frame.shape[:2] != (self.height, self.width):
             raise VideoSkipped(
                 f"frame {index} is {frame.shape[1]}×{frame.shape[0]} but the video says {self.width}×{self.height}"
@@ -459,7 +469,8 @@ class PairMiner:
         if index - self.last_motion_check >= self.motion_every:
             self.last_motion_check = index
             self._check_camera(index, frame)
-        small = downscale(frame, self.small_size)
+        if small is None:
+            small = downscale(frame, self.small_size)
         raw = self.mog.apply(small)
         if self.frames <= self.config.warmup_frames:
             self.counts["warmup"] += 1
@@ -513,16 +524,15 @@ class PairMiner:
 
     def _add_foreground(self, index, frame, small, mask, ratio):
         self.counts["foreground"] += 1
-        # Fast motion smears the object. Its sharpness (Laplacian variance in its box) is first divided by
-        # the background model's there (so the scene's texture cancels), then compared with the median of
-        # recent foreground frames: a frame much softer than the object usually looks is blurred.
-        box = mask_box(mask)
+        # Fast motion smears the object: a frame whose object box is much less sharp (Laplacian variance)
+        # than in the frames just before it (same object, half a second) is blurred. Older frames may show
+        # another object, so they do not count.
         gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-        background_gray = cv2.cvtColor(self.mog.getBackgroundImage(), cv2.COLOR_BGR2GRAY)
-        relative = sharpness(gray, box) / max(sharpness(background_gray, box), 1.0)
-        history = sorted(self.recent_sharpness)
-        self.recent_sharpness.append(relative)
-        sharp_ratio = relative / history[len(history) // 2] if len(history) >= 3 and history[len(history) // 2] > 0 else 1.0
+        value = sharpness(gray, mask_box(mask))
+        recent = sorted(v for i, v in self.recent_sharpness if index - i <= self.blur_horizon)
+        self.recent_sharpness.append((index, value))
+        median = recent[len(recent) // 2] if len(recent) >= 2 else 0.0
+        sharp_ratio = value / median if median > 0 else 1.0
         if sharp_ratio < self.config.blur_ratio:
             self.counts["rejected_blur"] += 1
             return
@@ -664,13 +674,16 @@ def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None,
     miner = PairMiner(fps, width, height, config, segmenter)
     last = start - 1
     try:
-        for index, frame in iter_frames(path, start, stop, miner.step, prefetch=8, include_skipped=True):
+        # the decode thread also makes the small analysis copy: it overlaps the analysis on a second core
+        for index, item in iter_frames(path, start, stop, miner.step, prefetch=8, include_skipped=True,
+                                       prepare=lambda f: downscale(f, miner.small_size)):
             last = index
-            if frame is None:
+            if item is None:
                 continue
+            frame, small = item
             if check_interrupt is not None:
                 check_interrupt()
-            for pair in miner.push(index, frame):
+            for pair in miner.push(index, frame, small):
                 report.pairs += 1
                 yield pair
             if progress is not None and miner.frames % 10 == 0:
@@ -771,6 +784,40 @@ def _worker_main(connection, config_dict, segmenter_spec):
         connection.send(("done", job, report.as_dict()))
 
 
+def _importable_worker():
+    """``_worker_main`` from a module a spawned child can import by name.
+
+    ComfyUI imports this pack under a path-like module name that no other process can import; then the
+    same file is imported again as ``erasekit.dataset_tools.video`` (the pack folder reached through an
+    ``erasekit`` link in a private folder on sys.path, which the child inherits) and that copy's
+    function is handed to the child.
+    """
+    if __name__ == "erasekit.dataset_tools.video":
+        return _worker_main
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        module = importlib.import_module("erasekit.dataset_tools.video")
+    except ImportError:
+        module = None
+    if module is None or Path(module.__file__).resolve().parents[1] != root:
+        import tempfile
+
+        link_dir = Path(tempfile.gettempdir()) / f"erasekit-pack-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
+        link_dir.mkdir(exist_ok=True)
+        link = link_dir / "erasekit"
+        if not link.exists():
+            link.symlink_to(root, target_is_directory=True)
+        if str(link_dir) not in sys.path:
+            sys.path.insert(0, str(link_dir))
+        for name in [n for n in sys.modules if n == "erasekit" or n.startswith("erasekit.")]:
+            del sys.modules[name]  # an installed erasekit from another checkout must not shadow this one
+        importlib.invalidate_caches()
+        module = importlib.import_module("erasekit.dataset_tools.video")
+    return module._worker_main
+
+
 class VideoJobRunner:
     """Mine videos in ``workers`` spawned child processes; a child that dies fails only its current video.
 
@@ -794,9 +841,17 @@ class VideoJobRunner:
     def _spawn(self):
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
-            target=_worker_main, args=(child_end, self.config_dict, self.segmenter_spec), daemon=True
+            target=_importable_worker(), args=(child_end, self.config_dict, self.segmenter_spec), daemon=True
         )
-        process.start()
+        # A spawned child re-runs the parent's __main__ file unless told otherwise; inside ComfyUI that is
+        # main.py (argument parsing, prestartup scripts, torch). The worker needs none of it.
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            process.start()
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
         child_end.close()
         return {"process": process, "pipe": parent_end, "job": None, "since": 0.0}
 

@@ -165,6 +165,8 @@ def self_rectifying_attention(q, k, v, blocked, plain_out=None, strength=1.0, qu
     if strength == 0 or not bool(blocked.any()):
         return plain_out
     # [B, L, H, D] view of the output so that token rows can be overwritten in either layout.
+    if not heads_first_out:
+        plain_out = plain_out.contiguous()  # a no-op for every ComfyUI back-end; needed for the view
     rows_out = plain_out.transpose(1, 2) if heads_first_out else plain_out.view(batch, length, heads, dim)
     shared = blocked.shape[0] == 1 or bool((blocked == blocked[:1]).all())
     items = [None] if shared else range(batch)

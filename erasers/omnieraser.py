@@ -397,7 +397,8 @@ def _count_blocks(keys, prefixes):
     for key in keys:
         for prefix in prefixes:
             at = key.find(prefix)
-            if at >= 0 and (at == 0 or key[at - 1] in "._"):
+            # "transformer_blocks" also ends "single_transformer_blocks": count it only as its own name.
+            if at >= 0 and (at == 0 or key[at - 1] in "._") and not key[:at].endswith("single_"):
                 m = re.match(r"(\d+)", key[at + len(prefix):])
                 if m:
                     found.add(int(m.group(1)))

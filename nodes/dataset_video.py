@@ -1,8 +1,8 @@
 """Video nodes: load frames, preview the removal pairs Video4Removal mines from a static-camera video, and
 write them as a triplet dataset (OmniEraser's recipe, ../shared/METHODS.md §3; core: dataset_tools/video.py).
 
-The nodes mine in ComfyUI's process, one video after the other. For large runs use the ``erasekit-video``
-command: it mines each video in a child process, so a file that crashes the decoder loses only itself.
+Mining runs in spawned child processes (dataset_tools/video.py ``VideoJobRunner``), so a video file that
+crashes the decoder fails only itself, never ComfyUI. The ``erasekit-video`` command does the same from a shell.
 """
 import json
 import os
@@ -93,43 +93,43 @@ def _config(foreground_ratio, window_seconds, lighting_mse, mask_augment):
                            mask_augment=mask_augment, background_ratio=min(defaults.background_ratio, foreground_ratio / 2))
 
 
-def _segmenter(grounding_dino, sam_model, prompt):
+def _segmenter_spec(grounding_dino, sam_model, prompt):
+    """Paths and prompt for GroundingDINO + SAM (loaded in the mining process), or None for MOG masks."""
     chosen = [grounding_dino != NONE, sam_model != NONE, bool((prompt or "").strip())]
     if not any(chosen):
         return None
     if not all(chosen):
         raise ValueError("object masks need all three: a grounding_dino model, a sam_model and a prompt "
                          f"(got grounding_dino={grounding_dino!r}, sam_model={sam_model!r}, prompt={prompt!r})")
-    from ..dataset_tools.segmenters import load_text_segmenter
-
-    return load_text_segmenter(_resolve_model([DINO_FOLDER], grounding_dino, DINO_URL),
-                               _resolve_model(SAM_FOLDERS, sam_model, SAM_URL), prompt,
-                               device=comfy.model_management.get_torch_device())
+    return {"grounding_dino": _resolve_model([DINO_FOLDER], grounding_dino, DINO_URL),
+            "sam": _resolve_model(SAM_FOLDERS, sam_model, SAM_URL), "text": prompt,
+            "device": str(comfy.model_management.get_torch_device())}
 
 
 def _images(arrays):
     return torch.from_numpy(np.stack(arrays)).float() / 255.0
 
 
-def _mine(path, config, segmenter, start, stop, limit=None, on_pair=None):
-    """Mine one video with a progress bar and interruption; returns (pairs kept, report)."""
-    bar = comfy.utils.ProgressBar(1)
-
-    def progress(done, total):
-        bar.update_absolute(done, max(total, 1))
-
-    pairs = []
-    generator = V.mine_video(path, config, segmenter, start, stop, progress,
-                             comfy.model_management.throw_exception_if_processing_interrupted)
-    while True:
-        try:
-            pair = next(generator)
-        except StopIteration as finished:
-            return pairs, finished.value
-        if on_pair is not None:
-            on_pair(pair)
-        if limit is None or len(pairs) < limit:
-            pairs.append(pair)
+def _mine(jobs, config, spec, workers, on_pair):
+    """Mine ``jobs`` [(path, start, stop)] in child processes (a decoder crash fails only its video) with
+    a progress bar over the videos and interruption; ``on_pair(job, sample_id, source, mask, target,
+    record)`` gets each pair. Returns the reports, in job order."""
+    bar = comfy.utils.ProgressBar(len(jobs) * 100)
+    progress = [0] * len(jobs)
+    reports = [None] * len(jobs)
+    with V.VideoJobRunner(config, workers=min(workers, len(jobs)), segmenter_spec=spec) as runner:
+        for event in runner.run(jobs):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            kind, job = event[0], event[1]
+            if kind == "pair":
+                on_pair(job, *event[2:])
+            elif kind == "progress":
+                progress[job] = int(100 * event[2] / max(1, event[3]))
+            else:
+                reports[job] = event[2]
+                progress[job] = 100
+            bar.update_absolute(sum(progress), len(jobs) * 100)
+    return reports
 
 
 class LoadVideoFrames(io.ComfyNode):
@@ -212,16 +212,21 @@ class MineVideoPairs(io.ComfyNode):
         if end_frame and end_frame <= start_frame:
             raise ValueError(f"end_frame {end_frame} must be 0 (the end) or after start_frame {start_frame}")
         config = _config(foreground_ratio, window_seconds, lighting_mse, mask_augment)
-        pairs, report = _mine(path, config, _segmenter(grounding_dino, sam_model, prompt), start_frame,
-                              end_frame or None, limit=max_pairs)
-        if not pairs:
-            raise ValueError(f"{os.path.basename(path)} gave no pairs: {report.reason or report.status}")
-        vid = V.video_id(path)
-        masks = [V.finalize_pair(vid, p, config)[1] for p in pairs]
-        summary = report.as_dict()
-        summary["chosen"] = [{"frame": p.frame, "background_frame": p.background_frame, **p.stats} for p in pairs]
-        return io.NodeOutput(_images([p.source for p in pairs]), torch.from_numpy(np.stack(masks)).float(),
-                             _images([p.target for p in pairs]), json.dumps(summary))
+        chosen = []
+
+        def keep(job, sample_id, source, mask, target, record):
+            if len(chosen) < max_pairs:
+                chosen.append((source, mask, target, record))
+
+        report = _mine([(path, start_frame, end_frame or None)], config,
+                       _segmenter_spec(grounding_dino, sam_model, prompt), 1, keep)[0]
+        if not chosen:
+            raise ValueError(f"{os.path.basename(path)} gave no pairs: {report['reason'] or report['status']}")
+        report["chosen"] = [{**r["origin"], "mask_source": r["mask_source"], "mask_augment": r["mask_augment"],
+                             **r["stats"]} for _, _, _, r in chosen]
+        return io.NodeOutput(_images([c[0] for c in chosen]),
+                             torch.from_numpy(np.stack([c[1] for c in chosen])).float(),
+                             _images([c[2] for c in chosen]), json.dumps(report))
 
 
 class Video4RemovalDataset(io.ComfyNode):
@@ -247,6 +252,8 @@ class Video4RemovalDataset(io.ComfyNode):
                 *_setting_inputs()[:4],
                 io.Int.Input("preview_count", default=4, min=1, max=64, tooltip="How many written samples to output "
                              "as a preview batch."),
+                io.Int.Input("workers", default=1, min=1, max=64, tooltip="Videos mined at once, each in its own "
+                             "process (a file that crashes the decoder loses only itself)."),
                 *_setting_inputs()[4:],
             ],
             outputs=[
@@ -260,7 +267,8 @@ class Video4RemovalDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, videos, output_folder, max_frames, foreground_ratio, window_seconds, lighting_mse,
-                mask_augment, preview_count, grounding_dino=NONE, sam_model=NONE, prompt="") -> io.NodeOutput:
+                mask_augment, preview_count, workers=1, grounding_dino=NONE, sam_model=NONE,
+                prompt="") -> io.NodeOutput:
         found = V.find_videos([_path(videos, folder_paths.get_input_directory(), "videos")])
         if not found:
             raise ValueError(f"no video files ({', '.join(V.VIDEO_EXTENSIONS)}) in {videos!r}")
@@ -269,23 +277,17 @@ class Video4RemovalDataset(io.ComfyNode):
             raise ValueError("output_folder is empty")
         output = output if os.path.isabs(output) else os.path.join(folder_paths.get_output_directory(), output)
         config = _config(foreground_ratio, window_seconds, lighting_mse, mask_augment)
-        segmenter = _segmenter(grounding_dino, sam_model, prompt)
-        reports = []
+        spec = _segmenter_spec(grounding_dino, sam_model, prompt)
+        written = [0] * len(found)
         with TripletWriter(output, resume=True) as writer:
-            for path in found:
-                vid = V.video_id(path)
-                written = [0]
+            def store(job, sample_id, source, mask, target, record):
+                if not writer.has(sample_id):
+                    writer.write(sample_id, source, mask, target, record)
+                    written[job] += 1
 
-                def store(pair, vid=vid, path=path, written=written):
-                    sid, mask, augmentation = V.finalize_pair(vid, pair, config)
-                    if not writer.has(sid):
-                        writer.write(sid, pair.source, mask, pair.target,
-                                     V.pair_record(vid, path, pair, config, augmentation))
-                        written[0] += 1
-
-                _, report = _mine(path, config, segmenter, 0, max_frames or None, limit=0, on_pair=store)
-                report.written = written[0]
-                reports.append(report.as_dict())
+            reports = _mine([(p, 0, max_frames or None) for p in found], config, spec, workers, store)
+        for report, count in zip(reports, written):
+            report["written"] = count
         summary = {"output": output, "videos": reports, "written": sum(r["written"] for r in reports)}
         dataset = TripletDataset(output) if any(output_has_manifest(output)) else None
         if dataset is None or len(dataset) == 0:

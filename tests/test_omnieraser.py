@@ -241,3 +241,24 @@ def test_official_packed_input_through_widened_diffusers_uses_all_256_features()
     split = (F.linear(oe.pack_latents(noise), model.x_embedder.weight[:, :64], model.x_embedder.bias)
              + F.linear(oe.pack_latents(cond), model.x_embedder.weight[:, 64:]))
     assert torch.allclose(direct, split, atol=1e-5)
+
+
+def test_trained_norm_scales_replace_the_comfy_weights(lora_setup):
+    """--train_norm_layers saves full RMSNorm scales; they map onto ComfyUI's query/key_norm scales."""
+    base, lora, _ = lora_setup
+    comfy_base = to_comfy_layout(base, 2, 2)
+    comfy_base["double_blocks.1.img_attn.norm.query_norm.scale"] = torch.ones(16)
+    comfy_base["single_blocks.0.norm.key_norm.scale"] = torch.ones(16)
+    comfy_base["img_in.weight"] = comfy_base["img_in.weight"][:, :64].clone()
+    with_norms = dict(lora)
+    with_norms["transformer.transformer_blocks.1.attn.norm_q.weight"] = torch.full((16,), 2.0)
+    with_norms["transformer.single_transformer_blocks.0.attn.norm_k.weight"] = torch.full((16,), 3.0)
+    mapping = oe.map_lora(with_norms, _shapes(comfy_base))
+    assert mapping.unmatched == []
+    merged = oe.merge_lora(comfy_base, mapping)
+    assert torch.equal(merged["double_blocks.1.img_attn.norm.query_norm.scale"], torch.full((16,), 2.0))
+    assert torch.equal(merged["single_blocks.0.norm.key_norm.scale"], torch.full((16,), 3.0))
+    # A full linear weight is not a LoRA: refused, not silently written over FLUX.
+    full = dict(lora)
+    full["transformer.transformer_blocks.0.attn.to_q.weight"] = torch.zeros(32, 32)
+    assert oe.unmatched_keys(full, _shapes(comfy_base)) == ["transformer.transformer_blocks.0.attn.to_q.weight"]

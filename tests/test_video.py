@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import time
 
 import cv2
 import numpy as np
@@ -244,3 +243,36 @@ def test_cli_writes_resumes_and_shards(road_video, tmp_path, capsys):
     assert video_cli.main(base + ["--shard", "1/2"]) == 0
     assert [r["id"] for r in TripletDataset(sharded).records] == [r["id"] for r in dataset.records]
     assert (sharded / "video-summary-shard-1-of-2.json").is_file()
+
+
+def test_runner_works_when_the_pack_is_imported_under_another_name(road_video, tmp_path):
+    """ComfyUI imports the pack under a path-like module name no child can import: the runner must still
+    hand its children an importable worker (checked in a fresh interpreter on a copy of the pack)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(V.__file__).resolve().parents[1]
+    pack = tmp_path / "custom_nodes" / "ComfyUI-EraseKit"
+    shutil.copytree(root, pack, ignore=shutil.ignore_patterns("tests", "workflows", "benchmarks", "*.egg-info",
+                                                              "__pycache__", ".git"))
+    script = f"""
+import importlib.util, sys
+name = {str(pack).replace('.', '_x_')!r}
+spec = importlib.util.spec_from_file_location(name, {str(pack / '__init__.py')!r},
+                                              submodule_search_locations=[{str(pack)!r}])
+module = importlib.util.module_from_spec(spec)
+sys.modules[name] = module
+spec.loader.exec_module(module)
+video = __import__("importlib").import_module(name + ".dataset_tools.video")
+assert video.__name__ != "erasekit.dataset_tools.video"
+with video.VideoJobRunner(video.PairingConfig(foreground_ratio=0.04)) as runner:
+    events = list(runner.run([({str(road_video)!r}, 0, 120)]))
+done = events[-1]
+assert done[0] == "done" and done[2]["status"] == "ok", done
+print("pairs", sum(e[0] == "pair" for e in events))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) >= 1

@@ -183,13 +183,22 @@ def set_gradient_checkpointing(model, enabled):
     if hasattr(model, "enable_gradient_checkpointing"):
         (model.enable_gradient_checkpointing if enabled else model.disable_gradient_checkpointing)()
         return
-    for module in model.children():
+    for module in _blocks(model):
         if enabled and not hasattr(module, "_erasekit_forward"):
             module._erasekit_forward = module.forward
             module.forward = _checkpointed(module._erasekit_forward)
         elif not enabled and hasattr(module, "_erasekit_forward"):
             module.forward = module._erasekit_forward
             del module._erasekit_forward
+
+
+def _blocks(model):
+    """The outermost submodules that compute something (containers are looked through)."""
+    for module in model.children():
+        if isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)):
+            yield from _blocks(module)
+        else:
+            yield module
 
 
 def _checkpointed(forward):

@@ -42,6 +42,7 @@ UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 PROJECTOR_FILE = "clip_mlp_weight.pth"  # the official release's file name
 LORA_FILE = "sd_inpaint_lora.safetensors"
+CLIP_VISION_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}  # ViT-B, ViT-L (SmartEraser's), ViT-H, ViT-bigG
 
 
 @dataclass
@@ -88,7 +89,7 @@ def load_clip_vision(path):
     """Frozen ``CLIPVisionModelWithProjection`` from a transformers folder or a single safetensors file.
 
     A single file (ComfyUI's models/clip_vision, transformers key layout) gets its config from the tensor
-    shapes; heads = width / 64 as in every OpenAI CLIP ViT.
+    shapes; the head count, which shapes do not show, is that of the released ViT of that width.
     """
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -109,16 +110,26 @@ def load_clip_vision(path):
         layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("vision_model.encoder.layers."))
         config = CLIPVisionConfig(
             hidden_size=width, intermediate_size=state["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-            num_hidden_layers=layers, num_attention_heads=max(1, width // 64), patch_size=patch_size,
+            num_hidden_layers=layers, num_attention_heads=CLIP_VISION_HEADS.get(width, max(1, width // 64)),
+            patch_size=patch_size,
             image_size=patch_size * round((positions - 1) ** 0.5),
             projection_dim=state["visual_projection.weight"].shape[0],
         )
         model = CLIPVisionModelWithProjection(config)
-        model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit a CLIP vision model of its own shapes: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
     else:
         raise FileNotFoundError(f"CLIP vision model not found: {path} (a transformers folder or a .safetensors file)")
     model.requires_grad_(False)
     return model.eval()
+
+
+def draws_unconditional(generator, rate):
+    """One draw per batch, as the official loop: train the unconditional branch with probability ``rate``."""
+    return bool(torch.rand((), generator=generator, device=generator.device) < rate)
 
 
 def _text_checkpointing(text_encoder, enabled):
@@ -211,7 +222,7 @@ class SDInpaintModel(torch.nn.Module):
     def context(self, source, mask, generator):
         """Encoder hidden states for the batch; the whole batch goes unconditional with p = condition_dropout."""
         batch, device = source.shape[0], source.device
-        drop = bool(torch.rand((), generator=generator, device=generator.device) < self.options.condition_dropout)
+        drop = draws_unconditional(generator, self.options.condition_dropout)
         prompt = "" if drop else self.options.prompt
         hidden = self.text_encoder(self.token_ids(prompt, device).expand(batch, -1)).last_hidden_state
         if not self.options.visual_guidance:
@@ -221,8 +232,9 @@ class SDInpaintModel(torch.nn.Module):
         return smarteraser.splice_conditional(hidden, self.image_token(self.visual_pixels(source, mask)))
 
     def forward(self, batch, generator):
-        source, target = batch["source"].float(), batch["target"].float()
-        mask = batch["mask"].float()
+        device = self.alphas_cumprod.device
+        source, target = batch["source"].to(device).float(), batch["target"].to(device).float()
+        mask = batch["mask"].to(device).float()
         if source.shape != target.shape or source.shape[:3] != mask.shape:
             raise ValueError(f"batch sizes differ: source {list(source.shape)}, target {list(target.shape)}, "
                              f"mask {list(mask.shape)}")
@@ -252,11 +264,14 @@ class SDInpaintModel(torch.nn.Module):
         return epsilon.epsilon_loss(predict_noise, target_latents, noise, timesteps, self.alphas_cumprod)
 
 
-def load_model(model_dir, options: SDInpaintOptions, clip_vision=None, projector_path=None, seed=0, device="cpu"):
+def load_model(model_dir, options: SDInpaintOptions, clip_vision=None, projector_path=None, seed=0, device="cpu",
+               tokenizer_dir=None):
     """An ``SDInpaintModel`` from a diffusers SD-inpainting folder (the SmartEraser release is one).
 
     The projector starts from ``projector_path``, else from the folder's ``clip_mlp_weight.pth`` when present
-    (continuing SmartEraser), else fresh (seeded by ``seed``).
+    (continuing SmartEraser), else fresh (seeded by ``seed``). A folder without tokenizer/ takes
+    ``tokenizer_dir`` (e.g. the SD1.5 CLIP tokenizer ComfyUI ships); one without scheduler/ gets SD's
+    training schedule (scaled_linear β 0.00085-0.012, 1000 steps, epsilon), which SD1.5 and SD2 inpainting share.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -264,16 +279,21 @@ def load_model(model_dir, options: SDInpaintOptions, clip_vision=None, projector
     options.check()
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"SD-inpainting model folder not found: {model_dir}")
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    for part in ("unet", "vae", "text_encoder") + (() if tokenizer_dir else ("tokenizer",)):
         _component_dir(model_dir, part)
-    scheduler = DDPMScheduler.from_pretrained(_component_dir(model_dir, "scheduler"))
+    if os.path.isdir(os.path.join(model_dir, "scheduler")):
+        scheduler = DDPMScheduler.from_pretrained(os.path.join(model_dir, "scheduler"))
+    else:
+        scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, prediction_type="epsilon")
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"{model_dir} predicts {scheduler.config.prediction_type!r}; the epsilon and CRO "
                          "objectives need an epsilon-prediction inpainting model (SD1.5 / SD2 inpainting)")
     unet = UNet2DConditionModel.from_pretrained(_component_dir(model_dir, "unet"))
     vae = AutoencoderKL.from_pretrained(_component_dir(model_dir, "vae"))
     text_encoder = CLIPTextModel.from_pretrained(_component_dir(model_dir, "text_encoder"))
-    tokenizer = CLIPTokenizer.from_pretrained(_component_dir(model_dir, "tokenizer"))
+    own_tokenizer = os.path.join(model_dir, "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(own_tokenizer if os.path.isdir(own_tokenizer) else tokenizer_dir)
     vision = projector = None
     if options.visual_guidance:
         if clip_vision is None:
@@ -286,6 +306,7 @@ def load_model(model_dir, options: SDInpaintOptions, clip_vision=None, projector
         if path:
             projector.load_state_dict(smarteraser.read_projector_state_dict(path))
     model = SDInpaintModel(unet, vae, text_encoder, tokenizer, scheduler.alphas_cumprod, options, vision, projector)
+    model.noise_scheduler = scheduler  # exported when the base folder has no scheduler/ of its own
     return model.to(device)
 
 
@@ -371,9 +392,11 @@ def export_model(model: SDInpaintModel, base_dir, out_dir, options: SDInpaintOpt
     _save_component(model.text_encoder, merged_state_dict(model.text_encoder), os.path.join(tmp, "text_encoder"))
     model.vae.save_pretrained(os.path.join(tmp, "vae"))
     model.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-    for name in ("scheduler", "feature_extractor", "safety_checker"):
-        if name != "safety_checker" and os.path.isdir(os.path.join(base_dir, name)):
+    for name in ("scheduler", "feature_extractor"):
+        if os.path.isdir(os.path.join(base_dir, name)):
             shutil.copytree(os.path.join(base_dir, name), os.path.join(tmp, name))
+    if not os.path.isdir(os.path.join(tmp, "scheduler")) and getattr(model, "noise_scheduler", None) is not None:
+        model.noise_scheduler.save_pretrained(os.path.join(tmp, "scheduler"))
     if os.path.isfile(os.path.join(base_dir, "model_index.json")):
         shutil.copy(os.path.join(base_dir, "model_index.json"), os.path.join(tmp, "model_index.json"))
     if model.projector is not None:
@@ -415,12 +438,13 @@ def build_dataset(dataset_dir, resolution, seed, mask_augmentation=True):
 
 def train_sd_inpaint(model_dir, dataset, output_dir, loop_config: loop.LoopConfig, options: SDInpaintOptions,
                      clip_vision=None, projector_path=None, resolution=RESOLUTION, mask_augmentation=True,
-                     resume=False, progress=None, check_interrupt=None, comfy_name=None, accelerator=None):
+                     resume=False, progress=None, check_interrupt=None, comfy_name=None, accelerator=None,
+                     export_dir=None, tokenizer_dir=None):
     """Train and export; returns ``{"result": TrainResult, "export": paths or None, "loss_curve": png, "model"}``.
 
     ``dataset`` is a triplet folder or a dataset keyed like ``PairedCropDataset``. Checkpoints go to
     ``output_dir/checkpoints`` unless the loop config names a folder; the trained model is exported to
-    ``output_dir/model`` (see ``export_model``) unless the run was interrupted.
+    ``export_dir`` (default ``output_dir/model``; see ``export_model``) unless the run was interrupted.
     """
     from accelerate import Accelerator
 
@@ -432,14 +456,15 @@ def train_sd_inpaint(model_dir, dataset, output_dir, loop_config: loop.LoopConfi
     loop_config.checkpoint_dir = loop_config.checkpoint_dir or os.path.join(output_dir, "checkpoints")
     accelerator = accelerator or Accelerator(device_placement=False)
     device = accelerator.device
-    model = load_model(model_dir, options, clip_vision, projector_path, seed=loop_config.seed, device=device)
+    model = load_model(model_dir, options, clip_vision, projector_path, seed=loop_config.seed, device=device,
+                       tokenizer_dir=tokenizer_dir)
     params = trainable_parameters(model, options)
     result = loop.train(step_fn, params, dataset, loop_config, model=model, accelerator=accelerator,
                         collate_fn=collate, resume=resume, progress=progress, check_interrupt=check_interrupt,
                         device=device)
     exported = None
     if not result.interrupted and accelerator.is_main_process:
-        exported = export_model(model, model_dir, os.path.join(output_dir, "model"), options, comfy_name)
+        exported = export_model(model, model_dir, export_dir or os.path.join(output_dir, "model"), options, comfy_name)
     accelerator.wait_for_everyone()
     return {"result": result, "export": exported, "loss_curve": os.path.join(loop_config.output_dir, "loss_curve.png"),
             "model": model}

@@ -313,14 +313,14 @@ def test_unsupported_model_is_refused(comfy):
 
 # ------------------------------------------------------------------ guider
 
-def _sample(guider, patcher, steps=2, seed=0):
+def _sample(guider, patcher, steps=2, seed=0, callback=None):
     import comfy.samplers
     import comfy.sample
     latent = torch.zeros(1, 4, 12, 10)
     noise = comfy.sample.prepare_noise(latent, seed)
     sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", steps)
     sampler = comfy.samplers.sampler_object("euler")
-    return guider.sample(noise, latent, sampler, sigmas, seed=seed)
+    return guider.sample(noise, latent, sampler, sigmas, callback=callback, seed=seed)
 
 
 def _conds(seed, length=11):
@@ -361,9 +361,13 @@ def test_guider_form_and_suppression(comfy, monkeypatch):
         return out
 
     monkeypatch.setattr(samplers, "sampling_function", recording)
-    _sample(guider, patcher, steps=1)
+    denoised = []
+    _sample(guider, patcher, steps=1, callback=lambda i, x0, x, total: denoised.append(x0))
     assert len(seen) == 2  # plain + redirected
     assert seen[1][0] == 0.3
+    (_, plain), (_, redirected) = seen
+    assert not torch.equal(plain, redirected)
+    torch.testing.assert_close(denoised[0], plain + 9.0 * (redirected - plain))
 
 
 def test_guider_rejects_mismatched_mask(comfy):

@@ -68,7 +68,7 @@ def test_dataset_node_writes_and_resumes(comfy, videos):
     prompt = {
         "1": {"class_type": "EraseKitVideo4RemovalDataset",
               "inputs": {"videos": "videos", "output_folder": "video_dataset_test", "max_frames": 200,
-                         "preview_count": 2, **SETTINGS}},
+                         "preview_count": 2, "workers": 2, **SETTINGS}},
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     }
     source, mask, target, summary = comfy.run_prompt(prompt).outputs("1")
