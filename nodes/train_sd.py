@@ -94,8 +94,8 @@ class TrainSDInpaintEraser(io.ComfyNode):
                                 tooltip="Triplet dataset folder (source/, mask/, target/, manifest.jsonl); "
                                         "absolute or relative to ComfyUI's output folder."),
                 io.String.Input("output_name", default="smarteraser_trained",
-                                tooltip="Name of the trained model folder in models/smarteraser (and of the run "
-                                        "folder in output/erasekit_train)."),
+                                tooltip="Name of the trained model folder in models/smarteraser (replaced when a "
+                                        "run finishes) and of the run folder in output/erasekit_train."),
                 io.Combo.Input("objective", options=list(core.OBJECTIVES), default="epsilon",
                                tooltip="epsilon: noise prediction (SmartEraser). cro: Erase Diffusion's chain-"
                                        "rectifying objective (the object fades out of the target chain, λt = 1 − ᾱt, "

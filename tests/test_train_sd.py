@@ -75,8 +75,8 @@ def capture_encodes(model):
     calls = []
     encode = model.encode_images
 
-    def recording(images, generator):
-        latents = encode(images, generator)
+    def recording(images, generator, *args):
+        latents = encode(images, generator, *args)
         calls.append((images.detach().clone(), latents.detach().clone()))
         return latents
 
@@ -200,14 +200,15 @@ def test_bad_models_and_inputs_raise_clear_errors(weights, tmp_path):
 # ---------------------------------------------------------------------------------------------- training
 
 def run_training(weights, out, steps, objective="epsilon", mode="full", lr=2e-3, resume=False,
-                 check_interrupt=None, checkpoint_every=2, comfy_name=None, dataset=None):
+                 check_interrupt=None, checkpoint_every=2, comfy_name=None, dataset=None, cache_latents=0):
     config = loop.LoopConfig(steps=steps, batch_size=2, learning_rate=lr, mixed_precision="no", seed=0,
                              checkpoint_every=checkpoint_every, keep_checkpoints=2)
     options = sd_inpaint.SDInpaintOptions(objective=objective, mode=mode, lora_rank=4, lora_alpha=4)
     dataset = dataset or PairedCropDataset(synthetic_triplets(4), SIZE, seed=0)
     return sd_inpaint.train_sd_inpaint(weights["model"], dataset, os.fspath(out), config, options,
                                        clip_vision=weights["vision"], resolution=SIZE, resume=resume,
-                                       check_interrupt=check_interrupt, comfy_name=comfy_name)
+                                       check_interrupt=check_interrupt, comfy_name=comfy_name,
+                                       cache_latents=cache_latents)
 
 
 def heldout_loss(model, batch, seeds=range(6)):
@@ -366,3 +367,14 @@ def test_clip_vision_loads_from_one_comfyui_style_file(weights, tmp_path):
         sd_inpaint.load_clip_vision(os.fspath(tmp_path / "bad.safetensors"))
     with pytest.raises(FileNotFoundError):
         sd_inpaint.load_clip_vision(os.fspath(tmp_path / "absent.safetensors"))
+
+
+def test_cached_latents_and_clip_embeds_train_exactly_like_uncached(weights, tmp_path):
+    dataset = PairedCropDataset(synthetic_triplets(2), SIZE, seed=0, variants=2)
+    plain = run_training(weights, tmp_path / "plain", steps=4, objective="cro", checkpoint_every=0, dataset=dataset)
+    cached = run_training(weights, tmp_path / "cached", steps=4, objective="cro", checkpoint_every=0, dataset=dataset,
+                          cache_latents=2)
+    cache = cached["model"].latent_cache
+    assert cache.hits > 0 and len(cache) == 3 * 4  # target, source and CLIP embeds of 2 samples × 2 variants
+    a, b = [v for _, v in plain["result"].history], [v for _, v in cached["result"].history]
+    assert np.allclose(a, b, rtol=1e-4, atol=1e-7), (a, b)

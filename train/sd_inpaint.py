@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..erasers import smarteraser
-from . import cro, epsilon, loop
+from . import caching, cro, epsilon, loop
 from .datasets import PairedCropDataset, collate, smarteraser_mask_augmenter
 
 TRAIN_PROMPT = "Remove the instance of object"  # train_region_inpaint.sh --clip_vtext
@@ -168,6 +168,7 @@ class SDInpaintModel(torch.nn.Module):
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self._token_cache = {}
+        self.latent_cache = None  # a train.caching.LatentCache: VAE moments and CLIP embeds per sample key
 
     # -- gradient checkpointing (the loop's switch)
     def enable_gradient_checkpointing(self):
@@ -188,11 +189,28 @@ class SDInpaintModel(torch.nn.Module):
             self._token_cache[(prompt, length)] = ids
         return self._token_cache[(prompt, length)].to(device)
 
-    def encode_images(self, images, generator):
-        """IMAGE [B,H,W,3] in [0,1] → scaled VAE latents (one posterior sample, as the official training)."""
+    def vae_moments(self, images):
+        """VAE posterior (mean, std) of IMAGE [B,H,W,3] in [0,1]."""
         pixels = images.permute(0, 3, 1, 2).to(self.vae.dtype) * 2.0 - 1.0
         with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample(generator)
+            posterior = self.vae.encode(pixels).latent_dist
+        return {"mean": posterior.mean, "std": posterior.std}
+
+    def encode_images(self, images, generator, part=None, keys=None):
+        """IMAGE [B,H,W,3] in [0,1] → scaled VAE latents (one posterior sample, as the official training).
+
+        With a latent cache and the batch's sample keys, each sample's (mean, std) is computed once and
+        sampled with the same generator draw as without a cache.
+        """
+        if self.latent_cache is not None and keys is not None:
+            moments = [self.latent_cache.get(f"{part}|{key}", lambda i=i: self.vae_moments(images[i:i + 1]))
+                       for i, key in enumerate(keys)]
+            latents = caching.sample_latent(torch.cat([m["mean"] for m in moments]),
+                                            torch.cat([m["std"] for m in moments]), generator)
+        else:
+            moments = self.vae_moments(images)
+            noise = torch.randn(moments["mean"].shape, generator=generator, device=generator.device)
+            latents = moments["mean"] + moments["std"] * noise.to(moments["mean"])
         return ((latents - self.shift_factor) * self.scaling_factor).float()
 
     def condition_pixels(self, source, mask):
@@ -212,14 +230,29 @@ class SDInpaintModel(torch.nn.Module):
                 crops.append(smarteraser.zero_pixel_values())
         return torch.cat(crops).to(source.device)
 
-    def image_token(self, pixel_values):
-        """Frozen CLIP vision → trainable projector: [B,1,C] tokens that carry gradients into the projector."""
+    def clip_embeds(self, pixel_values):
+        """Frozen CLIP vision ``image_embeds`` (no graph: CLIP vision is never trained)."""
         with torch.no_grad():
-            embeds = self.vision(pixel_values=pixel_values.to(self.vision.dtype)).image_embeds
+            return self.vision(pixel_values=pixel_values.to(self.vision.dtype)).image_embeds
+
+    def project(self, embeds):
+        """Trainable projector: [B,C] embeds → [B,1,C] tokens that carry gradients into the projector."""
         param = next(self.projector.parameters())
         return self.projector(embeds.to(param.dtype)).unsqueeze(1)
 
-    def context(self, source, mask, generator):
+    def image_token(self, pixel_values):
+        return self.project(self.clip_embeds(pixel_values))
+
+    def object_embeds(self, source, mask, keys=None):
+        """CLIP embeds of the batch's VG crops, cached per sample key when a cache is set."""
+        if self.latent_cache is None or keys is None:
+            return self.clip_embeds(self.visual_pixels(source, mask))
+        return torch.cat([
+            self.latent_cache.get(f"vision|{key}", lambda i=i: {
+                "embeds": self.clip_embeds(self.visual_pixels(source[i:i + 1], mask[i:i + 1]))})["embeds"]
+            for i, key in enumerate(keys)])
+
+    def context(self, source, mask, generator, keys=None):
         """Encoder hidden states for the batch; the whole batch goes unconditional with p = condition_dropout."""
         batch, device = source.shape[0], source.device
         drop = draws_unconditional(generator, self.options.condition_dropout)
@@ -229,7 +262,7 @@ class SDInpaintModel(torch.nn.Module):
             return hidden
         if drop:
             return smarteraser.splice_unconditional(hidden, self.image_token(smarteraser.zero_pixel_values().to(device)))
-        return smarteraser.splice_conditional(hidden, self.image_token(self.visual_pixels(source, mask)))
+        return smarteraser.splice_conditional(hidden, self.project(self.object_embeds(source, mask, keys)))
 
     def forward(self, batch, generator):
         device = self.alphas_cumprod.device
@@ -239,14 +272,15 @@ class SDInpaintModel(torch.nn.Module):
             raise ValueError(f"batch sizes differ: source {list(source.shape)}, target {list(target.shape)}, "
                              f"mask {list(mask.shape)}")
         smarteraser.check_inpaint_size(source.shape[1], source.shape[2])
-        target_latents = self.encode_images(target, generator)
-        source_latents = self.encode_images(source, generator)
+        keys = batch.get("key")
+        target_latents = self.encode_images(target, generator, "target", keys)
+        source_latents = self.encode_images(source, generator, "source", keys)
         if self.options.image_condition == "region":
             condition_latents = source_latents
         else:
-            condition_latents = self.encode_images(self.condition_pixels(source, mask), generator)
+            condition_latents = self.encode_images(self.condition_pixels(source, mask), generator, "masked", keys)
         mask_latents = smarteraser.latent_mask(mask, *target_latents.shape[-2:]).to(target_latents)
-        hidden = self.context(source, mask, generator)
+        hidden = self.context(source, mask, generator, keys)
         dtype = self.unet.dtype
 
         def predict_noise(x_t, timesteps):
@@ -427,30 +461,36 @@ def export_model(model: SDInpaintModel, base_dir, out_dir, options: SDInpaintOpt
 
 # ---------------------------------------------------------------------------------------------- the run
 
-def build_dataset(dataset_dir, resolution, seed, mask_augmentation=True):
-    """Paired crops of a triplet dataset; the short side is scaled to the crop size so objects stay whole."""
+def build_dataset(dataset_dir, resolution, seed, mask_augmentation=True, variants=None):
+    """Paired crops of a triplet dataset; the short side is scaled to the crop size so objects stay whole.
+
+    ``variants`` = K fixes K crop/augmentation versions per sample (what makes latents cacheable).
+    """
     from ..dataset_tools.triplets import TripletDataset
 
     return PairedCropDataset(TripletDataset(dataset_dir), resolution, seed=seed,
                              augment_mask=smarteraser_mask_augmenter if mask_augmentation else None,
-                             resize_short_side=resolution)
+                             resize_short_side=resolution, variants=variants)
 
 
 def train_sd_inpaint(model_dir, dataset, output_dir, loop_config: loop.LoopConfig, options: SDInpaintOptions,
                      clip_vision=None, projector_path=None, resolution=RESOLUTION, mask_augmentation=True,
                      resume=False, progress=None, check_interrupt=None, comfy_name=None, accelerator=None,
-                     export_dir=None, tokenizer_dir=None):
+                     export_dir=None, tokenizer_dir=None, cache_latents=0, cache_dir=None):
     """Train and export; returns ``{"result": TrainResult, "export": paths or None, "loss_curve": png, "model"}``.
 
     ``dataset`` is a triplet folder or a dataset keyed like ``PairedCropDataset``. Checkpoints go to
     ``output_dir/checkpoints`` unless the loop config names a folder; the trained model is exported to
     ``export_dir`` (default ``output_dir/model``; see ``export_model``) unless the run was interrupted.
+    ``cache_latents`` = K > 0 fixes K variants per sample of a dataset folder and caches their VAE moments
+    and CLIP image embeds (in memory, and in ``cache_dir`` when given); the text encoder is trained, so text
+    is never cached.
     """
     from accelerate import Accelerator
 
     options.check()
     if isinstance(dataset, (str, os.PathLike)):
-        dataset = build_dataset(dataset, resolution, loop_config.seed, mask_augmentation)
+        dataset = build_dataset(dataset, resolution, loop_config.seed, mask_augmentation, cache_latents or None)
         dataset.validate()  # a bad pair fails here, before any model is loaded
     loop_config.output_dir = loop_config.output_dir or output_dir
     loop_config.checkpoint_dir = loop_config.checkpoint_dir or os.path.join(output_dir, "checkpoints")
@@ -459,6 +499,9 @@ def train_sd_inpaint(model_dir, dataset, output_dir, loop_config: loop.LoopConfi
     model = load_model(model_dir, options, clip_vision, projector_path, seed=loop_config.seed, device=device,
                        tokenizer_dir=tokenizer_dir)
     params = trainable_parameters(model, options)
+    if cache_latents:
+        model.latent_cache = caching.LatentCache(
+            cache_dir, tag=f"{os.path.abspath(model_dir)}|{clip_vision}|{resolution}|{loop_config.seed}", device=device)
     result = loop.train(step_fn, params, dataset, loop_config, model=model, accelerator=accelerator,
                         collate_fn=collate, resume=resume, progress=progress, check_interrupt=check_interrupt,
                         device=device)
@@ -508,6 +551,10 @@ def add_arguments(parser):
     parser.add_argument("--optimizer", choices=loop.OPTIMIZERS, default="adamw", help="adamw8bit needs bitsandbytes + CUDA")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--no-mask-augmentation", action="store_true", help="train on the dataset's masks as they are")
+    parser.add_argument("--cache-latents", type=int, default=0, metavar="K",
+                        help="fix K crop/augmentation variants per sample and cache their VAE latents and CLIP "
+                             "image embeds (0: no cache)")
+    parser.add_argument("--cache-dir", default=None, help="disk folder for the caches (default: memory only)")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
@@ -548,7 +595,8 @@ def run(args):
     out = train_sd_inpaint(args.model, args.data, args.output, loop_config_from_args(args), options_from_args(args),
                            clip_vision=args.clip_vision, projector_path=args.projector, resolution=args.resolution,
                            mask_augmentation=not args.no_mask_augmentation, resume=args.resume, progress=progress,
-                           comfy_name=args.comfy_name, accelerator=accelerator)
+                           comfy_name=args.comfy_name, accelerator=accelerator, cache_latents=args.cache_latents,
+                           cache_dir=args.cache_dir)
     result = out["result"]
     summary = {"steps": result.step, "final_loss": result.history[-1][1] if result.history else None,
                "export": out["export"], "loss_curve": out["loss_curve"]}

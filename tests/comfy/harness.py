@@ -231,15 +231,25 @@ class ComfyHarness:
                 exception_message=detail.get("exception_message", ""))
         return PromptResult(executor, outputs)
 
-    def workflow_prompt(self, workflow):
-        """The API prompt for a UI-format workflow, after building the tiny models it names."""
+    def workflow_prompt(self, workflow, max_steps=None):
+        """The API prompt for a UI-format workflow, after building the tiny models it names.
+
+        ``max_steps`` caps every ``steps`` input: the example workflows keep the papers' step counts
+        (28 for OmniEraser, 50 for SmartEraser), which cost minutes per workflow on CPU and prove nothing
+        more about the graph than three steps do."""
         from workflow_to_prompt import workflow_to_prompt, model_files
         for folder, filename in model_files(workflow, self.object_info):
             self.ensure_model(folder, filename)
-        return workflow_to_prompt(workflow, self.object_info)
+        prompt = workflow_to_prompt(workflow, self.object_info)
+        if max_steps is not None:
+            for entry in prompt.values():
+                steps = entry["inputs"].get("steps")
+                if isinstance(steps, int) and steps > max_steps:
+                    entry["inputs"]["steps"] = max_steps
+        return prompt
 
-    def run_workflow(self, workflow):
-        return self.run_prompt(self.workflow_prompt(workflow))
+    def run_workflow(self, workflow, max_steps=None):
+        return self.run_prompt(self.workflow_prompt(workflow, max_steps))
 
 
 class PromptError(RuntimeError):

@@ -1,8 +1,8 @@
 """UI-format workflow (what ComfyUI's frontend saves) → API-format prompt (what it queues).
 
 Mirrors the frontend's ``graphToPrompt`` for the graphs EraseKit ships: widget values are assigned to
-the node's widget inputs in definition order (a ``control_after_generate`` input and an
-``image_upload`` input each own one extra, non-serialised value), links override widgets, reroutes
+the node's widget inputs in definition order (a ``control_after_generate`` input owns one extra,
+non-serialised value right after its own; an ``image_upload`` input's button owns one after all the others), links override widgets, reroutes
 and primitive nodes are resolved, muted nodes are dropped and bypassed nodes are passed through by
 type. ``tests/comfy/test_frontend.py`` checks it against the real frontend in headless Chromium.
 """
@@ -33,7 +33,7 @@ def _is_widget(spec):
 
 def widget_names(info):
     """Widget names in the order the frontend creates them, with None for value-only helper widgets."""
-    names = []
+    names, trailing = [], []
     order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
     for section in ("required", "optional"):
         for name in order.get(section, []):
@@ -42,19 +42,26 @@ def widget_names(info):
                 continue
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             names.append(name)
-            if options.get("control_after_generate"):
+            control = options.get("control_after_generate")
+            if control is None:  # the frontend's legacy rule: INT inputs named seed/noise_seed get one too
+                control = spec[0] == "INT" and name in ("seed", "noise_seed")
+            if control:
                 names.append(None)  # "fixed"/"randomize"/...: saved in the workflow, not sent
             if options.get("image_upload") or options.get("video_upload") or options.get("audio_upload"):
-                names.append(None)  # the upload button's value
-    return names
+                trailing.append(None)  # the upload button: created after every other widget
+    return names + trailing
 
 
 def _widget_values(node, info):
     values = node.get("widgets_values", [])
     if isinstance(values, dict):
         return {k: v for k, v in values.items() if _input_spec(info, k) is not None}
+    names = widget_names(info)
+    if len(values) != len(names):  # the frontend would silently shift values into the wrong widgets
+        raise WorkflowError(f"node {node['id']} ({node['type']}) has {len(values)} widget values for "
+                            f"{len(names)} widgets {names} (None = a seed control or upload button)")
     named = {}
-    for name, value in zip(widget_names(info), values):
+    for name, value in zip(names, values):
         if name is not None:
             named[name] = value
     return named
