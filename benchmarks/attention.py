@@ -7,26 +7,31 @@ The mask is the real dog_bench mask from ../shared/data (binarised, any-coverage
 centred ellipse when the data is absent; its token coverage is printed, since SRA's extra work is the masked
 queries times all keys.
 
+Cost model: SRA adds one SDPA call for the masked queries over all keys, so its extra time is about the masked
+fraction of the tokens times the plain time (a little more: a second SDPA call has its own fixed cost), and its
+extra memory is the gathered masked queries and their output, which usually fit under the plain call's own peak.
+
 Both variants run exactly what the ComfyUI patch runs: plain = ComfyUI's attention_pytorch (view, SDPA,
 transpose back); patched = the same plain call, then ``self_rectifying_attention`` on the masked queries.
 
-Time: median of interleaved repeats after a warm-up. Peak memory:
-- CUDA: ``torch.cuda.max_memory_allocated`` over the call, inputs included (they are live in both variants).
-- CPU: each variant runs in a fresh subprocess with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so
-  every tensor buffer is its own mmap and is returned to the OS on free; the process's resident high-water mark
-  (``ru_maxrss``) minus its resident size before the inputs were made is then the peak of live tensor memory of
-  the step (inputs + outputs + temporaries), without allocator caching.
+Time: the fastest of interleaved repeats after a warm-up (the run least disturbed by other processes on a
+shared machine), as wall clock and as process CPU time; the median wall time is printed too.
+Peak memory, of one step including the creation of its inputs (live in both variants):
+- CUDA: ``torch.cuda.max_memory_allocated`` over the step.
+- CPU: torch's profiler records every tensor allocation and free of the step (``profile_memory``);
+  ``export_memory_timeline`` replays them into bytes alive over time and the maximum is the peak. This counts
+  exactly the tensors torch allocates (SDPA's workspaces included), not allocator caching or resident-set noise.
 
 Usage: python benchmarks/attention.py [--repeats 7] [--device cpu|cuda] [--dtype float32|float16|bfloat16]
 """
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -131,16 +136,10 @@ def time_both(case, blocked, device, dtype, repeats):
             {name: statistics.median(t) for name, t in wall.items()})
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_in_this_process(case_name, variant, device, dtype):
-    case = CASES[case_name]
-    mask, _ = load_mask()
-    blocked = blocked_for(case, mask)
+def peak_memory(case, variant, blocked, device, dtype):
+    """Peak bytes of live tensors over one step, the step's inputs included (see the module docstring)."""
     with torch.inference_mode():
+        run_variant(case, variant, blocked, device, dtype)  # warm-up: lazily initialised kernels
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -148,18 +147,18 @@ def peak_in_this_process(case_name, variant, device, dtype):
             run_variant(case, variant, blocked, device, dtype)
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
-        run_variant(case, variant, blocked, device, dtype)  # warm up lazily loaded kernels before the count
-        before = _rss_bytes()
-        run_variant(case, variant, blocked, device, dtype)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-
-
-def peak_memory(case_name, variant, device, dtype_name):
-    """Peak bytes of one step, in a fresh process (see the module docstring)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, __file__, "--peak-of", case_name, variant, "--device", device, "--dtype", dtype_name]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            out = run_variant(case, variant, blocked, device, dtype)
+            del out
+    with tempfile.TemporaryDirectory() as tmp:
+        timeline = os.path.join(tmp, "memory.json")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prof.export_memory_timeline(timeline, device="cpu")
+        with open(timeline) as f:
+            _, sizes = json.load(f)
+    return max(sum(by_category) for by_category in sizes)
 
 
 def main():
@@ -167,13 +166,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
-    parser.add_argument("--peak-of", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     dtype_name = args.dtype or ("float16" if args.device == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
-    if args.peak_of:
-        print(json.dumps({"peak": peak_in_this_process(*args.peak_of, args.device, dtype)}))
-        return
     mask, source = load_mask()
     print(f"device {args.device}, {dtype_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"mask: {source}, {args.repeats} timed repeats")
@@ -184,7 +179,7 @@ def main():
         blocked = blocked_for(case, mask)
         coverage = blocked.float().mean().item()
         wall, cpu, median = time_both(case, blocked, args.device, dtype, args.repeats)
-        peaks = {v: peak_memory(name, v, args.device, dtype_name) for v in ("plain", "sra")}
+        peaks = {v: peak_memory(case, v, blocked, args.device, dtype) for v in ("plain", "sra")}
         print(f"{name:10} {blocked.shape[1]:6d} {coverage:7.1%} "
               f"{wall['plain'] * 1e3:7.1f} [{median['plain'] * 1e3:6.1f}] {wall['sra'] * 1e3:7.1f} [{median['sra'] * 1e3:6.1f}] "
               f"{wall['sra'] / wall['plain']:7.3f} {cpu['sra'] / cpu['plain']:6.3f} "

@@ -42,28 +42,25 @@ def triplets(shared_data, tmp_path_factory):
 
 
 def tiny_flux():
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.supported_models
+    from comfy import model_management, model_patcher, supported_models
 
     torch.manual_seed(0)
-    config = comfy.supported_models.Flux(dict(TINY))
+    config = supported_models.Flux(dict(TINY))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     with torch.no_grad():  # ComfyUI skips weight init: give every weight a seeded value
         for name, p in model.diffusion_model.named_parameters():
             p.copy_(torch.ones_like(p) if p.ndim == 1 and "norm" in name else
                     torch.randn_like(p) * (0.3 / max(1, p.shape[-1]) ** 0.5 if p.ndim == 2 else 0.02))
-    device = comfy.model_management.get_torch_device()
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    device = model_management.get_torch_device()
+    return model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
 @pytest.fixture(scope="module")
 def parts(comfy):
-    import comfy.sd
-    import comfy.utils
+    from comfy import sd, utils
 
-    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(comfy.ensure_model("vae", "ae.safetensors")))
+    vae = sd.VAE(sd=utils.load_torch_file(str(comfy.ensure_model("vae", "ae.safetensors"))))
     generator = torch.Generator().manual_seed(3)
     positive = [[torch.randn(1, 8, 24, generator=generator), {"pooled_output": torch.randn(1, 20, generator=generator)}]]
     return {"vae": vae, "positive": positive}
@@ -79,9 +76,8 @@ def _train(nodes, model, parts, dataset, **overrides):
 
 
 def test_trained_lora_saves_and_loads_through_the_omnieraser_loader(comfy, triplets, parts):
-    import comfy.model_management
-    import comfy.utils
     import folder_paths
+    from comfy import model_management, utils
 
     nodes = pack_module(comfy, "nodes.train_flux")
     loader = pack_module(comfy, "nodes.omnieraser")
@@ -97,11 +93,11 @@ def test_trained_lora_saves_and_loads_through_the_omnieraser_loader(comfy, tripl
     name = nodes.SaveEraserLora.execute(lora, "erasekit/test_omnieraser").result[0]
     path = Path(folder_paths.get_folder_paths("loras")[0]) / name
     assert path.is_file() and name.startswith("erasekit/test_omnieraser_")
-    saved = comfy.utils.load_torch_file(str(path), safe_load=True)
+    saved = utils.load_torch_file(str(path), safe_load=True)
     assert core.map_lora(saved, loader._original_shapes(base)).unmatched == []
 
     loaded = loader.OmniEraserLoraLoader.execute(base, name, 1.0).result[0]
-    comfy.model_management.load_models_gpu([loaded], force_full_load=True)
+    model_management.load_models_gpu([loaded], force_full_load=True)
     held_set = nodes.PairedCropDataset(nodes.split_heldout(nodes.open_triplets([str(triplets)]), 1)[1], 64, seed=1)
     sample = held_set[(0, 0)]
     latents = nodes.encode_latents(parts["vae"], base.model, sample)
@@ -114,7 +110,7 @@ def test_trained_lora_saves_and_loads_through_the_omnieraser_loader(comfy, tripl
 
 
 def test_bad_inputs_are_refused_before_training(comfy, triplets, parts, tmp_path, monkeypatch):
-    import comfy.model_management
+    from comfy import model_management
 
     nodes = pack_module(comfy, "nodes.train_flux")
     with pytest.raises(ValueError, match="FLUX.1-dev MODEL"):
@@ -133,14 +129,14 @@ def test_bad_inputs_are_refused_before_training(comfy, triplets, parts, tmp_path
     cv2.imwrite(str(bad / "target" / f"{SYN[0]}.png"), np.zeros((96, 80, 3), np.uint8))
     with pytest.raises(ValueError, match="80×96"):
         _train(nodes, tiny_flux(), parts, bad)
-    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 1024)
+    monkeypatch.setattr(model_management, "get_free_memory", lambda *a, **k: 1024)
     with pytest.raises(ValueError, match="GiB is free"):
         _train(nodes, tiny_flux(), parts, triplets)
 
 
 def test_interrupt_saves_the_partial_lora(comfy, triplets, parts, monkeypatch):
-    import comfy.model_management
     import folder_paths
+    from comfy import model_management
 
     nodes = pack_module(comfy, "nodes.train_flux")
     calls = {"n": 0}
@@ -148,10 +144,10 @@ def test_interrupt_saves_the_partial_lora(comfy, triplets, parts, monkeypatch):
     def interrupt_after_a_while():
         calls["n"] += 1
         if calls["n"] > 4 + 3:  # 4 latents encoded (2 samples × 2 variants), then 1.5 optimizer steps
-            raise comfy.model_management.InterruptProcessingException()
+            raise model_management.InterruptProcessingException()
 
-    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt_after_a_while)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
+    monkeypatch.setattr(model_management, "throw_exception_if_processing_interrupted", interrupt_after_a_while)
+    with pytest.raises(model_management.InterruptProcessingException):
         _train(nodes, tiny_flux(), parts, triplets, interrupt_prefix="interrupted_test")
     partial = Path(folder_paths.get_folder_paths("loras")[0]) / "interrupted_test_interrupted_step1.safetensors"
     assert partial.is_file()
