@@ -269,16 +269,18 @@ def test_every_attention_backend(comfy, monkeypatch, backend):
         assert spy.checked and torch.isfinite(out).all()
 
 
-def test_flux_fill_and_batched_masks(comfy):
-    """FLUX Fill (img_in for 384 features): same token layout; per-item masks and cond/uncond batches."""
-    patcher = tiny_flux(in_channels=16 + 16 + 64)
+@pytest.mark.parametrize("concat_channels", [16 + 64, 48], ids=["fill", "omnieraser"])
+def test_flux_fill_and_batched_masks(comfy, concat_channels):
+    """FLUX Fill (16 image + 64 mask channels concatenated) and OmniEraser's 48-channel condition: the same token
+    layout; per-item masks and cond/uncond batches."""
+    patcher = tiny_flux(in_channels=16 + concat_channels)
     mask = torch.zeros(2, 96, 80)
     mask[0, 16:48, 16:40] = 1
     mask[1, 50:90, 30:70] = 1
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, 12, 10, generator=g)  # cond + uncond of a batch of 2
     extra = {"c_crossattn": torch.randn(4, SEQ_TEXT, 32, generator=g), "y": torch.randn(4, 16, generator=g),
-             "guidance": torch.full((4,), 30.0), "c_concat": torch.randn(4, 80, 12, 10, generator=g)}
+             "guidance": torch.full((4,), 30.0), "c_concat": torch.randn(4, concat_channels, 12, 10, generator=g)}
     patched = apply_sra(comfy, patcher, mask)
     to = copy.copy(patched.model_options["transformer_options"])
     to["cond_or_uncond"] = [0, 1]
