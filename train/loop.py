@@ -202,8 +202,15 @@ def _blocks(model):
 
 
 def _checkpointed(forward):
+    def fresh_inputs(*args, **kwargs):
+        # Blocks that update their inputs in place (ComfyUI's FLUX: ``txt += ...``) would corrupt the inputs
+        # the checkpoint saved for recomputation; they get copies instead.
+        args = [a.clone() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
+        kwargs = {k: v.clone() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+        return forward(*args, **kwargs)
+
     def run(*args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(fresh_inputs, *args, use_reentrant=False, **kwargs)
     return run
 
 
