@@ -8,8 +8,13 @@ centred ellipse when the data is absent; its token coverage is printed, since SR
 queries times all keys.
 
 Cost model: SRA adds one SDPA call for the masked queries over all keys, so its extra time is about the masked
-fraction of the tokens times the plain time (a little more: a second SDPA call has its own fixed cost), and its
-extra memory is the gathered masked queries and their output, which usually fit under the plain call's own peak.
+fraction of the tokens times the plain time, and more on CPU: SDPA's CPU kernel runs a few hundred queries in
+32- or 64-row blocks instead of 256, so the masked call alone measures about 0.18x the plain time for the 15%
+masked SD1.5 tokens (gathering only the allowed keys and values does not make it cheaper). Its extra memory is the
+gathered masked queries and their output, which usually fit under the plain call's own peak. Skipping the plain
+pass for the masked queries would save that time, but the back-end's output for a query subset is not bit-for-bit
+its output for that query in the full call (CPU SDPA differs in the last bits when the subset's last query block
+has 1-3 rows), and the outside queries must keep the back-end's plain output exactly.
 
 Both variants run exactly what the ComfyUI patch runs: plain = ComfyUI's attention_pytorch (view, SDPA,
 transpose back); patched = the same plain call, then ``self_rectifying_attention`` on the masked queries.

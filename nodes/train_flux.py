@@ -19,7 +19,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..erasers import omnieraser as oe
-from ..train import caching, curves, flow_matching, loop
+from ..train import curves, flow_matching, loop
 from ..train.datasets import PairedCropDataset, collate, smarteraser_mask_augmenter
 from ..train.flux import CAPTION, TARGET_MODULES, WIDEN_FACTOR, lora_metadata, official_lora_state, open_triplets, split_heldout
 from ..train.lora import save_lora_file
@@ -122,13 +122,24 @@ def clone_inference_tensors(module):
                 sub._buffers[name] = buffer.clone()
 
 
+def protect_norm_inputs(module):
+    """ComfyUI's FLUX blocks update their residual streams in place (``x += …``) after a LayerNorm saved them
+    for backward; a pre-hook hands every LayerNorm a copy so autograd keeps the value it saved. Returns the
+    hook handles (remove them after training: the model is shared with other nodes)."""
+    def copy_input(_module, args):
+        return (args[0].clone(),) + tuple(args[1:])
+
+    return [m.register_forward_pre_hook(copy_input) for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+
+
 # ------------------------------------------------------------------------------------------------ objective
 
 def encode_latents(vae, base_model, sample):
     """Normalised latents (target, background, foreground) of one dataset sample with ComfyUI's VAE."""
     background, foreground = oe.condition_images(sample["source"][None], sample["mask"][None])
     images = {"target": sample["target"][None], "background": background, "foreground": foreground}
-    return {part: base_model.process_latent_in(vae.encode(images[part]).float()).cpu() for part in images}
+    with torch.no_grad():  # VAE weights may require grad; cached latents must not carry a graph
+        return {part: base_model.process_latent_in(vae.encode(images[part]).float()).detach().cpu() for part in images}
 
 
 def text_inputs(positive):
@@ -235,17 +246,19 @@ def train_omnieraser(model, vae, positive, dataset, steps, learning_rate, rank, 
         held_latents = encode_latents(vae, model.model, held_sample)
         held_mask = held_sample["mask"][None]
 
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(training_dtype)
+        if dtype is None:  # "model": the MODEL's own compute dtype
+            dtype = model.model.manual_cast_dtype or model.model.get_dtype()
         patcher = model.clone()
+        patcher.set_model_compute_dtype(dtype)  # every layer casts its weights to the training dtype
         for key, wrapper in wrappers.items():
             patcher.add_weight_wrapper(f"diffusion_model.{key}", wrapper)
         comfy.model_management.load_models_gpu([patcher], memory_required=needed, force_full_load=True)
         diffusion_model = patcher.model.diffusion_model
         clone_inference_tensors(diffusion_model)
+        diffusion_model.requires_grad_(False)  # only the adapter trains
         slots_on_device = {k: s.to(device) for k, s in slots.items()}
         params = {f"{name}.{p}": getattr(slot, p) for name, slot in slots_on_device.items() for p in ("A", "B")}
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(training_dtype)
-        if dtype is None:  # "model": the MODEL's own compute dtype
-            dtype = patcher.model.manual_cast_dtype or patcher.model.get_dtype()
 
         def step(_model, batch, generator):
             latents = {part: torch.cat([cache[k][part] for k in batch["key"]]) for part in LATENT_PARTS}
@@ -261,6 +274,7 @@ def train_omnieraser(model, vae, positive, dataset, steps, learning_rate, rank, 
                                  lr_scheduler="constant", mixed_precision="no", seed=seed,
                                  gradient_checkpointing=gradient_checkpointing)
         loop.set_gradient_checkpointing(diffusion_model, gradient_checkpointing)
+        hooks = protect_norm_inputs(diffusion_model)
         try:
             result = loop.train(step, params, data, config, accelerator=loop.SingleProcess(device),
                                 collate_fn=collate, progress=progress, device=device,
@@ -272,6 +286,8 @@ def train_omnieraser(model, vae, positive, dataset, steps, learning_rate, rank, 
             raise
         finally:
             loop.set_gradient_checkpointing(diffusion_model, False)
+            for hook in hooks:
+                hook.remove()
         for p in params.values():
             p.requires_grad_(False)
         final_heldout = heldout_loss(diffusion_model, held_latents, held_mask, text, guidance, dtype, seed)

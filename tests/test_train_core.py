@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from erasekit.train import caching, curves, flow_matching, lora, loop
-from erasekit.train.datasets import PairedCropDataset, collate, paired_random_crop
+from erasekit.train.datasets import PairedCropDataset, paired_random_crop
 
 
 def _triplet(height=40, width=56, seed=0):

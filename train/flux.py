@@ -107,18 +107,44 @@ def vae_moments(vae, batch, device):
     return out
 
 
-def batch_latents(vae, batch, device, generator, cache=None):
-    """Normalised latents of one batch, each drawn from the VAE distribution like the official trainer."""
-    if cache is None:
-        moments = vae_moments(vae, batch, device)
+class CachedKeys(torch.utils.data.Dataset):
+    """Only the keys of a ``PairedCropDataset`` with fixed variants: with a latent cache a step needs no pixels
+    (they are read and encoded once, on the key's first cache miss), so a warm step does no image IO."""
+
+    def __init__(self, samples):
+        if not samples.variants:
+            raise ValueError("caching latents needs a dataset with fixed variants (PairedCropDataset(variants=K))")
+        self.samples = samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        index, draw = self.samples.key(*key)
+        return {"key": f"{index}:{draw}", "item": (index, draw)}
+
+
+def collate_keys(rows):
+    return {"key": [r["key"] for r in rows], "item": [r["item"] for r in rows]}
+
+
+def batch_latents(vae, batch, device, generator, cache=None, samples=None):
+    """(normalised latents, pixel mask) of one batch, latents drawn from the VAE distribution like the
+    official trainer. A key-only batch (``CachedKeys``) reads moments and mask from ``cache``, loading the
+    sample from ``samples`` on a miss."""
+    if "source" in batch:
+        moments, mask = vae_moments(vae, batch, device), batch["mask"]
     else:
-        rows = []
-        for i, key in enumerate(batch["key"]):
-            one = {k: v[i:i + 1] for k, v in batch.items() if torch.is_tensor(v)}
-            rows.append(cache.get(key, lambda: vae_moments(vae, one, device)))
-        moments = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-    return {part: oe.normalize_flux_latent(caching.sample_latent(moments[f"{part}_mean"], moments[f"{part}_std"],
-                                                                 generator)) for part in LATENT_PARTS}
+        def encode(item):
+            one = collate([samples[item]])
+            return {**vae_moments(vae, one, device), "mask": one["mask"].to(device)}
+
+        rows = [cache.get(key, lambda item=item: encode(item)) for key, item in zip(batch["key"], batch["item"])]
+        moments = {k: torch.cat([r[k] for r in rows]) for k in rows[0]} if len(rows) > 1 else rows[0]
+        mask = moments["mask"]
+    latents = {part: oe.normalize_flux_latent(caching.sample_latent(moments[f"{part}_mean"], moments[f"{part}_std"],
+                                                                    generator)) for part in LATENT_PARTS}
+    return latents, mask
 
 
 def latent_image_ids(height, width, device, dtype):
@@ -144,12 +170,12 @@ def predict_velocity(transformer, noisy, condition, sigmas, text, guidance=GUIDA
     return oe.unpack_latents(out, height, width)
 
 
-def eraser_loss(transformer, vae, text, batch, generator, cache=None, guidance=GUIDANCE, weighting_scheme="none",
-                num_train_timesteps=1000, shift=1.0):
+def eraser_loss(transformer, vae, text, batch, generator, cache=None, samples=None, guidance=GUIDANCE,
+                weighting_scheme="none", num_train_timesteps=1000, shift=1.0):
     """One micro-batch of the OmniEraser objective (the step function of the loop)."""
     device = generator.device
-    latents = batch_latents(vae, batch, device, generator, cache)
-    condition = oe.condition_latent(latents["background"], latents["foreground"], batch["mask"].to(device))
+    latents, mask = batch_latents(vae, batch, device, generator, cache, samples)
+    condition = oe.condition_latent(latents["background"], latents["foreground"], mask.to(device))
     target = latents["target"]
     noise = torch.randn(target.shape, generator=generator, device=device)
     sigmas = flow_matching.sample_sigmas(target.shape[0], generator, device, num_train_timesteps, shift,
@@ -316,6 +342,7 @@ def run(args):
     transformer, vae, scheduler = load_flux(args.model, device, weight_dtype)
     text = encode_caption(args.model, args.caption, args.max_sequence_length, device,
                           os.path.join(args.cache_dir, "text") if args.cache_dir else None)
+    torch.manual_seed(args.seed)  # the LoRA init (peft draws from the global generator)
     params = prepare_transformer(transformer, args.rank, args.alpha)
     cache = None
     if args.cache_latents:
@@ -326,7 +353,7 @@ def run(args):
                      num_train_timesteps=scheduler.config.num_train_timesteps)
 
     def step(model, batch, generator):
-        return eraser_loss(model, vae, text, batch, generator, cache=cache, **objective)
+        return eraser_loss(model, vae, text, batch, generator, cache=cache, samples=dataset, **objective)
 
     heldout = heldout_batch(heldout_set)
     os.makedirs(args.output, exist_ok=True)
@@ -359,9 +386,11 @@ def run(args):
         if accelerator.is_main_process and (step_number == total or step_number % 10 == 0):
             print(f"step {step_number}/{total} loss {loss:.5f}", flush=True)
 
-    result = loop.train(step, params, dataset, config, model=transformer, accelerator=accelerator,
-                        collate_fn=collate, resume=args.resume, progress=progress, validate=validate, device=device)
-    summary = {"steps": result.step, "final_loss": result.history[-1][1] if result.history else None}
+    stream, collate_fn = (CachedKeys(dataset), collate_keys) if cache is not None else (dataset, collate)
+    result = loop.train(step, params, stream, config, model=transformer, accelerator=accelerator,
+                        collate_fn=collate_fn, resume=args.resume, progress=progress, validate=validate, device=device)
+    summary = {"steps": result.step, "final_loss": result.history[-1][1] if result.history else None,
+               "processes": accelerator.num_processes}
     if accelerator.is_main_process:
         save_dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
         summary["heldout_loss"] = heldout_loss(transformer, vae, text, heldout, args.seed,
