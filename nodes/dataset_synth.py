@@ -99,6 +99,8 @@ class Syn4RemovalDataset(io.ComfyNode):
                 io.Mask.Output("mask", tooltip="Preview: masks of the pasted objects (1 = remove)."),
                 io.Image.Output("target", tooltip="Preview: the untouched backgrounds."),
                 io.String.Output("summary", tooltip="Run summary as JSON: written, existing, skipped reasons, filters."),
+                io.String.Output("dataset_folder", tooltip="The dataset's absolute folder: link it to a trainer's "
+                                 "dataset input so training runs after synthesis."),
             ],
         )
 
@@ -139,7 +141,7 @@ class Syn4RemovalDataset(io.ComfyNode):
             summary["skipped"][reason] = summary["skipped"].get(reason, 0) + count
         summary.update(output=output, instances=len(plan.instances), filters=plan.filters)
         source, mask, target, _ = _preview(output, 0, preview_count)
-        return io.NodeOutput(source, mask, target, json.dumps(summary))
+        return io.NodeOutput(source, mask, target, json.dumps(summary), output)
 
 
 class PreviewTripletDataset(io.ComfyNode):

@@ -262,6 +262,8 @@ class Video4RemovalDataset(io.ComfyNode):
                 io.Image.Output("target", tooltip="Preview: the paired empty frames."),
                 io.String.Output("summary", tooltip="Run summary as JSON: per video its status, reason, pairs "
                                  "and samples written."),
+                io.String.Output("dataset_folder", tooltip="The dataset's absolute folder: link it to a trainer's "
+                                 "dataset input so training runs after mining."),
             ],
         )
 
@@ -297,7 +299,7 @@ class Video4RemovalDataset(io.ComfyNode):
         items = [i for i in items if i["source"].shape == items[0]["source"].shape]
         return io.NodeOutput(_images([i["source"] for i in items]),
                              torch.from_numpy(np.stack([i["mask"] for i in items])).float(),
-                             _images([i["target"] for i in items]), json.dumps(summary))
+                             _images([i["target"] for i in items]), json.dumps(summary), output)
 
 
 def output_has_manifest(folder):

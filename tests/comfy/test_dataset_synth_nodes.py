@@ -23,7 +23,8 @@ def synth_prompt(images, **overrides):
 
 def test_synthesis_node_writes_and_previews(comfy, shared_data):
     result = comfy.run_prompt(synth_prompt(shared_data / "images"))
-    source, mask, target, summary = result.outputs("1")
+    source, mask, target, summary, folder = result.outputs("1")
+    assert folder == str(comfy.output_dir / "syn_node")
     summary = json.loads(summary)
     assert summary["written"] == 3 and summary["filters"]["class_count"] is False
     assert source.shape == (2, 256, 256, 3) and mask.shape == (2, 256, 256) and target.shape == source.shape

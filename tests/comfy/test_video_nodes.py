@@ -71,7 +71,8 @@ def test_dataset_node_writes_and_resumes(comfy, videos):
                          "preview_count": 2, "workers": 2, **SETTINGS}},
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     }
-    source, mask, target, summary = comfy.run_prompt(prompt).outputs("1")
+    source, mask, target, summary, folder = comfy.run_prompt(prompt).outputs("1")
+    assert folder == str(comfy.output_dir / "video_dataset_test")
     summary = json.loads(summary)
     by_name = {Path(v["video"]).name: v for v in summary["videos"]}
     assert by_name["road_cars.avi"]["written"] >= 3
