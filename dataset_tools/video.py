@@ -146,16 +146,44 @@ def downscale(frame, size):
     return frame
 
 
+_SQUARE_3 = np.ones((3, 3), np.uint8)
+_ELLIPSE_7 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+_ELLIPSE_9 = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
+
+
 def clean_foreground(raw, min_island_pixels, fill=True):
     """MOG2 output (255 = foreground, 127 = shadow) → bool object mask: shadows out, specks out, holes in.
 
     ``fill=False`` skips hole filling (frame classification only needs the area; kept frames are filled).
     """
-    fg = (raw == 255).astype(np.uint8)
-    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7)))
-    mask = mask_ops.remove_small_islands(fg.astype(bool), min_island_pixels)
-    return mask_ops.fill_holes(mask) if fill else mask
+    fg = (raw == 255).view(np.uint8)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, _SQUARE_3)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, _ELLIPSE_7)
+    mask = drop_small_islands(fg, min_island_pixels)
+    return fill_enclosed(mask) if fill else mask
+
+
+# The analysis runs these on every analysed frame. They give exactly mask_ops.remove_small_islands /
+# fill_holes, but cv2.connectedComponentsWithStats (which those use) costs 4-14x a plain labelling here.
+def drop_small_islands(mask, min_pixels):
+    """``mask`` (bool or 0/1 uint8) without its 8-connected components smaller than ``min_pixels``."""
+    count, labels = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8)
+    if count <= 1:
+        return np.zeros(mask.shape, bool)
+    keep = np.bincount(labels.ravel(), minlength=count) >= min_pixels
+    if keep[1:].all():
+        return labels != 0
+    keep[0] = False  # background
+    return keep[labels]
+
+
+def fill_enclosed(mask):
+    """``mask`` (bool) plus the background regions it encloses (4-connected, not reaching the border)."""
+    height, width = mask.shape
+    padded = np.zeros((height + 2, width + 2), np.uint8)  # a background frame joins every border region
+    padded[1:-1, 1:-1] = mask
+    cv2.floodFill(padded, None, (0, 0), 2, 0, 0, 4)
+    return padded[1:-1, 1:-1] != 2
 
 
 def sharpness(gray, box):
@@ -168,9 +196,12 @@ def sharpness(gray, box):
 
 
 def mask_box(mask, pad=2):
-    ys, xs = np.nonzero(mask)
-    h, w = mask.shape
-    return (max(0, int(xs.min()) - pad), max(0, int(ys.min()) - pad), min(w, int(xs.max()) + pad + 1), min(h, int(ys.max()) + pad + 1))
+    """(x0, y0, x1, y1) of the non-empty ``mask``'s pixels, grown by ``pad`` within the image."""
+    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask).view(np.uint8))
+    if not w:
+        raise ValueError("mask_box of an empty mask")
+    height, width = mask.shape
+    return (max(0, x - pad), max(0, y - pad), min(width, x + w + pad), min(height, y + h + pad))
 
 
 def masked_mse(a, b, where):
@@ -289,7 +320,7 @@ def open_video(path):
     return capture, float(fps), count, width, height
 
 
-def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=False, prepare=None):
+def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=False, prepare=None, decoded=None):
     """Yield (index, BGR uint8 frame) for every ``step``-th frame in [start, stop); the others are only
     decoded (``grab``), not converted, and yielded as (index, None) if ``include_skipped``. The stream
     ends at the first frame the decoder cannot give.
@@ -297,6 +328,8 @@ def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=Fa
     ``prefetch`` > 0 decodes in a thread up to that many frames ahead (OpenCV releases the GIL while
     decoding, so decoding overlaps the caller's analysis; memory stays bounded by the queue).
     ``prepare(frame)``, if given, runs in that thread too and the frame item becomes (frame, prepared).
+    ``decoded``, a list, gets the index of the last frame decoded appended when the stream ends: where
+    the decoder stopped, without passing every skipped frame through the queue.
     """
     capture, _, _, _, _ = open_video(path)
     if start:
@@ -307,15 +340,17 @@ def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=Fa
         while stop is None or index < stop:
             if (index - start) % step:
                 if not capture.grab():
-                    return
+                    break
                 if include_skipped:
                     yield index, None
             else:
                 ok, frame = capture.read()
                 if not ok or frame is None:
-                    return
+                    break
                 yield index, (frame if prepare is None else (frame, prepare(frame)))
             index += 1
+        if decoded is not None:
+            decoded.append(index - 1)
 
     if prefetch <= 0:
         try:
@@ -388,6 +423,17 @@ class _Foreground:
 
 def shadow_pixels(source, target):
     """MOG2's shadow rule at full resolution: darker than the background by 8-50 % with the same colour."""
+    # In bands of rows: a dozen full-size float temporaries would each be fresh memory the kernel has to
+    # fault in (most of the pairing's time); bands this small are recycled by the allocator instead.
+    height, width = source.shape[:2]
+    rows = max(1, 8192 // max(1, width))
+    out = np.empty((height, width), bool)
+    for y in range(0, height, rows):
+        out[y:y + rows] = _shadow_rule(source[y:y + rows], target[y:y + rows])
+    return out
+
+
+def _shadow_rule(source, target):
     src = source.astype(np.float32) + 1.0
     tgt = target.astype(np.float32) + 1.0
     ratios = [src[..., c] / tgt[..., c] for c in range(3)]
@@ -410,9 +456,8 @@ def refine_mask(source, target, zone, threshold, min_island):
     diff = cv2.absdiff(cv2.GaussianBlur(src, (3, 3), 0), cv2.GaussianBlur(tgt, (3, 3), 0))
     diff = np.maximum(np.maximum(diff[..., 0], diff[..., 1]), diff[..., 2])
     crop = (diff > threshold) & inside & ~shadow_pixels(src, tgt)
-    crop = cv2.morphologyEx(crop.astype(np.uint8), cv2.MORPH_CLOSE,
-                            cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))).astype(bool) & inside
-    crop = mask_ops.fill_holes(mask_ops.remove_small_islands(crop, min_island))
+    crop = cv2.morphologyEx(crop.view(np.uint8), cv2.MORPH_CLOSE, _ELLIPSE_9).view(bool) & inside
+    crop = fill_enclosed(drop_small_islands(crop, min_island))
     if not crop.any():
         return None
     mask = np.zeros(zone.shape, bool)
@@ -486,7 +531,7 @@ class PairMiner:
             return self._resolve(index)
         if ratio > 0.5 * self.config.foreground_ratio:
             # holes (a car's windows) count as object; far below the threshold, filling cannot reach it
-            mask = mask_ops.fill_holes(mask)
+            mask = fill_enclosed(mask)
             ratio = float(np.count_nonzero(mask)) / mask.size
         if ratio > self.config.foreground_ratio:
             self._add_foreground(index, frame, small, mask, ratio)
@@ -579,7 +624,7 @@ class PairMiner:
     def _covers_motion(self, mask, motion, share=0.6):
         """Does ``mask`` (full size, grown a little) cover most of the MOG foreground (analysis size)?"""
         small = cv2.resize(mask.astype(np.uint8), self.small_size, interpolation=cv2.INTER_AREA) > 0
-        small = cv2.dilate(small.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        small = cv2.dilate(small.astype(np.uint8), _SQUARE_3) > 0
         return np.count_nonzero(small & motion) >= share * max(1, np.count_nonzero(motion))
 
     def _pair(self, fg):
@@ -673,14 +718,12 @@ def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None,
     total = max(0, end - start)
     miner = PairMiner(fps, width, height, config, segmenter)
     last = start - 1
+    decoded = []
     try:
         # the decode thread also makes the small analysis copy: it overlaps the analysis on a second core
-        for index, item in iter_frames(path, start, stop, miner.step, prefetch=8, include_skipped=True,
-                                       prepare=lambda f: downscale(f, miner.small_size)):
+        for index, (frame, small) in iter_frames(path, start, stop, miner.step, prefetch=8, decoded=decoded,
+                                                 prepare=lambda f: downscale(f, miner.small_size)):
             last = index
-            if item is None:
-                continue
-            frame, small = item
             if check_interrupt is not None:
                 check_interrupt()
             for pair in miner.push(index, frame, small):
@@ -688,6 +731,7 @@ def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None,
                 yield pair
             if progress is not None and miner.frames % 10 == 0:
                 progress(index - start + 1, max(total, index - start + 1))
+        last = max([last, *decoded])  # the frames only grabbed after the last analysed one count too
         for pair in miner.finish():
             report.pairs += 1
             yield pair
