@@ -27,7 +27,7 @@ try {
       return { output: prompt.output, missing };
     }, workflow);
     if (screenshotDir) {
-      await page.evaluate(() => { window.app.canvas.ds.scale = 1; window.app.graph.setDirtyCanvas(true, true); });
+      await page.evaluate(() => { window.app.canvas.ds.scale = 0.8; window.app.canvas.ds.offset = [20, 40]; window.app.graph.setDirtyCanvas(true, true); });
       await page.waitForTimeout(500);
       await page.screenshot({ path: `${screenshotDir}/${name}.png` });
     }

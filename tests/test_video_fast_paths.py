@@ -1,0 +1,77 @@
+"""The per-frame helpers of dataset_tools/video.py that replace slower equivalents give exactly their results."""
+import cv2
+import numpy as np
+import pytest
+
+from erasekit.dataset_tools import video as V
+from erasekit.erasers import masks as mask_ops
+
+
+def blobby_masks(count=40, seed=0):
+    """Masks with specks, large islands, holes and regions touching the border, in several sizes."""
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        height, width = [(90, 160), (37, 51), (120, 97), (1, 30), (64, 64)][index % 5]
+        noise = cv2.GaussianBlur(rng.random((height, width)).astype(np.float32), (0, 0), 1 + index % 4)
+        yield noise > np.quantile(noise, rng.uniform(0.3, 0.9))
+
+
+def test_drop_small_islands_matches_mask_core():
+    for index, mask in enumerate(blobby_masks()):
+        for min_pixels in (0, 1, 5, 40, 10**6):
+            expected = mask_ops.remove_small_islands(mask, min_pixels)
+            assert np.array_equal(V.drop_small_islands(mask, min_pixels), expected), (index, min_pixels)
+            assert np.array_equal(V.drop_small_islands(mask.view(np.uint8), min_pixels), expected)
+    assert not V.drop_small_islands(np.zeros((5, 7), bool), 1).any()
+
+
+def test_fill_enclosed_matches_mask_core():
+    for index, mask in enumerate(blobby_masks(seed=1)):
+        assert np.array_equal(V.fill_enclosed(mask), mask_ops.fill_holes(mask)), index
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False  # a hole
+    ring[0, 3] = True  # a speck on the border: the background around it still reaches the border
+    assert V.fill_enclosed(ring)[4, 4] and not V.fill_enclosed(ring)[0, 4]
+
+
+def test_mask_box_matches_pixel_extent():
+    for mask in blobby_masks(seed=2):
+        if not mask.any():
+            continue
+        ys, xs = np.nonzero(mask)
+        height, width = mask.shape
+        for pad in (0, 2):
+            expected = (max(0, xs.min() - pad), max(0, ys.min() - pad),
+                        min(width, xs.max() + pad + 1), min(height, ys.max() + pad + 1))
+            assert V.mask_box(mask, pad) == tuple(int(v) for v in expected)
+            assert V.mask_box(mask[::2, 1::3], pad)  # a strided view works too
+    with pytest.raises(ValueError):
+        V.mask_box(np.zeros((4, 4), bool))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (180, 301), (41, 9000)])
+def test_shadow_pixels_in_bands_matches_whole_image_rule(shape):
+    rng = np.random.default_rng(shape[1])
+    target = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    # a share of true shadows (darker by 8-50 %, same colour) among random pixels
+    source = np.where(rng.random((*shape, 1)) < 0.3, (target * rng.uniform(0.5, 0.92, (*shape, 1))).astype(np.uint8),
+                      rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+    banded = V.shadow_pixels(source, target)
+    assert banded.shape == shape and banded.dtype == bool
+    assert np.array_equal(banded, V._shadow_rule(source, target))
+    assert banded.any() and not banded.all()
+
+
+def test_iter_frames_reports_where_decoding_stopped(shared_data):
+    path = shared_data / "video" / "road_cars.avi"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    for prefetch in (0, 4):
+        decoded = []
+        analysed = [i for i, _ in V.iter_frames(path, 0, 50, 3, prefetch=prefetch, decoded=decoded)]
+        assert analysed == list(range(0, 50, 3)) and decoded == [49]
+        decoded = []
+        count = sum(1 for _ in V.iter_frames(path, 10, None, 7, prefetch=prefetch, decoded=decoded))
+        total = int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT))
+        assert count == len(range(10, total, 7)) and decoded == [total - 1]
