@@ -159,31 +159,8 @@ def clean_foreground(raw, min_island_pixels, fill=True):
     fg = (raw == 255).view(np.uint8)
     fg = cv2.morphologyEx(fg, cv2.MORPH_OPEN, _SQUARE_3)
     fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, _ELLIPSE_7)
-    mask = drop_small_islands(fg, min_island_pixels)
-    return fill_enclosed(mask) if fill else mask
-
-
-# The analysis runs these on every analysed frame. They give exactly mask_ops.remove_small_islands /
-# fill_holes, but cv2.connectedComponentsWithStats (which those use) costs 4-14x a plain labelling here.
-def drop_small_islands(mask, min_pixels):
-    """``mask`` (bool or 0/1 uint8) without its 8-connected components smaller than ``min_pixels``."""
-    count, labels = cv2.connectedComponents(np.ascontiguousarray(mask).view(np.uint8), connectivity=8)
-    if count <= 1:
-        return np.zeros(mask.shape, bool)
-    keep = np.bincount(labels.ravel(), minlength=count) >= min_pixels
-    if keep[1:].all():
-        return labels != 0
-    keep[0] = False  # background
-    return keep[labels]
-
-
-def fill_enclosed(mask):
-    """``mask`` (bool) plus the background regions it encloses (4-connected, not reaching the border)."""
-    height, width = mask.shape
-    padded = np.zeros((height + 2, width + 2), np.uint8)  # a background frame joins every border region
-    padded[1:-1, 1:-1] = mask
-    cv2.floodFill(padded, None, (0, 0), 2, 0, 0, 4)
-    return padded[1:-1, 1:-1] != 2
+    mask = mask_ops.remove_small_islands(fg, min_island_pixels)
+    return mask_ops.fill_holes(mask) if fill else mask
 
 
 def sharpness(gray, box):
@@ -457,7 +434,7 @@ def refine_mask(source, target, zone, threshold, min_island):
     diff = np.maximum(np.maximum(diff[..., 0], diff[..., 1]), diff[..., 2])
     crop = (diff > threshold) & inside & ~shadow_pixels(src, tgt)
     crop = cv2.morphologyEx(crop.view(np.uint8), cv2.MORPH_CLOSE, _ELLIPSE_9).view(bool) & inside
-    crop = fill_enclosed(drop_small_islands(crop, min_island))
+    crop = mask_ops.fill_holes(mask_ops.remove_small_islands(crop, min_island))
     if not crop.any():
         return None
     mask = np.zeros(zone.shape, bool)
@@ -531,7 +508,7 @@ class PairMiner:
             return self._resolve(index)
         if ratio > 0.5 * self.config.foreground_ratio:
             # holes (a car's windows) count as object; far below the threshold, filling cannot reach it
-            mask = fill_enclosed(mask)
+            mask = mask_ops.fill_holes(mask)
             ratio = float(np.count_nonzero(mask)) / mask.size
         if ratio > self.config.foreground_ratio:
             self._add_foreground(index, frame, small, mask, ratio)

@@ -27,3 +27,25 @@ def model_file(folder, filename, url=None):
             f"{hint}"
         )
     return path
+
+
+def user_path(value, bases, what, must_exist=True):
+    """A path typed into a node: absolute, or relative to the first of ``bases`` (ComfyUI's input/output
+    folders) where it exists. Empty or missing paths are errors that name ``what`` and where it was looked for."""
+    bases = [bases] if isinstance(bases, str) else list(bases)
+    value = (value or "").strip()
+    if not value:
+        raise ValueError(f"{what} is empty: give a path (absolute, or relative to {' or '.join(bases)})")
+    candidates = [value] if os.path.isabs(value) else [os.path.join(base, value) for base in bases]
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return candidate
+    if not must_exist:
+        return candidates[0]
+    raise FileNotFoundError(f"{what} {value!r} does not exist (not found in {', '.join(candidates)})")
+
+
+def dataset_folder(value, what="dataset folder"):
+    """A triplet dataset folder: absolute, or in ComfyUI's output folder (where the dataset nodes write) or
+    its input folder."""
+    return user_path(value, [folder_paths.get_output_directory(), folder_paths.get_input_directory()], what)

@@ -1,6 +1,5 @@
 """Dataset nodes: Syn4Removal paste synthesis into a triplet folder, and a preview of any triplet folder."""
 import json
-import os
 
 import comfy.model_management
 import comfy.utils
@@ -12,6 +11,7 @@ from comfy_api.latest import io
 from ..dataset_tools import instances as inst
 from ..dataset_tools import synth
 from ..dataset_tools.triplets import TripletDataset
+from . import _paths
 
 CATEGORY = "erasekit/dataset"
 BLEND_TOOLTIP = ("How the pasted instance is blended: matting = closed-form matting alpha with the official trimap "
@@ -19,16 +19,10 @@ BLEND_TOOLTIP = ("How the pasted instance is blended: matting = closed-form matt
 
 
 def _folder(path, base, what, must_exist=True):
-    """An absolute path, or one relative to ComfyUI's input/output folder."""
-    path = (path or "").strip()
-    if not path:
-        if must_exist:
-            raise ValueError(f"{what} is empty: give a folder (absolute, or relative to {base})")
+    """An absolute path, or one relative to ComfyUI's input/output folder; '' stays '' when optional."""
+    if not must_exist and not (path or "").strip():
         return ""
-    full = path if os.path.isabs(path) else os.path.join(base, path)
-    if must_exist and not os.path.exists(full):
-        raise FileNotFoundError(f"{what} {full!r} does not exist")
-    return full
+    return _paths.user_path(path, base, what, must_exist)
 
 
 def _preview(folder, start, count):
@@ -171,7 +165,7 @@ class PreviewTripletDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset_folder, start, count) -> io.NodeOutput:
-        folder = _folder(dataset_folder, folder_paths.get_output_directory(), "dataset_folder")
+        folder = _paths.dataset_folder(dataset_folder, "dataset_folder")
         source, mask, target, records = _preview(folder, start, count)
         return io.NodeOutput(source, mask, target, json.dumps(records))
 

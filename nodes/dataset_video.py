@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..dataset_tools import video as V
 from ..dataset_tools.triplets import TripletDataset, TripletWriter
-from ._paths import register_folder
+from ._paths import register_folder, user_path
 
 CATEGORY = "erasekit/dataset"
 NONE = "none"
@@ -50,16 +50,6 @@ def _resolve_model(names, choice, url):
                 return path
     where = ", ".join(p for n in names for p in folder_paths.get_folder_paths(n))
     raise FileNotFoundError(f"model {choice!r} was not found in {where}. Public weights: {url}.")
-
-
-def _path(value, base, what):
-    value = (value or "").strip()
-    if not value:
-        raise ValueError(f"{what} is empty: give a path (absolute, or relative to {base})")
-    full = value if os.path.isabs(value) else os.path.join(base, value)
-    if not os.path.exists(full):
-        raise FileNotFoundError(f"{what} {full!r} does not exist")
-    return full
 
 
 def _setting_inputs():
@@ -157,7 +147,7 @@ class LoadVideoFrames(io.ComfyNode):
 
     @classmethod
     def execute(cls, video, start_frame, frame_count, every_nth) -> io.NodeOutput:
-        path = _path(video, folder_paths.get_input_directory(), "video")
+        path = user_path(video, folder_paths.get_input_directory(), "video")
         try:
             capture, fps, total, _, _ = V.open_video(path)
         except V.VideoSkipped as error:
@@ -208,7 +198,7 @@ class MineVideoPairs(io.ComfyNode):
     @classmethod
     def execute(cls, video, start_frame, end_frame, max_pairs, foreground_ratio, window_seconds, lighting_mse,
                 mask_augment, grounding_dino=NONE, sam_model=NONE, prompt="") -> io.NodeOutput:
-        path = _path(video, folder_paths.get_input_directory(), "video")
+        path = user_path(video, folder_paths.get_input_directory(), "video")
         if end_frame and end_frame <= start_frame:
             raise ValueError(f"end_frame {end_frame} must be 0 (the end) or after start_frame {start_frame}")
         config = _config(foreground_ratio, window_seconds, lighting_mse, mask_augment)
@@ -271,13 +261,10 @@ class Video4RemovalDataset(io.ComfyNode):
     def execute(cls, videos, output_folder, max_frames, foreground_ratio, window_seconds, lighting_mse,
                 mask_augment, preview_count, workers=1, grounding_dino=NONE, sam_model=NONE,
                 prompt="") -> io.NodeOutput:
-        found = V.find_videos([_path(videos, folder_paths.get_input_directory(), "videos")])
+        found = V.find_videos([user_path(videos, folder_paths.get_input_directory(), "videos")])
         if not found:
             raise ValueError(f"no video files ({', '.join(V.VIDEO_EXTENSIONS)}) in {videos!r}")
-        output = output_folder.strip()
-        if not output:
-            raise ValueError("output_folder is empty")
-        output = output if os.path.isabs(output) else os.path.join(folder_paths.get_output_directory(), output)
+        output = user_path(output_folder, folder_paths.get_output_directory(), "output_folder", must_exist=False)
         config = _config(foreground_ratio, window_seconds, lighting_mse, mask_augment)
         spec = _segmenter_spec(grounding_dino, sam_model, prompt)
         written = [0] * len(found)

@@ -23,6 +23,7 @@ from ..train import curves, flow_matching, loop
 from ..train.datasets import PairedCropDataset, collate, smarteraser_mask_augmenter
 from ..train.flux import CAPTION, TARGET_MODULES, WIDEN_FACTOR, lora_metadata, official_lora_state, open_triplets, split_heldout
 from ..train.lora import save_lora_file
+from . import _paths
 from .omnieraser import _original_shapes, apply_omnieraser_lora
 
 log = logging.getLogger(__name__)
@@ -189,18 +190,6 @@ def estimate_training_bytes(model, slots, size, tokens_text, checkpointing, batc
     return model.model_size() + lora_bytes + per_block * blocks
 
 
-def resolve_dataset(path):
-    """A triplet dataset folder: absolute, or relative to ComfyUI's input folder."""
-    path = path.strip()
-    if not path:
-        raise ValueError("dataset is empty: give a triplet dataset folder (source/, mask/, target/, manifest.jsonl)")
-    candidates = [path] if os.path.isabs(path) else [os.path.join(folder_paths.get_input_directory(), path), path]
-    for candidate in candidates:
-        if os.path.isdir(candidate):
-            return candidate
-    raise FileNotFoundError(f"triplet dataset folder {path!r} not found (looked in {', '.join(candidates)})")
-
-
 def save_partial(slots, rank, alpha, prefix, step):
     folder = folder_paths.get_folder_paths("loras")[0]
     path = os.path.join(folder, f"{prefix}_interrupted_step{step}.safetensors")
@@ -215,7 +204,7 @@ def train_omnieraser(model, vae, positive, dataset, steps, learning_rate, rank, 
     """Train and return (patched MODEL, LoRA state dict, loss history, held-out loss)."""
     alpha = float(rank if alpha is None else alpha)
     shapes = flux_shapes(model)
-    triplets = open_triplets([resolve_dataset(dataset)])
+    triplets = open_triplets([_paths.dataset_folder(dataset)])
     train_part, held_part = split_heldout(triplets, 1)
     data = PairedCropDataset(train_part, resolution, seed=seed, variants=variants,
                              augment_mask=smarteraser_mask_augmenter if mask_augmentation else None,
@@ -317,7 +306,7 @@ class TrainOmniEraserLora(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip=f"CLIPTextEncode of the fixed caption {CAPTION!r} "
                                       "(DualCLIPLoader type flux); it is encoded once and reused every step."),
                 io.String.Input("dataset", default="", tooltip="Triplet dataset folder (source/, mask/, target/, "
-                                "manifest.jsonl), absolute or inside ComfyUI's input folder. The last sample is "
+                                "manifest.jsonl), absolute or inside ComfyUI's output (or input) folder. The last sample is "
                                 "held out to measure the final loss."),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=3e-5, min=1e-7, max=1.0, step=1e-6,

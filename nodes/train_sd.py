@@ -49,17 +49,6 @@ def base_model_path(name):
     )
 
 
-def _dataset_folder(path):
-    """Absolute, or relative to ComfyUI's output folder (where the dataset nodes write)."""
-    path = (path or "").strip()
-    if not path:
-        raise ValueError("dataset_folder is empty: give a triplet dataset folder (source/, mask/, target/, manifest.jsonl)")
-    full = path if os.path.isabs(path) else os.path.join(folder_paths.get_output_directory(), path)
-    if not os.path.isdir(full):
-        raise FileNotFoundError(f"dataset_folder {full!r} does not exist")
-    return full
-
-
 def _output_name(name):
     name = (name or "").strip()
     if not name or os.sep in name or name.startswith(".") or (os.altsep and os.altsep in name):
@@ -92,7 +81,7 @@ class TrainSDInpaintEraser(io.ComfyNode):
                                        "in models/clip_vision; used for visual guidance."),
                 io.String.Input("dataset_folder", default="erasekit_syn4removal",
                                 tooltip="Triplet dataset folder (source/, mask/, target/, manifest.jsonl); "
-                                        "absolute or relative to ComfyUI's output folder."),
+                                        "absolute or relative to ComfyUI's output (or input) folder."),
                 io.String.Input("output_name", default="smarteraser_trained",
                                 tooltip="Name of the trained model folder in models/smarteraser (replaced when a "
                                         "run finishes) and of the run folder in output/erasekit_train."),
@@ -145,7 +134,7 @@ class TrainSDInpaintEraser(io.ComfyNode):
                 checkpoint_every, resume, mixed_precision, gradient_checkpointing, seed) -> io.NodeOutput:
         name = _output_name(output_name)
         base = base_model_path(base_model)
-        dataset = _dataset_folder(dataset_folder)
+        dataset = _paths.dataset_folder(dataset_folder, "dataset_folder")
         vision = _paths.model_file("clip_vision", clip_vision,
                                    "https://huggingface.co/openai/clip-vit-large-patch14") if visual_guidance else None
         run_dir = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER, name)
