@@ -14,7 +14,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 stamp="$venv/.erasekit-setup"
-want="$(cat "$root/requirements.txt" "$root/tests/requirements.txt" "$comfy/requirements.txt" 2>/dev/null | sha1sum | cut -c1-12)"
+# Re-install when a requirement changes or this is another checkout (the editable install points at one tree).
+want="$( (echo "$root"; cat "$root/requirements.txt" "$root/tests/requirements.txt" "$comfy/requirements.txt" 2>/dev/null) | sha1sum | cut -c1-12)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch is ComfyUI's to own at run time; for tests we pin the pair that imports with torchvision.
   "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -23,7 +24,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$py" -m pip install -q -r "$venv/comfy-reqs.txt" requests
   fi
   SAM2_BUILD_CUDA=0 "$py" -m pip install -q -r "$root/tests/requirements.txt"
-  "$py" -m pip install -q --no-deps -e "$root"
+  "$py" -m pip install -q --no-deps -e "$root" 2>/dev/null
   echo "$want" > "$stamp"
 fi
 # The frontend check (tests/comfy/test_frontend.py) drives ComfyUI's real UI in headless Chromium.
