@@ -2,7 +2,8 @@
 (boxes or points → masks). Used by video pairing (object masks) and paste synthesis (mask proposals).
 
 Weights are transformers folders (``config.json`` + weights + processor files, as ``save_pretrained``
-writes them: ``model_type`` ``grounding-dino``, ``sam`` or ``sam2``). Nothing is downloaded.
+writes them: ``model_type`` ``grounding-dino``, ``sam`` or ``sam2``), or for SAM / SAM 2 the original
+checkpoint files ComfyUI users keep in models/sams and models/sam2. Nothing is downloaded.
 
 Images are RGB uint8 ``H×W×3`` numpy arrays; masks come back as bool ``N×H×W`` arrays (True = object);
 boxes are ``(x0, y0, x1, y1)`` in pixels of the image.
@@ -10,6 +11,7 @@ boxes are ``(x0, y0, x1, y1)`` in pixels of the image.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,11 +249,24 @@ def load_sam(path, device="cpu"):
     - a transformers folder (facebook/sam-vit-*, facebook/sam2.1-hiera-* layouts; ``model_type`` sam/sam2);
     - a segment-anything checkpoint as ComfyUI users keep them in models/sams (``sam_vit_b_01ec64.pth``,
       ``.pth``/``.pt``/``.safetensors``): the architecture is read from the weights' shapes and the model
-      runs through the ``segment-anything`` package (``pip install segment-anything``).
+      runs through the ``segment-anything`` package (``pip install segment-anything``);
+    - a SAM 2 / SAM 2.1 checkpoint as ComfyUI users keep them in models/sam2 (``sam2_hiera_tiny.pt``,
+      ``sam2.1_hiera_large.pt`` or a ``.safetensors`` of the same keys): the variant is read from the weights
+      and the image model runs as a transformers ``Sam2Model`` (the video-memory weights are not used).
     """
     path = Path(path)
     if path.is_file():
-        return Sam(_SegmentAnythingSam(build_segment_anything(load_state_dict(path)), _torch_device(device)))
+        state = load_state_dict(path)
+        if is_sam2_checkpoint(state):
+            model, version = build_sam2_from_checkpoint(state)
+            from transformers import Sam2ImageProcessor, Sam2Processor
+
+            # Meta's SAM2Transforms: a plain resize to 1024×1024 and ImageNet normalisation, the defaults here
+            processor = Sam2Processor(image_processor=Sam2ImageProcessor())
+            backend = _TransformersSam(model, processor, "sam2", _torch_device(device))
+            backend.version = version
+            return Sam(backend)
+        return Sam(_SegmentAnythingSam(build_segment_anything(state), _torch_device(device)))
     from transformers import AutoModel, AutoProcessor
 
     kind, path = _model_type(path)
@@ -287,9 +302,8 @@ def segment_anything_config(state):
     """Architecture of an original SAM checkpoint, read from its tensor shapes."""
     key = "image_encoder.patch_embed.proj.weight"
     if key not in state:
-        if any(k.startswith("image_encoder.trunk.") for k in state):
-            raise ValueError("this is a SAM 2 checkpoint (sam2_hiera_*.pt); EraseKit loads SAM 2 from transformers "
-                             "folders (e.g. facebook/sam2.1-hiera-large), not from the original checkpoints")
+        if is_sam2_checkpoint(state):
+            raise ValueError("this is a SAM 2 checkpoint (sam2_hiera_*.pt): load it with load_sam")
         raise ValueError(f"not a segment-anything checkpoint: it has no {key}")
     embed_dim, _, patch, _ = state[key].shape
     grid = state["image_encoder.pos_embed"].shape[1]
@@ -343,6 +357,145 @@ def build_segment_anything(state, config=None):
     if state is not None:
         model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+# Meta's SAM 2 names → transformers Sam2Model names, applied in order to each key ({n} = a number);
+# the list read backwards with the pairs swapped turns transformers names back into Meta's.
+SAM2_KEY_RENAMES = [
+    ("image_encoder.trunk.", "vision_encoder.backbone."),
+    ("image_encoder.neck.convs.{n}.conv.", "vision_encoder.neck.convs.{n}."),
+    ("sam_prompt_encoder.", "prompt_encoder."),
+    ("sam_mask_decoder.", "mask_decoder."),
+    ("patch_embed.proj.", "patch_embed.projection."),
+    (".mlp.layers.0.", ".mlp.proj_in."),
+    (".mlp.layers.1.", ".mlp.proj_out."),
+    ("blocks.{n}.norm", "blocks.{n}.layer_norm"),
+    ("transformer.layers.{n}.norm", "transformer.layers.{n}.layer_norm"),
+    ("transformer.norm_final_attn.", "transformer.layer_norm_final_attn."),
+    (".out_proj.", ".o_proj."),
+    ("pe_layer.positional_encoding_gaussian_matrix", "shared_embedding.positional_embedding"),
+    ("mask_downscaling.0.", "mask_embed.conv1."),
+    ("mask_downscaling.1.", "mask_embed.layer_norm1."),
+    ("mask_downscaling.3.", "mask_embed.conv2."),
+    ("mask_downscaling.4.", "mask_embed.layer_norm2."),
+    ("mask_downscaling.6.", "mask_embed.conv3."),
+    ("output_upscaling.0.", "upscale_conv1."),
+    ("output_upscaling.1.", "upscale_layer_norm."),
+    ("output_upscaling.3.", "upscale_conv2."),
+    ("_head.layers.0.", "_head.proj_in."),
+    ("_head.layers.1.", "_head.layers.0."),
+    ("_head.layers.2.", "_head.proj_out."),
+    ("mlps.{n}.layers.0.", "mlps.{n}.proj_in."),
+    ("mlps.{n}.layers.1.", "mlps.{n}.layers.0."),
+    ("mlps.{n}.layers.2.", "mlps.{n}.proj_out."),
+    ("no_mem_embed", "no_memory_embedding"),
+]
+# The image model's parts of a SAM 2 checkpoint; the rest (memory attention/encoder, object pointers) is video.
+SAM2_IMAGE_PREFIXES = ("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed")
+# What the weights do not show (attention heads, windows, global-attention blocks), per Hiera variant as
+# Meta's configs give it, keyed by what they do show: (first stage width, blocks per stage).
+SAM2_VARIANTS = {
+    (96, (1, 2, 7, 2)): {"name": "tiny", "heads": [1, 2, 4, 8], "windows": [8, 4, 14, 7], "global": [5, 7, 9]},
+    (96, (1, 2, 11, 2)): {"name": "small", "heads": [1, 2, 4, 8], "windows": [8, 4, 14, 7], "global": [7, 10, 13]},
+    (112, (2, 3, 16, 3)): {"name": "base_plus", "heads": [2, 4, 8, 16], "windows": [8, 4, 14, 7],
+                           "global": [12, 16, 20]},
+    (144, (2, 6, 36, 4)): {"name": "large", "heads": [2, 4, 8, 16], "windows": [8, 4, 16, 8], "global": [23, 33, 43]},
+}
+SAM2_IMAGE_SIZE = 1024  # every released SAM 2 / 2.1 checkpoint; the decoder has 8 heads in all of them
+SAM2_DECODER_HEADS = 8
+
+
+def _rename_pattern(fragment):
+    return re.compile(re.escape(fragment).replace(re.escape("{n}"), r"(\d+)"))
+
+
+def rename_sam2_key(key, reverse=False):
+    """A Meta SAM 2 key as transformers names it (``reverse=True``: the other way)."""
+    pairs = [(hf, meta) for meta, hf in reversed(SAM2_KEY_RENAMES)] if reverse else SAM2_KEY_RENAMES
+    for source, target in pairs:
+        key = _rename_pattern(source).sub(target.replace("{n}", r"\1"), key)
+    return key
+
+
+def is_sam2_checkpoint(state):
+    return any(k.startswith("image_encoder.trunk.") for k in state)
+
+
+def sam2_config(state):
+    """(transformers ``Sam2Config``, variant name, "2" or "2.1") of a Meta SAM 2 checkpoint's state dict."""
+    from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2PromptEncoderConfig,
+                              Sam2VisionConfig)
+
+    trunk = "image_encoder.trunk."
+    blocks = sorted({int(k[len(trunk) + 7:].split(".")[0]) for k in state if k.startswith(trunk + "blocks.")})
+    # a block with its own projection widens the features: it opens the next stage
+    openers = [i for i in blocks if f"{trunk}blocks.{i}.proj.weight" in state]
+    bounds = [0, *openers, len(blocks)]
+    stages = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    widths = [int(state[f"{trunk}blocks.{start}.mlp.layers.0.weight"].shape[1]) for start in bounds[:-1]]
+    key = (widths[0], stages)
+    if len(stages) != 4 or key not in SAM2_VARIANTS:
+        known = ", ".join(f"{v['name']} {list(s)}" for (_, s), v in SAM2_VARIANTS.items())
+        raise ValueError(f"unknown SAM 2 image encoder (width {widths[0]}, blocks per stage {list(stages)}); "
+                         f"known: {known}")
+    variant = SAM2_VARIANTS[key]
+    backbone = Sam2HieraDetConfig(
+        hidden_size=widths[0], image_size=[SAM2_IMAGE_SIZE, SAM2_IMAGE_SIZE], blocks_per_stage=list(stages),
+        embed_dim_per_stage=widths, num_attention_heads_per_stage=variant["heads"],
+        window_size_per_stage=variant["windows"], global_attention_blocks=variant["global"],
+        window_positional_embedding_background_size=list(state[trunk + "pos_embed"].shape[2:]))
+    grid = SAM2_IMAGE_SIZE // 4
+    vision = Sam2VisionConfig(
+        backbone_config=backbone, backbone_channel_list=widths[::-1],
+        backbone_feature_sizes=[[grid, grid], [grid // 2, grid // 2], [grid // 4, grid // 4]],
+        fpn_hidden_size=int(state["image_encoder.neck.convs.0.conv.weight"].shape[0]))
+    decoder = "sam_mask_decoder."
+    layers = decoder + "transformer.layers."
+    hidden = int(state["sam_prompt_encoder.no_mask_embed.weight"].shape[1])
+    config = Sam2Config(
+        vision_config=vision,
+        prompt_encoder_config=Sam2PromptEncoderConfig(
+            hidden_size=hidden, image_size=SAM2_IMAGE_SIZE, patch_size=16,
+            mask_input_channels=int(state["sam_prompt_encoder.mask_downscaling.3.weight"].shape[0])),
+        mask_decoder_config=Sam2MaskDecoderConfig(
+            hidden_size=hidden, mlp_dim=int(state[layers + "0.mlp.layers.0.weight"].shape[0]),
+            num_hidden_layers=len({k[len(layers):].split(".")[0] for k in state if k.startswith(layers)}),
+            num_attention_heads=SAM2_DECODER_HEADS,
+            iou_head_hidden_dim=int(state[decoder + "iou_prediction_head.layers.0.weight"].shape[0])))
+    # SAM 2.1 added the occlusion embedding and temporal object-pointer encoding (video only)
+    version = "2.1" if "no_obj_embed_spatial" in state or "obj_ptr_tpos_proj.weight" in state else "2"
+    return config, variant["name"], version
+
+
+def sam2_state_to_transformers(state):
+    """The image-model weights of a Meta SAM 2 checkpoint, named as transformers ``Sam2Model`` names them."""
+    import torch
+
+    renamed = {rename_sam2_key(k): v for k, v in state.items() if k.startswith(SAM2_IMAGE_PREFIXES)}
+    points = [k for k in renamed if re.fullmatch(r"prompt_encoder\.point_embeddings\.\d+\.weight", k)]
+    if points:  # Meta keeps the four point-type embeddings apart; transformers stacks them
+        points.sort(key=lambda k: int(k.split(".")[2]))
+        renamed["prompt_encoder.point_embed.weight"] = torch.cat([renamed.pop(k) for k in points], dim=0)
+    gaussian = "prompt_encoder.shared_embedding.positional_embedding"
+    if gaussian in renamed:
+        renamed["shared_image_embedding.positional_embedding"] = renamed[gaussian]
+    return renamed
+
+
+def build_sam2_from_checkpoint(state):
+    """A transformers ``Sam2Model`` with a Meta SAM 2 checkpoint's weights (loaded strictly) and its version."""
+    from transformers import Sam2Model
+
+    try:
+        config, _, version = sam2_config(state)
+    except KeyError as error:
+        raise ValueError(f"incomplete SAM 2 checkpoint: it has no {error}") from None
+    model = Sam2Model(config)
+    missing, unexpected = model.load_state_dict(sam2_state_to_transformers(state), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"SAM 2 checkpoint does not fit its architecture: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model.eval(), version
 
 
 class TextSegmenter:

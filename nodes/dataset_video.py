@@ -23,8 +23,9 @@ NONE = "none"
 DINO_FOLDER = register_folder("grounding-dino")
 SAM_FOLDERS = (register_folder("sams"), register_folder("sam2"))
 DINO_URL = "https://huggingface.co/IDEA-Research/grounding-dino-tiny"
-SAM_URL = ("https://huggingface.co/facebook/sam2.1-hiera-large (transformers folder) or "
-           "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth (segment-anything checkpoint)")
+SAM_URL = ("https://huggingface.co/facebook/sam2.1-hiera-large (transformers folder, or its sam2.1_hiera_large.pt "
+           "checkpoint in models/sam2) or https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth "
+           "(segment-anything checkpoint in models/sams)")
 
 
 def _model_folders(*names):
@@ -38,15 +39,16 @@ def _model_folders(*names):
 
 
 def _sam_choices():
-    """Transformers SAM / SAM 2 folders, and segment-anything checkpoint files in models/sams."""
-    return sorted(set(_model_folders(*SAM_FOLDERS)) | set(folder_paths.get_filename_list(SAM_FOLDERS[0])))
+    """Transformers SAM / SAM 2 folders, segment-anything checkpoints in models/sams and SAM 2 ones in models/sam2."""
+    files = {f for name in SAM_FOLDERS for f in folder_paths.get_filename_list(name)}
+    return sorted(set(_model_folders(*SAM_FOLDERS)) | files)
 
 
 def _resolve_model(names, choice, url):
     for name in names:
         for base in folder_paths.get_folder_paths(name):
             path = os.path.join(base, choice)
-            if os.path.isfile(os.path.join(path, "config.json")) or (name == "sams" and os.path.isfile(path)):
+            if os.path.isfile(os.path.join(path, "config.json")) or (name in SAM_FOLDERS and os.path.isfile(path)):
                 return path
     where = ", ".join(p for n in names for p in folder_paths.get_folder_paths(n))
     raise FileNotFoundError(f"model {choice!r} was not found in {where}. Public weights: {url}.")

@@ -168,3 +168,65 @@ def test_video_pairs_take_their_masks_from_the_segmenter(folders, shared_data):
     for pair in pairs:
         assert pair.stats["mask_source"] == "grounding_dino+sam"
         assert pair.mask.shape == pair.source.shape[:2] and pair.mask.any()
+
+
+@pytest.fixture
+def tiny_sam2_variant(monkeypatch):
+    monkeypatch.setitem(S.SAM2_VARIANTS, tiny.SAM2_TINY_KEY, tiny.SAM2_TINY_VARIANT)
+
+
+@pytest.mark.parametrize("name", ["sam2.1_hiera_test.pt", "sam2_hiera_test.safetensors"])
+def test_sam2_checkpoint_matches_transformers_on_the_same_weights(tmp_path, image, tiny_sam2_variant, name):
+    """A models/sam2 checkpoint in Meta's layout: variant read from the weights, masks equal a direct run."""
+    import transformers as T
+
+    version = "2.1" if name.startswith("sam2.1") else "2"
+    path = tiny.build_sam2_checkpoint(tmp_path / name, version=version)
+    state = S.load_state_dict(path)
+    assert "sam_prompt_encoder.point_embeddings.3.weight" in state  # Meta's names, not transformers'
+    assert "image_encoder.neck.convs.0.conv.weight" in state and "image_encoder.trunk.blocks.4.attn.qkv.weight" in state
+    config, variant, found_version = S.sam2_config(state)
+    assert (variant, found_version) == ("test-tiny", version)
+    expected = tiny.sam2_checkpoint_config()
+    assert config.vision_config.backbone_config.to_dict() == expected.vision_config.backbone_config.to_dict()
+    assert config.mask_decoder_config.to_dict() == expected.mask_decoder_config.to_dict()
+    sam = S.load_sam(path)
+    assert sam.kind == "sam2" and sam.backend.version == version
+    torch.manual_seed(0)  # the builder's seed: the same random weights, straight into transformers
+    reference_model = T.Sam2Model(expected).eval()
+    processor = T.Sam2Processor(image_processor=T.Sam2ImageProcessor())
+    boxes = [(10, 10, 60, 50), (40, 30, 90, 60)]
+    masks = sam.segment_boxes(image, boxes)
+    inputs = processor(images=image, input_boxes=[[list(map(float, b)) for b in boxes]], return_tensors="pt")
+    with torch.no_grad():
+        outputs = reference_model(**inputs, multimask_output=False)
+    reference = processor.post_process_masks(outputs.pred_masks, inputs["original_sizes"])[0][:, 0].numpy()
+    assert masks.shape == (2, 90, 120) and reference.any() and not reference.all()
+    np.testing.assert_array_equal(masks, reference.astype(bool))
+    proposals, scores = sam.propose_masks(image, points_per_side=3, score_threshold=-1e9, min_area_fraction=0.0)
+    assert len(proposals) == len(scores) >= 1 and proposals.shape[1:] == (90, 120)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base_plus", "large"])
+def test_sam2_variants_are_recognised_from_their_weights(name):
+    """Each released Hiera variant's checkpoint shapes (on the meta device: no memory) give back its config."""
+    import transformers as T
+
+    (width, stages), variant = next((k, v) for k, v in S.SAM2_VARIANTS.items() if v["name"] == name)
+    widths = [width * 2 ** i for i in range(4)]
+    config = T.Sam2Config(vision_config=T.Sam2VisionConfig(
+        backbone_config=T.Sam2HieraDetConfig(
+            hidden_size=width, blocks_per_stage=list(stages), embed_dim_per_stage=widths,
+            num_attention_heads_per_stage=variant["heads"], window_size_per_stage=variant["windows"],
+            global_attention_blocks=variant["global"],
+            window_positional_embedding_background_size=[14, 14] if name == "base_plus" else [7, 7]),
+        backbone_channel_list=widths[::-1]))
+    with torch.device("meta"):
+        model = T.Sam2Model(config)
+    state = tiny.sam2_original_state(model, version="2")
+    found, found_name, version = S.sam2_config(state)
+    assert (found_name, version) == (name, "2")
+    assert found.vision_config.to_dict() == config.vision_config.to_dict()
+    assert found.mask_decoder_config.to_dict() == config.mask_decoder_config.to_dict()
+    assert found.prompt_encoder_config.to_dict() == config.prompt_encoder_config.to_dict()
+    assert set(S.sam2_state_to_transformers(state)) == set(model.state_dict())

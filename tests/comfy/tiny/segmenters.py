@@ -105,6 +105,68 @@ def build_segment_anything_checkpoint(path, seed=0):
     return Path(path)
 
 
+# A tiny Hiera at SAM 2's fixed 1024 px input; its global-attention block sits in the smallest stage so
+# the CPU never attends over 256×256 tokens. Not a released variant: tests add it to SAM2_VARIANTS.
+SAM2_TINY_VARIANT = {"name": "test-tiny", "heads": [1, 1, 1, 1], "windows": [4, 4, 4, 2], "global": [4]}
+SAM2_TINY_KEY = (8, (1, 1, 1, 2))
+
+
+def sam2_checkpoint_config():
+    import transformers as T
+
+    backbone = T.Sam2HieraDetConfig(
+        hidden_size=8, image_size=[1024, 1024], blocks_per_stage=list(SAM2_TINY_KEY[1]),
+        embed_dim_per_stage=[8, 16, 32, 64], num_attention_heads_per_stage=SAM2_TINY_VARIANT["heads"],
+        window_size_per_stage=SAM2_TINY_VARIANT["windows"], global_attention_blocks=SAM2_TINY_VARIANT["global"],
+        window_positional_embedding_background_size=[2, 2])
+    vision = T.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
+                                backbone_feature_sizes=[[256, 256], [128, 128], [64, 64]], fpn_hidden_size=32)
+    return T.Sam2Config(
+        vision_config=vision,
+        prompt_encoder_config=T.Sam2PromptEncoderConfig(hidden_size=32, image_size=1024, patch_size=16,
+                                                        mask_input_channels=4),
+        mask_decoder_config=T.Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=32, num_hidden_layers=1,
+                                                    num_attention_heads=8, iou_head_hidden_dim=16))
+
+
+def sam2_original_state(model, version="2.1"):
+    """A transformers Sam2Model's weights in Meta's checkpoint layout, with stand-ins for the video parts."""
+    from erasekit.dataset_tools.segmenters import rename_sam2_key
+
+    state = {}
+    for key, value in model.state_dict().items():
+        if key == "shared_image_embedding.positional_embedding":
+            continue  # Meta keeps one copy, in the prompt encoder
+        if key == "prompt_encoder.point_embed.weight":
+            for index, row in enumerate(value):
+                state[f"sam_prompt_encoder.point_embeddings.{index}.weight"] = row[None].clone()
+            continue
+        state[rename_sam2_key(key, reverse=True)] = value.clone()
+    # video-only weights every real checkpoint carries; the image model must ignore them
+    state["memory_attention.layers.0.self_attn.q_proj.weight"] = torch.zeros(4, 4)
+    state["maskmem_tpos_enc"] = torch.zeros(7, 1, 1, 4)
+    if version == "2.1":
+        state["no_obj_embed_spatial"] = torch.zeros(1, 4)
+        state["obj_ptr_tpos_proj.weight"] = torch.zeros(4, 4)
+    return state
+
+
+def build_sam2_checkpoint(path, seed=0, version="2.1"):
+    """A SAM 2 checkpoint as Meta publishes it (``{"model": state}`` in a .pt) or its .safetensors form."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    state = sam2_original_state(T.Sam2Model(sam2_checkpoint_config()).eval(), version)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"model": state}, str(path))
+    return path
+
+
 MODELS = {
     ("grounding-dino", GROUNDING_DINO): build_grounding_dino,
     ("sams", SAM): build_sam,
