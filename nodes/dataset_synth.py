@@ -4,14 +4,11 @@ import json
 import comfy.model_management
 import comfy.utils
 import folder_paths
-import numpy as np
-import torch
 from comfy_api.latest import io
 
 from ..dataset_tools import instances as inst
 from ..dataset_tools import synth
-from ..dataset_tools.triplets import TripletDataset
-from . import _paths
+from . import _paths, _triplets
 
 CATEGORY = "erasekit/dataset"
 BLEND_TOOLTIP = ("How the pasted instance is blended: matting = closed-form matting alpha with the official trimap "
@@ -23,26 +20,6 @@ def _folder(path, base, what, must_exist=True):
     if not must_exist and not (path or "").strip():
         return ""
     return _paths.user_path(path, base, what, must_exist)
-
-
-def _preview(folder, start, count):
-    """First ``count`` samples from ``start`` → (source IMAGE, MASK, target IMAGE, records)."""
-    dataset = TripletDataset(folder)
-    if len(dataset) == 0:
-        raise ValueError(f"the triplet dataset {folder} has no samples to preview")
-    if start >= len(dataset):
-        raise ValueError(f"start {start} is past the last sample: {folder} holds {len(dataset)} samples")
-    items = [dataset[i] for i in range(start, min(len(dataset), start + max(1, count)))]
-    sizes = {item["source"].shape[:2] for item in items}
-    if len(sizes) > 1:
-        raise ValueError(
-            f"samples {start}..{start + len(items) - 1} of {folder} have different sizes {sorted(sizes)}: "
-            "preview them with count 1"
-        )
-    source = torch.from_numpy(np.stack([i["source"] for i in items])).float() / 255.0
-    mask = torch.from_numpy(np.stack([i["mask"] for i in items])).float()
-    target = torch.from_numpy(np.stack([i["target"] for i in items])).float() / 255.0
-    return source, mask, target, [i["record"] for i in items]
 
 
 class Syn4RemovalDataset(io.ComfyNode):
@@ -134,7 +111,7 @@ class Syn4RemovalDataset(io.ComfyNode):
         for reason, count in {**skips, **background_skips}.items():
             summary["skipped"][reason] = summary["skipped"].get(reason, 0) + count
         summary.update(output=output, instances=len(plan.instances), filters=plan.filters)
-        source, mask, target, _ = _preview(output, 0, preview_count)
+        source, mask, target, _ = _triplets.preview(output, 0, preview_count)
         return io.NodeOutput(source, mask, target, json.dumps(summary), output)
 
 
@@ -166,7 +143,7 @@ class PreviewTripletDataset(io.ComfyNode):
     @classmethod
     def execute(cls, dataset_folder, start, count) -> io.NodeOutput:
         folder = _paths.dataset_folder(dataset_folder, "dataset_folder")
-        source, mask, target, records = _preview(folder, start, count)
+        source, mask, target, records = _triplets.preview(folder, start, count)
         return io.NodeOutput(source, mask, target, json.dumps(records))
 
 

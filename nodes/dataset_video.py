@@ -17,6 +17,7 @@ from comfy_api.latest import io
 from ..dataset_tools import video as V
 from ..dataset_tools.triplets import TripletDataset, TripletWriter
 from ._paths import register_folder, user_path
+from ._triplets import preview, to_image
 
 CATEGORY = "erasekit/dataset"
 NONE = "none"
@@ -98,10 +99,6 @@ def _segmenter_spec(grounding_dino, sam_model, prompt):
             "device": str(comfy.model_management.get_torch_device())}
 
 
-def _images(arrays):
-    return torch.from_numpy(np.stack(arrays)).float() / 255.0
-
-
 def _mine(jobs, config, spec, workers, on_pair):
     """Mine ``jobs`` [(path, start, stop)] in child processes (a decoder crash fails only its video) with
     a progress bar over the videos and interruption; ``on_pair(job, sample_id, source, mask, target,
@@ -165,7 +162,7 @@ class LoadVideoFrames(io.ComfyNode):
                 break
         if not frames:
             raise ValueError(f"{path} has no decodable frame at or after frame {start_frame} (it declares {total})")
-        return io.NodeOutput(_images(frames), fps, total)
+        return io.NodeOutput(to_image(frames), fps, total)
 
 
 class MineVideoPairs(io.ComfyNode):
@@ -216,9 +213,9 @@ class MineVideoPairs(io.ComfyNode):
             raise ValueError(f"{os.path.basename(path)} gave no pairs: {report['reason'] or report['status']}")
         report["chosen"] = [{**r["origin"], "mask_source": r["mask_source"], "mask_augment": r["mask_augment"],
                              **r["stats"]} for _, _, _, r in chosen]
-        return io.NodeOutput(_images([c[0] for c in chosen]),
+        return io.NodeOutput(to_image([c[0] for c in chosen]),
                              torch.from_numpy(np.stack([c[1] for c in chosen])).float(),
-                             _images([c[2] for c in chosen]), json.dumps(report))
+                             to_image([c[2] for c in chosen]), json.dumps(report))
 
 
 class Video4RemovalDataset(io.ComfyNode):
@@ -280,15 +277,11 @@ class Video4RemovalDataset(io.ComfyNode):
         for report, count in zip(reports, written):
             report["written"] = count
         summary = {"output": output, "videos": reports, "written": sum(r["written"] for r in reports)}
-        dataset = TripletDataset(output) if any(output_has_manifest(output)) else None
-        if dataset is None or len(dataset) == 0:
+        if not any(output_has_manifest(output)) or len(TripletDataset(output)) == 0:
             reasons = "; ".join(f"{os.path.basename(r['video'])}: {r['reason'] or r['status']}" for r in reports)
             raise ValueError(f"no samples in {output}: {reasons}")
-        items = [dataset[i] for i in range(min(preview_count, len(dataset)))]
-        items = [i for i in items if i["source"].shape == items[0]["source"].shape]
-        return io.NodeOutput(_images([i["source"] for i in items]),
-                             torch.from_numpy(np.stack([i["mask"] for i in items])).float(),
-                             _images([i["target"] for i in items]), json.dumps(summary), output)
+        source, mask, target, _ = preview(output, 0, preview_count, skip_other_sizes=True)
+        return io.NodeOutput(source, mask, target, json.dumps(summary), output)
 
 
 def output_has_manifest(folder):
