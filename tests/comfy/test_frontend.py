@@ -100,3 +100,10 @@ def test_converter_matches_frontend_graph_to_prompt(frontend):
             if ours.get(node_id) != theirs.get(node_id):
                 problems.append(f"{name} node {node_id}: converter {ours.get(node_id)} != frontend {theirs.get(node_id)}")
     assert not problems, "\n".join(problems)
+
+
+def test_server_lists_every_workflow_as_a_template(frontend):
+    url, _ = frontend
+    listed = json.load(urllib.request.urlopen(url + "/api/workflow_templates", timeout=10))
+    shipped = sorted(p.stem for p in (PACK_ROOT / "workflows").glob("*.json"))
+    assert sorted(listed.get(PACK_FOLDER_NAME, [])) == shipped
