@@ -39,21 +39,24 @@ TOP_LEVEL_KEYS = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "tim
 def component_file(folder, component):
     """The weight file of ``component`` (unet, vae, text_encoder) in a diffusers folder, or a clear error."""
     sub = os.path.join(folder, component)
-    for name in WEIGHT_NAMES[component]:
-        path = os.path.join(sub, name)
-        if os.path.isfile(path):
-            return path
+    path = _first_file(sub, WEIGHT_NAMES[component])
+    if path:
+        return path
     raise FileNotFoundError(
         f"{folder} is not a complete SmartEraser diffusers folder: no {component} weights "
         f"(looked for {', '.join(WEIGHT_NAMES[component])} in {sub})."
     )
 
 
+def _first_file(folder, names):
+    """The first of ``names`` that is a file in ``folder``, or None."""
+    return next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
+
+
 def projector_file(folder):
-    for name in PROJECTOR_NAMES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
+    path = _first_file(folder, PROJECTOR_NAMES)
+    if path:
+        return path
     raise FileNotFoundError(
         f"no SmartEraser projector in {folder}: expected {PROJECTOR_NAMES[0]} (released next to unet/ and vae/) "
         f"or {PROJECTOR_NAMES[1]}."

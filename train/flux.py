@@ -295,15 +295,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--rank", type=int, default=oe.LORA_RANK)
     parser.add_argument("--alpha", type=float, default=float(oe.LORA_RANK))
     parser.add_argument("--lr", type=float, default=3e-5, help="base learning rate (official 3e-5)")
-    parser.add_argument("--no-scale-lr", action="store_true", help="do not multiply lr by batch × accumulation × GPUs")
-    parser.add_argument("--lr-scheduler", choices=loop.LR_SCHEDULERS, default="cosine_with_restarts")
-    parser.add_argument("--lr-warmup-steps", type=int, default=0)
-    parser.add_argument("--lr-num-cycles", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--grad-accum", type=int, default=8)
-    parser.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16")
-    parser.add_argument("--optimizer", choices=loop.OPTIMIZERS, default="adamw", help="adamw8bit needs bitsandbytes + CUDA")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    loop.add_loop_arguments(parser, batch_size=1, grad_accum=8, lr_scheduler="cosine_with_restarts", scale_lr=True)
     parser.add_argument("--caption", default=CAPTION)
     parser.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (official 512)")
     parser.add_argument("--guidance", type=float, default=GUIDANCE)
@@ -312,15 +304,10 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--cache-latents", type=int, default=0, metavar="K",
                         help="fix K crop/augmentation variants per sample and cache their VAE latents (0: no cache)")
     parser.add_argument("--cache-dir", default=None, help="disk folder for text/latent caches (default: memory only)")
-    parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--keep-checkpoints", type=int, default=2)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
     parser.add_argument("--validate-every", type=int, default=0, help="held-out loss + a picture every N steps")
     parser.add_argument("--validation-steps", type=int, default=8, help="sampling steps of validation pictures")
     parser.add_argument("--heldout", type=int, default=1, help="held-out samples (the last ones of the dataset)")
     parser.add_argument("--save-dtype", choices=("bf16", "fp32"), default="bf16")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=0)
 
 
 def run(args):
@@ -374,13 +361,7 @@ def run(args):
         log.info("step %d: held-out loss %.5f", step_number, value)
         return {"scalars": {"heldout_loss": value}, "images": images}
 
-    config = loop.LoopConfig(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
-        scale_lr=not args.no_scale_lr, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
-        lr_num_cycles=args.lr_num_cycles, optimizer=args.optimizer, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, output_dir=args.output,
-        checkpoint_dir=os.path.join(args.output, "checkpoints"), checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, validate_every=args.validate_every, num_workers=args.num_workers)
+    config = loop.loop_config_from_args(args, validate_every=args.validate_every)
 
     def progress(step_number, total, loss):
         if accelerator.is_main_process and (step_number == total or step_number % 10 == 0):

@@ -86,6 +86,42 @@ class LoopConfig:
         return self
 
 
+def add_loop_arguments(parser, *, batch_size, grad_accum, lr_scheduler, scale_lr):
+    """The command-line options every trainer shares (the loop's, not the model's), with the recipe's defaults.
+
+    ``scale_lr`` is the recipe's default: True adds ``--no-scale-lr``, False adds ``--scale-lr``; either way
+    the value lands in ``args.scale_lr``."""
+    if scale_lr:
+        parser.add_argument("--no-scale-lr", dest="scale_lr", action="store_false",
+                            help="do not multiply lr by batch × accumulation × GPUs")
+    else:
+        parser.add_argument("--scale-lr", action="store_true", help="multiply lr by batch × accumulation × GPUs")
+    parser.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=lr_scheduler)
+    parser.add_argument("--lr-warmup-steps", type=int, default=0)
+    parser.add_argument("--lr-num-cycles", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--grad-accum", type=int, default=grad_accum)
+    parser.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw8bit needs bitsandbytes + CUDA")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0)
+
+
+def loop_config_from_args(args, **extra):
+    """``LoopConfig`` from the options of :func:`add_loop_arguments` plus ``--steps``, ``--lr``, ``--output``."""
+    return LoopConfig(
+        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
+        scale_lr=args.scale_lr, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
+        lr_num_cycles=args.lr_num_cycles, optimizer=args.optimizer, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, output_dir=args.output,
+        checkpoint_dir=os.path.join(args.output, "checkpoints"), checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, num_workers=args.num_workers, **extra)
+
+
 @dataclass
 class TrainResult:
     step: int

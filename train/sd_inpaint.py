@@ -542,26 +542,14 @@ def add_arguments(parser):
     parser.add_argument("--resolution", type=int, default=RESOLUTION, help="training crop size in px (official 512)")
     parser.add_argument("--lr", type=float, default=LEARNING_RATE,
                         help="learning rate (official 5e-7 × batch 4 × 8 GPUs = 1.6e-5)")
-    parser.add_argument("--scale-lr", action="store_true", help="multiply lr by batch × accumulation × GPUs")
-    parser.add_argument("--lr-scheduler", default="constant")
-    parser.add_argument("--lr-warmup-steps", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--mixed-precision", choices=("bf16", "no"), default="bf16")
-    parser.add_argument("--optimizer", choices=loop.OPTIMIZERS, default="adamw", help="adamw8bit needs bitsandbytes + CUDA")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    loop.add_loop_arguments(parser, batch_size=4, grad_accum=1, lr_scheduler="constant", scale_lr=False)
     parser.add_argument("--no-mask-augmentation", action="store_true", help="train on the dataset's masks as they are")
     parser.add_argument("--cache-latents", type=int, default=0, metavar="K",
                         help="fix K crop/augmentation variants per sample and cache their VAE latents and CLIP "
                              "image embeds (0: no cache)")
     parser.add_argument("--cache-dir", default=None, help="disk folder for the caches (default: memory only)")
-    parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--keep-checkpoints", type=int, default=2)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
     parser.add_argument("--comfy-name", default=None,
                         help="also write OUTPUT/<name>.safetensors (ComfyUI checkpoint) and <name>_projector.safetensors")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=0)
 
 
 def options_from_args(args):
@@ -569,16 +557,6 @@ def options_from_args(args):
         objective=args.objective, image_condition=args.image_condition, visual_guidance=not args.no_visual_guidance,
         prompt=args.prompt, condition_dropout=args.condition_dropout, max_jump=args.max_jump, mode=args.mode,
         lora_rank=args.rank, lora_alpha=args.alpha).check()
-
-
-def loop_config_from_args(args):
-    return loop.LoopConfig(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
-        scale_lr=args.scale_lr, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
-        optimizer=args.optimizer, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, output_dir=args.output,
-        checkpoint_dir=os.path.join(args.output, "checkpoints"), checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, num_workers=args.num_workers)
 
 
 def run(args):
@@ -592,7 +570,7 @@ def run(args):
             print(f"step {step_number}/{total} loss {loss:.5f}", flush=True)
 
     os.makedirs(args.output, exist_ok=True)
-    out = train_sd_inpaint(args.model, args.data, args.output, loop_config_from_args(args), options_from_args(args),
+    out = train_sd_inpaint(args.model, args.data, args.output, loop.loop_config_from_args(args), options_from_args(args),
                            clip_vision=args.clip_vision, projector_path=args.projector, resolution=args.resolution,
                            mask_augmentation=not args.no_mask_augmentation, resume=args.resume, progress=progress,
                            comfy_name=args.comfy_name, accelerator=accelerator, cache_latents=args.cache_latents,
