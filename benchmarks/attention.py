@@ -7,17 +7,15 @@ The mask is the real dog_bench mask from ../shared/data (binarised, any-coverage
 centred ellipse when the data is absent; its token coverage is printed, since SRA's extra work is the masked
 queries times all keys.
 
-Cost model: SRA adds one SDPA call for the masked queries over all keys, so its extra time is about the masked
-fraction of the tokens times the plain time, and more on CPU: SDPA's CPU kernel runs a few hundred queries in
-32- or 64-row blocks instead of 256, so the masked call alone measures about 0.18x the plain time for the 15%
-masked SD1.5 tokens (gathering only the allowed keys and values does not make it cheaper). Its extra memory is the
-gathered masked queries and their output, which usually fit under the plain call's own peak. Skipping the plain
-pass for the masked queries would save that time, but the back-end's output for a query subset is not bit-for-bit
-its output for that query in the full call (CPU SDPA differs in the last bits when the subset's last query block
-has 1-3 rows), and the outside queries must keep the back-end's plain output exactly.
+Cost model: every query is computed once. The outside queries go through the plain back-end in groups of at
+most ``QUERY_CHUNK`` (768) rows, the inside queries through one SDPA call per group with a boolean key row, so the
+extra time is the gathers of non-contiguous groups, the scatter into the output, and the CPU kernel's lower
+efficiency for small query sets (SDPA's CPU kernel runs fewer than 768 queries in 32- or 64-row blocks, 12-25 %
+slower per query than its 256-row blocks). The extra memory is one group's gathered queries and output.
 
 Both variants run exactly what the ComfyUI patch runs: plain = ComfyUI's attention_pytorch (view, SDPA,
-transpose back); patched = the same plain call, then ``self_rectifying_attention`` on the masked queries.
+transpose back); patched = ``self_rectifying_attention`` with attention_pytorch's steps on each group of query
+rows (``skip_output_reshape``, as the node calls the back-end).
 
 Time: the fastest of interleaved repeats after a warm-up (the run least disturbed by other processes on a
 shared machine), as wall clock and as process CPU time; the median wall time is printed too.
@@ -102,9 +100,12 @@ def plain_step(q, k, v, heads):
 
 
 def sra_step(q, k, v, heads, blocked):
-    plain = plain_step(q, k, v, heads)
     qh, kh, vh = _heads(q, k, v, heads)
-    return core.self_rectifying_attention(qh, kh, vh, blocked, plain_out=plain)
+
+    def plain_rows(items, rows, mask_rows):  # attention_pytorch on some query rows, skip_output_reshape
+        return F.scaled_dot_product_attention(core.select_rows(qh[items], rows, 2), kh[items], vh[items], attn_mask=mask_rows)
+
+    return core.self_rectifying_attention(qh, kh, vh, blocked, plain=plain_rows)
 
 
 def run_variant(case, variant, blocked, device, dtype):

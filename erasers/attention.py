@@ -5,10 +5,11 @@ token grid, the additive mask is m'_ij = -inf when m_i = 1 and m_j = 1, else 0. 
 not attend to any key inside the mask (itself included), so the hole is filled from the background; queries
 outside the mask are untouched.
 
-The fast form never builds an L x L mask: every query first gets plain attention (the caller's back-end, so
-outside queries are bit-for-bit unchanged), then only the inside queries are gathered and attend again with one
-boolean key row ``[1, 1, 1, L]`` that broadcasts over batch, heads and queries (SDPA), and are scattered back.
-Extra work is ``|inside| x L``; extra memory is the gathered inside queries and their output.
+The fast form never builds an L x L mask and computes every query once: the queries outside the mask get plain
+attention from the caller's back-end (so they keep its output), the inside queries attend with one boolean key
+row ``[1, 1, 1, L]`` that broadcasts over batch, heads and queries (SDPA). Queries go in groups of at most
+``QUERY_CHUNK``, gathered only where a group is not one contiguous run, so the extra memory is one group's queries
+and output, and the extra time is the gathers and the scatter into the output.
 
 Token layouts handled here:
 - UNet levels: the latent mask is max-pooled by 2 with ceil sizing per level, exactly how the UNet's stride-2,
@@ -37,6 +38,10 @@ REMOVAL_GUIDANCE_SCALE = 9.0
 SUPPRESSION_SCALE = 0.3
 SUPPRESSION_STEPS = 9
 FLUX_PATCH = 2
+# Queries per attention call. CPU flash attention runs 768+ queries in 256-row blocks (fewer run in 64- or
+# 32-row blocks, 12-25 % slower per query); one group's gathered queries and output stay under 10 % of the plain
+# call's memory at SD1.5 512 (benchmarks/attention.py).
+QUERY_CHUNK = 768
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -122,77 +127,125 @@ def plain_attention(q, k, v, attn_mask=None):
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
-def _inside_attention(q_inside, k, v, allowed_keys, query_scale, attn_mask_rows):
-    """Attention of the gathered inside queries ``[B,H,n,D]`` over the allowed keys only."""
+def attention_mask_rows(attn_mask, items, rows):
+    """The caller's attention mask (``[L,L]``, ``[B,L,L]`` or ``[B,H|1,L,L]``) for some batch items and query rows.
+
+    Keeps the caller's number of dimensions, so any attention back-end takes it as it took the whole mask.
+    """
+    if attn_mask is None:
+        return None
+    m = attn_mask
+    if m.ndim > 2 and m.shape[0] > 1:
+        m = m[items]
+    return select_rows(m, rows, m.ndim - 2)
+
+
+def select_rows(x, rows, dim):
+    """Token rows of ``x`` along ``dim``: a view for a slice, a gather for an index tensor."""
+    if isinstance(rows, slice):
+        return x.narrow(dim, rows.start, rows.stop - rows.start)
+    return x.index_select(dim, rows)
+
+
+def sdpa_rows(q, k, v):
+    """The default plain back-end for ``self_rectifying_attention``: SDPA of some query rows, ``[b,H,n,D]``."""
+    def plain(items, rows, mask_rows):
+        return F.scaled_dot_product_attention(select_rows(q[items], rows, 2), k[items], v[items],
+                                              attn_mask=_sdpa_mask(mask_rows))
+    return plain
+
+
+def _sdpa_mask(mask):
+    if mask is not None and mask.ndim == 2:
+        return mask.unsqueeze(0)
+    if mask is not None and mask.ndim == 3:
+        return mask.unsqueeze(1)
+    return mask
+
+
+def query_chunks(rows, chunk):
+    """Split sorted token indices into groups of at most ``chunk``: a slice where a group is contiguous (no
+    gather needed), else the index tensor."""
+    for start in range(0, rows.numel(), chunk):
+        group = rows[start:start + chunk]
+        first, last = int(group[0]), int(group[-1])
+        yield slice(first, last + 1) if last - first + 1 == group.numel() else group
+
+
+def _inside_attention(q_inside, k, v, allowed_keys, query_scale, mask_rows):
+    """Attention of the inside queries ``[b,H,n,D]`` over the allowed keys only (one ``[1,1,1,L]`` bool row)."""
     mask = allowed_keys.view(1, 1, 1, -1)
-    if attn_mask_rows is not None:
-        if attn_mask_rows.dtype == torch.bool:
-            mask = attn_mask_rows & mask
+    mask_rows = _sdpa_mask(mask_rows)
+    if mask_rows is not None:
+        if mask_rows.dtype == torch.bool:
+            mask = mask_rows & mask
         else:
-            mask = attn_mask_rows.masked_fill(~mask, float("-inf"))
+            mask = mask_rows.masked_fill(~mask, float("-inf"))
     scale = query_scale / math.sqrt(q_inside.shape[-1])
     return F.scaled_dot_product_attention(q_inside, k, v, attn_mask=mask, scale=scale)
 
 
-def _attn_mask_rows(attn_mask, item, rows):
-    """The caller's own attention mask (``[L,L]``, ``[B,L,L]`` or ``[B,H|1,L,L]``) for some query rows."""
-    if attn_mask is None:
-        return None
-    m = attn_mask
-    if m.ndim == 2:
-        m = m.unsqueeze(0)
-    if m.ndim == 3:
-        m = m.unsqueeze(1)
-    if item is not None and m.shape[0] > 1:
-        m = m[item:item + 1]
-    return m.index_select(2, rows)
-
-
-def self_rectifying_attention(q, k, v, blocked, plain_out=None, strength=1.0, query_scale=1.0, attn_mask=None,
-                              heads_first_out=False):
+def self_rectifying_attention(q, k, v, blocked, plain=None, strength=1.0, query_scale=1.0, attn_mask=None,
+                              heads_first_out=False, query_chunk=None):
     """SRA over ``[B,H,L,D]`` queries/keys/values; ``blocked`` bool ``[B|1, L]`` marks tokens inside the mask.
 
-    Queries not blocked keep ``plain_out`` (the caller's plain attention, ``[B, L, H*D]`` or, with
-    ``heads_first_out``, ``[B,H,L,D]``; computed with SDPA when None). Blocked queries attend to unblocked keys
-    only, with logits scaled by ``query_scale``, blended ``strength`` of the way from plain. When every token is
-    blocked no key is allowed: those queries keep plain attention (never NaN). ``plain_out`` is updated in
-    place and returned.
+    Returns ``[B, L, H*D]`` (``[B,H,L,D]`` with ``heads_first_out``). ``plain(items, rows, mask_rows)`` is the
+    caller's attention back-end for batch items ``items`` (a slice) and query rows ``rows`` (a slice or index
+    tensor), returning ``[b,H,n,D]``; SDPA when None. Queries not blocked get exactly that plain attention.
+    Blocked queries attend to unblocked keys only, with logits scaled by ``query_scale``, blended ``strength`` of
+    the way from plain. An item whose tokens are all blocked has no allowed key and keeps plain attention (never
+    NaN); so do blocked rows that the caller's ``attn_mask`` leaves without an allowed key.
+
+    Every query is computed once: plain for the outside ones, rectified for the inside ones (``strength`` < 1 adds
+    plain for the inside ones), in groups of at most ``query_chunk`` (default ``QUERY_CHUNK``) queries, so the
+    extra memory is one group's gathered queries and output.
     """
     batch, heads, length, dim = q.shape
-    if plain_out is None:
-        plain_out = plain_attention(q, k, v, attn_mask)
-        heads_first_out = False
-    if strength == 0 or not bool(blocked.any()):
-        return plain_out
-    # [B, L, H, D] view of the output so that token rows can be overwritten in either layout.
-    if not heads_first_out:
-        plain_out = plain_out.contiguous()  # a no-op for every ComfyUI back-end; needed for the view
-    rows_out = plain_out.transpose(1, 2) if heads_first_out else plain_out.view(batch, length, heads, dim)
+    query_chunk = query_chunk or QUERY_CHUNK
+    plain = plain or sdpa_rows(q, k, v)
+    out = None
+    out_rows = None  # [B, L, H, D] view of ``out``
+
+    def write(items, rows, part):  # part: [b, H, n, D]
+        nonlocal out, out_rows
+        if out is None:
+            shape = (batch, heads, length, dim) if heads_first_out else (batch, length, heads * dim)
+            out = part.new_empty(shape)
+            out_rows = out.transpose(1, 2) if heads_first_out else out.view(batch, length, heads, dim)
+        target, part = out_rows[items], part.transpose(1, 2).to(out.dtype)
+        if isinstance(rows, slice):
+            target[:, rows] = part
+        else:
+            target.index_copy_(1, rows, part)
+
     shared = blocked.shape[0] == 1 or bool((blocked == blocked[:1]).all())
-    items = [None] if shared else range(batch)
-    for item in items:
-        row = blocked[0] if item is None else blocked[item]
+    for items in [slice(None)] if shared else [slice(i, i + 1) for i in range(batch)]:
+        row = blocked[0] if shared else blocked[items.start]
         inside = row.nonzero().squeeze(1)
-        if inside.numel() in (0, length):
-            continue  # nothing blocked, or no key left: plain attention for this item
-        sl = slice(None) if item is None else slice(item, item + 1)
-        q_inside = q[sl].index_select(2, inside)
-        mask_rows = _attn_mask_rows(attn_mask, item, inside)
-        redirected = _inside_attention(q_inside, k[sl], v[sl], ~row, query_scale, mask_rows)
-        del q_inside
-        if mask_rows is not None:
-            # rows whose own mask leaves no allowed key keep plain attention
-            allowed = ~row.view(1, 1, 1, -1) & (mask_rows if mask_rows.dtype == torch.bool else mask_rows > float("-inf"))
-            empty = ~allowed.any(-1, keepdim=True)
-            if bool(empty.any()):
-                plain_rows = rows_out[sl].index_select(1, inside).transpose(1, 2).to(redirected.dtype)
-                redirected = torch.where(empty, plain_rows, redirected)
-        redirected = redirected.transpose(1, 2).to(rows_out.dtype)  # [b, n, H, D]
-        target = rows_out[sl]
-        if strength != 1:
-            redirected = torch.lerp(target.index_select(1, inside), redirected, strength)
-        target.index_copy_(1, inside, redirected)
-    return plain_out
+        if inside.numel() in (0, length) or strength == 0:
+            inside = inside[:0]  # nothing blocked, or no key left, or SRA off: plain attention for every query
+            row = torch.zeros_like(row)
+        for rows in query_chunks((~row).nonzero().squeeze(1), query_chunk):
+            write(items, rows, plain(items, rows, attention_mask_rows(attn_mask, items, rows)))
+        for rows in query_chunks(inside, query_chunk):
+            mask_rows = attention_mask_rows(attn_mask, items, rows)
+            redirected = _inside_attention(select_rows(q[items], rows, 2), k[items], v[items], ~row, query_scale,
+                                           mask_rows)
+            keep_plain = None
+            if mask_rows is not None:  # rows whose own mask leaves no allowed key keep plain attention
+                allowed = ~row.view(1, 1, 1, -1) & (_sdpa_mask(mask_rows) if mask_rows.dtype == torch.bool
+                                                    else _sdpa_mask(mask_rows) > float("-inf"))
+                keep_plain = ~allowed.any(-1, keepdim=True)
+                keep_plain = keep_plain if bool(keep_plain.any()) else None
+            if strength != 1 or keep_plain is not None:
+                plain_rows = plain(items, rows, mask_rows).to(redirected.dtype)
+                if keep_plain is not None:
+                    redirected = torch.where(keep_plain, plain_rows, redirected)
+                if strength != 1:
+                    redirected = torch.lerp(plain_rows, redirected, strength)
+                del plain_rows
+            write(items, rows, redirected)
+    return out
 
 
 def sra_probabilities(q, k, blocked, query_scale=1.0):

@@ -1,10 +1,11 @@
 """Erase Diffusion's self-rectifying attention on any UNet or FLUX MODEL, and Attentive Eraser's removal guider.
 
 The patch rides on ComfyUI's ``optimized_attention_override`` (every attention back-end is wrapped by
-``wrap_attn``): the back-end computes plain attention as usual, then only the queries inside the mask are
-recomputed over the keys outside it (``erasers.attention``). An APPLY_MODEL wrapper gives each model call the
-mask at the latent's size and the FLUX text length; on UNets an attn1 patch pair marks which attention calls are
-self-attention (cross-attention is never touched). Existing overrides, wrappers and patches are kept and chained.
+``wrap_attn``): the back-end, and any override chained before this one, computes plain attention for the queries
+outside the mask, in groups of query rows, while the queries inside it attend to the keys outside it
+(``erasers.attention``). An APPLY_MODEL wrapper gives each model call the mask at the latent's size and the FLUX
+text length; on UNets an attn1 patch pair marks which attention calls are self-attention (cross-attention is
+never touched). Existing overrides, wrappers and patches are kept and chained.
 """
 import torch
 
@@ -20,6 +21,8 @@ BLOCKS_ALL = "all"
 BLOCKS_OUTPUT = "output (decoder)"
 BLOCK_OPTIONS = [BLOCKS_ALL, BLOCKS_OUTPUT]
 UNET, FLUX = "unet", "flux"
+# ComfyUI attention back-ends: (q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape, **kwargs)
+BACKEND_OPTIONS = ("mask", "attn_precision", "skip_reshape", "skip_output_reshape")
 MASK_TOOLTIP = ("Object mask of the image being inpainted, 1 = remove; thresholded at 0.5. Any size with the "
                 "latent's aspect; a batch of 1 or one mask per latent.")
 BLOCKS_TOOLTIP = ("UNet blocks whose self-attention is rectified: all (Erase Diffusion) or only the decoder's "
@@ -161,34 +164,38 @@ class SelfRectifyingAttention:
 
     def _override_chained_to(self, previous):
         def override(func, *args, **kwargs):
-            plain = previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+            def backend(*a, **kw):
+                return previous(func, *a, **kw) if previous is not None else func(*a, **kw)
+
             to = kwargs.get("transformer_options") or {}
             state = to.get(self.key)
             if state is None:
-                return plain
+                return backend(*args, **kwargs)
             if self.kind == UNET:
                 if not self._in_self_attention:
-                    return plain  # cross-attention
+                    return backend(*args, **kwargs)  # cross-attention
                 block = to.get("block")
                 if self.output_blocks_only and (block is None or block[0] != "output"):
-                    return plain
+                    return backend(*args, **kwargs)
             q, k, v, heads = args[:4]
-            mask = args[4] if len(args) > 4 else kwargs.get("mask")
-            if kwargs.get("skip_reshape", False):
-                qh, kh, vh = q, k, v
-            else:
-                qh, kh, vh = (core.split_heads(t, heads) for t in (q, k, v))
+            options = dict(zip(BACKEND_OPTIONS, args[4:]), **kwargs)  # every back-end's signature after heads
+            heads_first_in = options.get("skip_reshape", False)
+            qh, kh, vh = (q, k, v) if heads_first_in else (core.split_heads(t, heads) for t in (q, k, v))
             length = qh.shape[2]
             if kh.shape[2] != length:
-                return plain  # keys from elsewhere (reference tokens, ...): not the self-attention SRA defines
+                return backend(*args, **kwargs)  # keys from elsewhere (reference tokens, ...): not SRA's self-attention
             blocked = self._blocked(state, length, to)
-            if blocked is None:
-                return plain
-            if blocked.shape[0] not in (1, qh.shape[0]):
-                return plain  # a batch the mask was not made for (area conditioning crops)
-            return core.self_rectifying_attention(qh, kh, vh, blocked, plain_out=plain, strength=self.strength,
-                                                  query_scale=self.query_scale, attn_mask=mask,
-                                                  heads_first_out=kwargs.get("skip_output_reshape", False))
+            if blocked is None or blocked.shape[0] not in (1, qh.shape[0]) or not bool(blocked.any()):
+                return backend(*args, **kwargs)  # no grid here, a batch the mask was not made for, or nothing masked
+
+            def plain(items, rows, mask_rows):
+                """The back-end on some batch items and query rows, in the caller's layout, heads-first out."""
+                q_rows = core.select_rows(q[items], rows, 2 if heads_first_in else 1)
+                return backend(q_rows, k[items], v[items], heads, **dict(options, mask=mask_rows, skip_output_reshape=True))
+
+            return core.self_rectifying_attention(qh, kh, vh, blocked, plain=plain, strength=self.strength,
+                                                  query_scale=self.query_scale, attn_mask=options.get("mask"),
+                                                  heads_first_out=options.get("skip_output_reshape", False))
         return override
 
 

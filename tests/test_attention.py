@@ -108,39 +108,77 @@ def test_masked_queries_give_exactly_zero_weight_to_masked_keys():
     assert torch.equal(a[:, 5:17], b[:, 5:17])
 
 
-def test_outside_queries_keep_the_callers_plain_output_bit_for_bit():
+class RecordingBackend:
+    """A plain back-end that records the query rows it is asked for (each query must be computed once)."""
+
+    def __init__(self, q, k, v):
+        self.sdpa = sra.sdpa_rows(q, k, v)
+        self.calls = []
+
+    def __call__(self, items, rows, mask_rows):
+        out = self.sdpa(items, rows, mask_rows)
+        self.calls.append((items, rows, out))
+        return out
+
+    def rows(self):
+        return sorted(i for _, rows, _ in self.calls for i in self.indices(rows))
+
+    @staticmethod
+    def indices(rows):
+        return list(range(rows.start, rows.stop)) if isinstance(rows, slice) else rows.tolist()
+
+
+@pytest.mark.parametrize("chunk", [4, 7, 768])
+def test_outside_queries_get_the_plain_back_end_once_and_inside_queries_never(chunk):
     q, k, v = _qkv()
     blocked = torch.zeros(1, 30, dtype=torch.bool)
     blocked[0, 3:9] = True
-    plain = sra.plain_attention(q, k, v)
-    out = sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain.clone())
+    blocked[0, 20:23] = True
+    backend = RecordingBackend(q, k, v)
+    out = sra.self_rectifying_attention(q, k, v, blocked, plain=backend, query_chunk=chunk)
+    outside = (~blocked[0]).nonzero().squeeze(1).tolist()
+    assert backend.rows() == outside  # each outside query once, no inside query
+    assert max(part.shape[2] for *_, part in backend.calls) <= chunk
+    for items, rows, part in backend.calls:  # outside queries hold exactly what the back-end returned
+        assert torch.equal(out.view(2, 30, 3, 8)[items][:, backend.indices(rows)], part.transpose(1, 2))
+    if chunk == 768:  # one gathered call, as the whole call would have run it
+        assert len(backend.calls) == 1
+    torch.testing.assert_close(out, _reference(q, k, v, blocked), atol=1e-5, rtol=1e-5)
     keep = ~blocked[0]
-    assert torch.equal(out[:, keep], plain[:, keep])
-    assert not torch.allclose(out[:, ~keep], plain[:, ~keep])
+    torch.testing.assert_close(out[:, keep], sra.plain_attention(q, k, v)[:, keep], atol=1e-6, rtol=1e-6)
+
+
+def test_query_chunks_are_slices_where_contiguous():
+    rows = torch.tensor([0, 1, 2, 3, 5, 6, 9, 10, 11])
+    groups = list(sra.query_chunks(rows, 4))
+    assert groups[0] == slice(0, 4)
+    assert torch.equal(groups[1], torch.tensor([5, 6, 9, 10]))
+    assert groups[2] == slice(11, 12)
+    assert list(sra.query_chunks(rows[:0], 4)) == []
 
 
 def test_heads_first_output_layout():
     q, k, v = _qkv()
     blocked = torch.zeros(1, 30, dtype=torch.bool)
     blocked[0, 3:9] = True
-    plain = F.scaled_dot_product_attention(q, k, v)
-    out = sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain, heads_first_out=True)
+    out = sra.self_rectifying_attention(q, k, v, blocked, heads_first_out=True)
+    assert out.shape == q.shape
     torch.testing.assert_close(out.transpose(1, 2).reshape(2, 30, -1), _reference(q, k, v, blocked), atol=1e-5, rtol=1e-5)
 
 
-def test_full_mask_falls_back_to_plain_and_empty_mask_is_identity():
+def test_full_mask_falls_back_to_plain_and_empty_mask_is_plain():
     q, k, v = _qkv()
     plain = sra.plain_attention(q, k, v)
-    full = sra.self_rectifying_attention(q, k, v, torch.ones(1, 30, dtype=torch.bool), plain_out=plain.clone())
+    full = sra.self_rectifying_attention(q, k, v, torch.ones(1, 30, dtype=torch.bool))
     assert torch.equal(full, plain) and not full.isnan().any()
     per_item = torch.zeros(2, 30, dtype=torch.bool)
     per_item[0] = True  # item 0 fully covered, item 1 partly
     per_item[1, :4] = True
-    out = sra.self_rectifying_attention(q, k, v, per_item, plain_out=plain.clone())
+    out = sra.self_rectifying_attention(q, k, v, per_item)
     assert torch.equal(out[0], plain[0]) and not out.isnan().any()
     torch.testing.assert_close(out[1:], _reference(q[1:], k[1:], v[1:], per_item[1:]), atol=1e-5, rtol=1e-5)
     empty = torch.zeros(1, 30, dtype=torch.bool)
-    assert sra.self_rectifying_attention(q, k, v, empty, plain_out=plain) is plain
+    assert torch.equal(sra.self_rectifying_attention(q, k, v, empty), plain)
 
 
 def test_strength_blends_towards_plain():
@@ -149,12 +187,13 @@ def test_strength_blends_towards_plain():
     blocked[0, 10:20] = True
     plain = sra.plain_attention(q, k, v)
     full = _reference(q, k, v, blocked)
-    half = sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain.clone(), strength=0.5)
+    half = sra.self_rectifying_attention(q, k, v, blocked, strength=0.5)
     torch.testing.assert_close(half, 0.5 * plain + 0.5 * full, atol=1e-5, rtol=1e-5)
-    assert torch.equal(sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain.clone(), strength=0.0), plain)
+    assert torch.equal(sra.self_rectifying_attention(q, k, v, blocked, strength=0.0), plain)
 
 
-def test_callers_padding_mask_is_respected_and_rows_without_keys_stay_plain():
+@pytest.mark.parametrize("pad_ndim", [2, 3, 4])
+def test_callers_padding_mask_is_respected_and_rows_without_keys_stay_plain(pad_ndim):
     q, k, v = _qkv(batch=1)
     blocked = torch.zeros(1, 30, dtype=torch.bool)
     blocked[0, 20:] = True
@@ -162,9 +201,10 @@ def test_callers_padding_mask_is_respected_and_rows_without_keys_stay_plain():
     pad[..., 25:] = False          # keys 25.. are padding for everyone
     pad[:, :, 22, :20] = False     # query 22 may only see keys 20..24, all blocked -> keeps plain
     plain = sra.plain_attention(q, k, v, pad)
-    out = sra.self_rectifying_attention(q, k, v, blocked, plain_out=plain.clone(), attn_mask=pad)
+    given = pad.reshape(pad.shape[-(pad_ndim):]) if pad_ndim < 4 else pad
+    out = sra.self_rectifying_attention(q, k, v, blocked, attn_mask=given, query_chunk=4)
     assert not out.isnan().any()
-    assert torch.equal(out[:, 22], plain[:, 22])
+    torch.testing.assert_close(out[:, 22], plain[:, 22], atol=1e-6, rtol=1e-6)
     logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(8)
     rule = pad.clone()
     rule[:, :, 20:, 20:] = False

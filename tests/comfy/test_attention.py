@@ -3,10 +3,12 @@
 Each attention call of the patched model is inspected by a spy override chained on top of EraseKit's: it re-runs
 the call with huge values at the masked keys (masked queries must not move by one bit, i.e. their attention
 probability to masked keys is exactly 0), compares every row with the explicit softmax rule, and checks that
-unmasked queries (FLUX text tokens included) keep the back-end's plain output bit for bit.
+unmasked queries (FLUX text tokens included) keep the back-end's plain output (to float rounding: the back-end
+runs them as a subset of the queries).
 """
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import torch
 from erasekit.erasers import attention as core
 
 SEQ_TEXT = 7
+OUTSIDE_ATOL = 1e-6  # float32 rounding of attention outputs of size ~0.03; any real change is orders larger
 
 
 # ------------------------------------------------------------------ tiny models
@@ -83,6 +86,11 @@ def node(comfy, name):
     return comfy.node_class(name)
 
 
+def pack_core(comfy):
+    """The pack's own ``erasers.attention`` module (ComfyUI imports the pack under its folder's path)."""
+    return sys.modules[node(comfy, "EraseKitSelfRectifyingAttention").__module__].core
+
+
 def apply_sra(comfy, patcher, mask, strength=1.0, start=0.0, end=1.0, blocks="all"):
     return node(comfy, "EraseKitSelfRectifyingAttention").execute(patcher, mask, strength, start, end, blocks)[0]
 
@@ -107,6 +115,7 @@ class Spy:
         self.checked = []
         self.text_rows_checked = 0
         self.skipped = []
+        self.worst_outside = 0.0
 
     def blocked(self, length, to):
         if self.flux:
@@ -148,10 +157,12 @@ class Spy:
             assert torch.equal(probs[:, :, inside][..., inside], torch.zeros_like(probs[:, :, inside][..., inside]))
             want = torch.einsum("bhij,bhjd->bhid", probs, vh.float()).transpose(1, 2).reshape_as(rows)
             torch.testing.assert_close(rows.float(), want, atol=1e-4, rtol=1e-4)
-            # 3. unmasked queries (FLUX text tokens included) keep the back-end's output bit for bit
-            assert torch.equal(rows[:, ~inside], plain[:, ~inside])
+            # 3. unmasked queries (FLUX text tokens included) keep the back-end's plain attention; the back-end
+            # runs them as a subset of the queries, which can change the last bits of its rounding only
+            self.worst_outside = max(self.worst_outside, (rows[:, ~inside] - plain[:, ~inside]).abs().max().item())
+            torch.testing.assert_close(rows[:, ~inside], plain[:, ~inside], atol=OUTSIDE_ATOL, rtol=0)
             if self.flux:
-                assert torch.equal(rows[:, :SEQ_TEXT], plain[:, :SEQ_TEXT])
+                torch.testing.assert_close(rows[:, :SEQ_TEXT], plain[:, :SEQ_TEXT], atol=OUTSIDE_ATOL, rtol=0)
                 self.text_rows_checked += 1
             assert not torch.equal(rows[:, inside], plain[:, inside])
             self.checked.append((kwargs["transformer_options"].get("block"), qh.shape[2]))
@@ -257,7 +268,15 @@ def test_composes_with_existing_override_wrappers_and_patches(comfy):
 def test_every_attention_backend(comfy, monkeypatch, backend):
     from comfy.ldm.flux import math as flux_math
     from comfy.ldm.modules import attention
-    func = getattr(attention, backend)
+    query_rows = []
+
+    def counting(q, *args, **kwargs):  # the back-end, recording how many query rows each call gets
+        query_rows.append(q.shape[2] if kwargs.get("skip_reshape") else q.shape[1])
+        return getattr(attention, backend).__wrapped__(q, *args, **kwargs)
+
+    func = attention.wrap_attn(counting)
+    # groups of 16 queries: slices, gathers and several calls per attention go through each back-end
+    monkeypatch.setattr(pack_core(comfy), "QUERY_CHUNK", 16)
     monkeypatch.setattr(attention, "optimized_attention", func)
     monkeypatch.setattr(attention, "optimized_attention_masked", func)
     monkeypatch.setattr(flux_math, "optimized_attention", func)
@@ -265,8 +284,10 @@ def test_every_attention_backend(comfy, monkeypatch, backend):
         mask = object_mask(12, 10, (3, 2, 9, 7))
         x, sigma, extra = _inputs(patcher)
         spy = Spy(core.latent_mask(mask, 12, 10), flux=flux)
+        query_rows.clear()
         out = forward(apply_sra(comfy, patcher, mask), x, sigma, extra, spy)
         assert spy.checked and torch.isfinite(out).all()
+        assert 16 in query_rows  # full groups reached the back-end (no token grid here has 16 tokens)
 
 
 @pytest.mark.parametrize("concat_channels", [16 + 64, 48], ids=["fill", "omnieraser"])
