@@ -4,8 +4,8 @@ Cases (what a 512x512 image gives):
 - SD1.5, top UNet level: 64x64 = 4096 tokens, 8 heads x 40, batch 2 (cond + uncond).
 - FLUX: 512 text + 32x32 = 1024 image tokens, 24 heads x 128, batch 1.
 The mask is the real dog_bench mask from ../shared/data (binarised, any-coverage to each token grid), or a
-centred ellipse when the data is absent; its token coverage is printed, since SRA's extra work is the masked
-queries times all keys.
+centred ellipse when the data is absent; its token coverage is printed, since it sets how the queries split
+between the plain and the masked calls.
 
 Cost model: every query is computed once. The outside queries go through the plain back-end in groups of at
 most ``QUERY_CHUNK`` (768) rows, the inside queries through one SDPA call per group with a boolean key row, so the
