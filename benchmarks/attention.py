@@ -100,12 +100,8 @@ def plain_step(q, k, v, heads):
 
 
 def sra_step(q, k, v, heads, blocked):
-    qh, kh, vh = _heads(q, k, v, heads)
-
-    def plain_rows(items, rows, mask_rows):  # attention_pytorch on some query rows, skip_output_reshape
-        return F.scaled_dot_product_attention(core.select_rows(qh[items], rows, 2), kh[items], vh[items], attn_mask=mask_rows)
-
-    return core.self_rectifying_attention(qh, kh, vh, blocked, plain=plain_rows)
+    # the default plain back-end, SDPA on each group of query rows, is attention_pytorch with skip_output_reshape
+    return core.self_rectifying_attention(*_heads(q, k, v, heads), blocked)
 
 
 def run_variant(case, variant, blocked, device, dtype):

@@ -173,9 +173,9 @@ def query_chunks(rows, chunk):
 
 
 def _inside_attention(q_inside, k, v, allowed_keys, query_scale, mask_rows):
-    """Attention of the inside queries ``[b,H,n,D]`` over the allowed keys only (one ``[1,1,1,L]`` bool row)."""
+    """Attention of the inside queries ``[b,H,n,D]`` over the allowed keys only (one ``[1,1,1,L]`` bool row);
+    ``mask_rows`` is the caller's mask for these rows in SDPA's 4-D form, or None."""
     mask = allowed_keys.view(1, 1, 1, -1)
-    mask_rows = _sdpa_mask(mask_rows)
     if mask_rows is not None:
         if mask_rows.dtype == torch.bool:
             mask = mask_rows & mask
@@ -229,12 +229,12 @@ def self_rectifying_attention(q, k, v, blocked, plain=None, strength=1.0, query_
             write(items, rows, plain(items, rows, attention_mask_rows(attn_mask, items, rows)))
         for rows in query_chunks(inside, query_chunk):
             mask_rows = attention_mask_rows(attn_mask, items, rows)
+            sdpa_mask = _sdpa_mask(mask_rows)
             redirected = _inside_attention(select_rows(q[items], rows, 2), k[items], v[items], ~row, query_scale,
-                                           mask_rows)
+                                           sdpa_mask)
             keep_plain = None
-            if mask_rows is not None:  # rows whose own mask leaves no allowed key keep plain attention
-                allowed = ~row.view(1, 1, 1, -1) & (_sdpa_mask(mask_rows) if mask_rows.dtype == torch.bool
-                                                    else _sdpa_mask(mask_rows) > float("-inf"))
+            if sdpa_mask is not None:  # rows whose own mask leaves no allowed key keep plain attention
+                allowed = ~row.view(1, 1, 1, -1) & (sdpa_mask if sdpa_mask.dtype == torch.bool else sdpa_mask > float("-inf"))
                 keep_plain = ~allowed.any(-1, keepdim=True)
                 keep_plain = keep_plain if bool(keep_plain.any()) else None
             if strength != 1 or keep_plain is not None:

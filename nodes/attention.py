@@ -159,7 +159,8 @@ class SelfRectifyingAttention:
                                    f"a {grid[0]}x{grid[1]} image grid; this model's token layout is not FLUX's")
         key = (grid, offset, length)
         if key not in state.blocked:
-            state.blocked[key] = core.blocked_tokens(core.grid_mask(state.latent_mask, *grid), length, offset)
+            blocked = core.blocked_tokens(core.grid_mask(state.latent_mask, *grid), length, offset)
+            state.blocked[key] = blocked if bool(blocked.any()) else None  # None: nothing to rectify at this grid
         return state.blocked[key]
 
     def _override_chained_to(self, previous):
@@ -185,8 +186,8 @@ class SelfRectifyingAttention:
             if kh.shape[2] != length:
                 return backend(*args, **kwargs)  # keys from elsewhere (reference tokens, ...): not SRA's self-attention
             blocked = self._blocked(state, length, to)
-            if blocked is None or blocked.shape[0] not in (1, qh.shape[0]) or not bool(blocked.any()):
-                return backend(*args, **kwargs)  # no grid here, a batch the mask was not made for, or nothing masked
+            if blocked is None or blocked.shape[0] not in (1, qh.shape[0]):
+                return backend(*args, **kwargs)  # no grid or nothing masked here, or a batch the mask was not made for
 
             def plain(items, rows, mask_rows):
                 """The back-end on some batch items and query rows, in the caller's layout, heads-first out."""
