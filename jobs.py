@@ -96,3 +96,23 @@ def cli_main(prog: str, run: Callable[[], int]) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
+
+
+class MissingExtra(ImportError):
+    """An optional feature's package is not installed; the message names the package and the pip line."""
+
+
+def require(module: str, extra: str, feature: str):
+    """Import ``module`` for ``feature`` or raise ``MissingExtra`` naming the exact ``pip install`` line.
+
+    ``extra`` is the pyproject optional-dependency group that provides it (``train``, ``dataset``, ...)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = module.split(".")[0]
+        raise MissingExtra(
+            f"{feature} needs the Python package '{package}', which is not installed ({error}). Install it into "
+            f"ComfyUI's Python with: pip install {package} (or all of EraseKit's {extra} extras: "
+            f"pip install -r requirements-{extra}.txt)") from error
