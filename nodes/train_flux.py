@@ -235,6 +235,8 @@ def train_omnieraser(model, vae, positive, dataset, steps, learning_rate, rank, 
         held_latents = encode_latents(vae, model.model, held_sample)
         held_mask = held_sample["mask"][None]
 
+        if training_dtype == "auto":
+            training_dtype = "bf16" if loop.native_bf16(device) else "fp32"
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(training_dtype)
         if dtype is None:  # "model": the MODEL's own compute dtype
             dtype = model.model.manual_cast_dtype or model.model.get_dtype()
@@ -331,9 +333,11 @@ class TrainOmniEraserLora(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute block activations in the backward pass: much less memory, "
                                  "about a third slower."),
-                io.Combo.Input("training_dtype", options=["bf16", "fp32", "model"], default="bf16",
-                               tooltip="Compute dtype of the forward pass (LoRA weights stay fp32). 'model' uses "
-                               "the MODEL's own compute dtype."),
+                io.Combo.Input("training_dtype", options=["auto", "bf16", "fp32", "model"], default="auto",
+                               tooltip="Compute dtype of the forward pass (LoRA weights stay fp32). auto: bf16 where "
+                               "the device runs it natively (CUDA GPUs with bf16, CPUs with AVX-512-BF16 or AMX), "
+                               "fp32 elsewhere (emulated bf16 on a CPU is many times slower). 'model' uses the "
+                               "MODEL's own compute dtype."),
                 io.Boolean.Input("scale_lr", default=True, tooltip="Multiply the learning rate by the "
                                  "accumulation steps (diffusers' --scale_lr, used by OmniEraser)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,

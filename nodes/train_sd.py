@@ -114,8 +114,10 @@ class TrainSDInpaintEraser(io.ComfyNode):
                              tooltip="Write a resumable checkpoint every N steps (0: only at the end)."),
                 io.Boolean.Input("resume", default=True,
                                  tooltip="Continue from the newest checkpoint of this output_name, if there is one."),
-                io.Combo.Input("mixed_precision", options=["bf16", "no"], default="bf16",
-                               tooltip="bf16 autocast (GPU) or full fp32 (CPU, or for exact comparisons)."),
+                io.Combo.Input("mixed_precision", options=list(loop.MIXED_PRECISION), default="auto",
+                               tooltip="bf16 autocast, or no (full fp32, also for exact comparisons). auto: bf16 "
+                               "where the device runs it natively (CUDA GPUs with bf16, CPUs with AVX-512-BF16 or "
+                               "AMX), fp32 elsewhere (emulated bf16 on a CPU is many times slower)."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute activations in the backward pass: less memory, slower."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,

@@ -2,11 +2,16 @@
 # Builds (or refreshes) the development/test environment on a fresh machine, offline from
 # PyPI only. Idempotent: a second run installs nothing new.
 #   ERASEKIT_VENV   where the venv lives (default ~/.cache/erasekit/venv, reused between runs)
-#   COMFYUI_PATH    a ComfyUI checkout whose requirements are installed too (default ~/ComfyUI)
+#   COMFYUI_PATH    the ComfyUI whose requirements are installed too: COMFYUI_PATH, else ~/ComfyUI, else the
+#                   shared ComfyUI 0.3.64 snapshot (../shared/comfyui/ComfyUI), the order tests/comfy uses
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${ERASEKIT_VENV:-$HOME/.cache/erasekit/venv}"
-comfy="${COMFYUI_PATH:-$HOME/ComfyUI}"
+comfy="${COMFYUI_PATH:-}"
+if [ -z "$comfy" ]; then
+  comfy="$HOME/ComfyUI"
+  [ -f "$comfy/main.py" ] || comfy="${ERASEKIT_SHARED_COMFYUI:-$root/../shared/comfyui/ComfyUI}"
+fi
 
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
@@ -14,8 +19,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 stamp="$venv/.erasekit-setup"
-# Re-install when a requirement changes or this is another checkout (the editable install points at one tree).
-want="$( (echo "$root"; cat "$root/requirements.txt" "$root/tests/requirements.txt" "$comfy/requirements.txt" 2>/dev/null) | sha1sum | cut -c1-12)"
+# Re-install when a requirement changes. Tests import the checkout they live in (tests/conftest.py), so the
+# editable install (for the erasekit-* commands) need not follow every checkout.
+want="$( (cat "$root/requirements.txt" "$root/tests/requirements.txt" "$comfy/requirements.txt" 2>/dev/null) | sha1sum | cut -c1-12)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch is ComfyUI's to own at run time; for tests we pin the pair that imports with torchvision.
   "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1

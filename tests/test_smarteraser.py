@@ -14,7 +14,6 @@ from erasekit.erasers import smarteraser_convert as conv
 from erasekit.erasers.crop_stitch import stitch
 
 TINY = Path(__file__).resolve().parent / "comfy" / "tiny" / "smarteraser.py"
-SD1_TOKENIZER = Path.home() / "ComfyUI" / "comfy" / "sd1_tokenizer"
 
 
 def tiny_module():
@@ -61,13 +60,12 @@ def test_seven_token_ids_hand_made():
     assert se.seven_token_ids([1, 2, 3, 4, 5, 6, 7], bos, eos) == [100, 1, 2, 3, 4, 5, 200]  # truncated
 
 
-@pytest.mark.skipif(not SD1_TOKENIZER.is_dir(), reason="needs ComfyUI's SD1 tokenizer files (~/ComfyUI)")
 @pytest.mark.parametrize("prompt", ["Remove the instance of", "Remove the instance of object", "",
                                     "remove the big red car on the left side"])
-def test_seven_token_ids_match_clip_tokenizer(prompt):
+def test_seven_token_ids_match_clip_tokenizer(prompt, comfyui_source):
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(SD1_TOKENIZER))
+    tokenizer = CLIPTokenizer.from_pretrained(str(comfyui_source / "comfy" / "sd1_tokenizer"))
     official = tokenizer(prompt, padding="max_length", max_length=7, truncation=True)["input_ids"]
     words = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert se.seven_token_ids(words, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == official

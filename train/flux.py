@@ -316,6 +316,7 @@ def run(args):
 
     accelerator = Accelerator(device_placement=False)
     device = accelerator.device
+    args.mixed_precision = loop.resolve_mixed_precision(args.mixed_precision, device)
     weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
     triplets = open_triplets(args.data)
     train_part, heldout_part = split_heldout(triplets, args.heldout)

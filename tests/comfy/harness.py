@@ -5,11 +5,13 @@ folders, builds tiny models on demand from the builders in ``tiny/*.py`` and run
 ComfyUI's own validator and executor.
 """
 import asyncio
+import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -22,12 +24,73 @@ CORE_MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "text_encoders",
                       "controlnet", "upscale_models", "embeddings")
 
 
+SHARED_COMFYUI = Path(os.environ.get("ERASEKIT_SHARED_COMFYUI",
+                                     PACK_ROOT.parent / "shared" / "comfyui" / "ComfyUI"))
+CACHE_DIR = Path(os.environ.get("ERASEKIT_CACHE", Path.home() / ".cache" / "erasekit"))
+
+
+def is_comfyui(path):
+    return path is not None and (Path(path) / "main.py").is_file() and (Path(path) / "comfy").is_dir()
+
+
 def find_comfyui():
-    """The ComfyUI checkout to test against, or (None, reason)."""
-    for candidate, source in ((os.environ.get("COMFYUI_PATH"), "COMFYUI_PATH"), (str(Path.home() / "ComfyUI"), "~/ComfyUI")):
-        if candidate and (Path(candidate) / "main.py").is_file() and (Path(candidate) / "comfy").is_dir():
-            return Path(candidate), None
-    return None, "no ComfyUI checkout: set COMFYUI_PATH to one (or keep one at ~/ComfyUI)"
+    """The ComfyUI checkout to test against, or (None, reason): ``COMFYUI_PATH``, else ``~/ComfyUI``, else a
+    writable copy of the shared ComfyUI 0.3.64 snapshot (``../shared/comfyui/ComfyUI``, read-only where CI runs)."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        if is_comfyui(env):
+            return Path(env), None
+        return None, f"COMFYUI_PATH={env} is not a ComfyUI checkout (it needs main.py and comfy/)"
+    home = Path.home() / "ComfyUI"
+    if is_comfyui(home):
+        return home, None
+    if is_comfyui(SHARED_COMFYUI):
+        return writable_copy(SHARED_COMFYUI), None
+    return None, (f"no ComfyUI: set COMFYUI_PATH, keep a checkout at ~/ComfyUI, or provide the shared snapshot at "
+                  f"{SHARED_COMFYUI}")
+
+
+def tree_fingerprint(root):
+    """Hash of every file's path, size and mtime under ``root``: changes whenever the tree does."""
+    digest = hashlib.sha1()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def writable_copy(source):
+    """A writable copy of the ComfyUI at ``source`` in the cache, made once and made again when ``source`` changes.
+
+    ComfyUI writes into its own input/, output/, user/ and custom_nodes/ folders, and the shared snapshot is
+    read-only. The copy is built beside its final place and renamed into it, so concurrent test processes
+    (pytest-xdist workers, two checkouts) never see a half-made copy."""
+    parent = CACHE_DIR / "comfyui"
+    target = parent / tree_fingerprint(source)
+    comfy = target / "ComfyUI"
+    if is_comfyui(comfy):
+        return comfy
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=parent))
+    shutil.copytree(source, staging / "ComfyUI", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder, dirs, files in os.walk(staging):
+        os.chmod(folder, 0o755)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | 0o200)
+    for name in ("input", "output", "custom_nodes", "user"):
+        (staging / "ComfyUI" / name).mkdir(exist_ok=True)
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in parent.iterdir():  # copies of snapshots that have since changed
+        if old != target and not old.name.startswith(".copy-"):
+            shutil.rmtree(old, ignore_errors=True)
+    return comfy
 
 
 class _Server:
@@ -231,25 +294,47 @@ class ComfyHarness:
                 exception_message=detail.get("exception_message", ""))
         return PromptResult(executor, outputs)
 
-    def workflow_prompt(self, workflow, max_steps=None):
+    def workflow_prompt(self, workflow, caps=None):
         """The API prompt for a UI-format workflow, after building the tiny models it names.
 
-        ``max_steps`` caps every ``steps`` input: the example workflows keep the papers' step counts
-        (28 for OmniEraser, 50 for SmartEraser), which cost minutes per workflow on CPU and prove nothing
-        more about the graph than three steps do."""
+        ``caps`` (input name → largest value; see ``COST_CAPS``) lowers the cost inputs of every node: the
+        example workflows keep the papers' values (28 or 50 steps, 1024 px, accumulation 8, ...), which cost
+        minutes per workflow on a CPU and prove nothing more about the graph than small ones do."""
         from workflow_to_prompt import workflow_to_prompt, model_files
         for folder, filename in model_files(workflow, self.object_info):
             self.ensure_model(folder, filename)
         prompt = workflow_to_prompt(workflow, self.object_info)
-        if max_steps is not None:
-            for entry in prompt.values():
-                steps = entry["inputs"].get("steps")
-                if isinstance(steps, int) and steps > max_steps:
-                    entry["inputs"]["steps"] = max_steps
+        for entry in prompt.values():
+            cap_inputs(entry["inputs"], caps or {})
         return prompt
 
-    def run_workflow(self, workflow, max_steps=None):
-        return self.run_prompt(self.workflow_prompt(workflow, max_steps))
+    def run_workflow(self, workflow, caps=None):
+        return self.run_prompt(self.workflow_prompt(workflow, caps))
+
+
+# Cost inputs of nodes and their caps in workflow tests. They shrink what is under test (fewer steps, smaller
+# crops, fewer samples and frames), not what it means; inputs whose 0 means "all" are capped too.
+COST_CAPS = {
+    "steps": 3,  # sampler and trainer steps (papers: 28, 50, 1000)
+    "grad_accumulation": 1, "grad_accum": 1,  # micro-batches per optimizer step (OmniEraser: 8)
+    "crop_variants": 1,  # cached random crops per training pair
+    "resolution": 128,  # training crop side (OmniEraser 1024)
+    "target_side": 256,  # working side of Crop Around Mask (OmniEraser 1024, SmartEraser 512)
+    "num_samples": 2,  # Syn4Removal samples
+    "size": 256,  # Syn4Removal sample side (official 512)
+    "max_pairs": 2, "preview_count": 2, "count": 2,
+    "frame_count": 8, "max_frames": 120, "end_frame": 120,  # video frames read
+}
+ZERO_MEANS_ALL = {"max_frames", "end_frame", "num_samples"}
+
+
+def cap_inputs(inputs, caps):
+    """Lower every int input named in ``caps`` to its cap, in place (links and other types are left alone)."""
+    for name, cap in caps.items():
+        value = inputs.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value > cap or (value == 0 and name in ZERO_MEANS_ALL):
+                inputs[name] = cap
 
 
 class PromptError(RuntimeError):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import COST_CAPS
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -250,7 +251,7 @@ def test_example_workflow_runs_and_keeps_pixels_outside_the_mask(comfy):
     from erasekit.erasers.crop_stitch import feather_mask
 
     workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
-    result = comfy.run_workflow(workflow, max_steps=3)  # the stitch is under test, not the step count
+    result = comfy.run_workflow(workflow, caps=COST_CAPS)  # the stitch is under test, not the sizes
     nodes = {n["type"]: n for n in workflow["nodes"]}
     saved = result.ui[str(nodes["SaveImage"]["id"])]["images"][0]
     output = np.asarray(Image.open(comfy.output_dir / saved["subfolder"] / saved["filename"]).convert("RGB"))

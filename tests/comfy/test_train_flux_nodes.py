@@ -169,7 +169,7 @@ def test_training_graph_through_comfyui(comfy, triplets):
             "model": ["1", 0], "vae": ["2", 0], "positive": ["4", 0], "dataset": str(triplets), "steps": 2,
             "learning_rate": 3e-5, "rank": 4, "grad_accumulation": 1, "resolution": 64, "resize_short_side": 0,
             "mask_augmentation": False, "crop_variants": 1, "guidance": 3.5, "gradient_checkpointing": True,
-            "training_dtype": "bf16", "scale_lr": True, "seed": 0, "interrupt_prefix": "graph"}},
+            "training_dtype": "auto", "scale_lr": True, "seed": 0, "interrupt_prefix": "graph"}},
         "6": {"class_type": "EraseKitSaveEraserLora", "inputs": {"lora": ["5", 1], "filename_prefix": "erasekit/graph"}},
         "7": {"class_type": "PreviewImage", "inputs": {"images": ["5", 2]}},
     }

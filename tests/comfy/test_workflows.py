@@ -1,10 +1,10 @@
-"""Every example workflow executes through ComfyUI's own executor on tiny models."""
+"""Every example workflow executes through ComfyUI's own executor on tiny models, its cost inputs capped."""
 import json
 from pathlib import Path
 
 import pytest
+from harness import COST_CAPS
 
-MAX_STEPS = 3  # see ComfyHarness.workflow_prompt: the graph is what is under test, not the step count
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 
 
@@ -13,6 +13,6 @@ def test_workflow_executes(comfy, path):
     if comfy.shared_data is None:
         pytest.skip("the example workflows load real images and videos from ../shared/data, which is absent")
     workflow = json.loads(path.read_text())
-    result = comfy.run_workflow(workflow, max_steps=MAX_STEPS)
+    result = comfy.run_workflow(workflow, caps=COST_CAPS)
     assert result.output_nodes, f"{path.name} has no output node"
     assert result.ui, f"{path.name} produced no output"
