@@ -304,12 +304,36 @@ class ComfyHarness:
         for folder, filename in model_files(workflow, self.object_info):
             self.ensure_model(folder, filename)
         prompt = workflow_to_prompt(workflow, self.object_info)
+        caps = caps or {}
         for entry in prompt.values():
-            cap_inputs(entry["inputs"], caps or {})
+            cap_inputs(entry["inputs"], caps)
+            if "image_short_side" in caps and entry["class_type"] in IMAGE_LOADERS:
+                entry["inputs"]["image"] = self.capped_input(entry["inputs"]["image"], caps["image_short_side"])
         return prompt
 
+    def capped_input(self, name, short_side):
+        """``name`` in the input folder, or a copy scaled so its short side is ``short_side`` (masks: nearest
+        neighbour, so they stay binary), in ``capped<side>/``; returns the name to give LoadImage."""
+        from PIL import Image
+        source = self.input_dir / name
+        with Image.open(source) as image:
+            width, height = image.size
+            if min(width, height) <= short_side:
+                return name
+            scale = short_side / min(width, height)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            target = self.input_dir / f"capped{short_side}" / name
+            if not target.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                nearest = "mask" in Path(name).stem.lower()
+                image.resize(size, Image.NEAREST if nearest else Image.LANCZOS).save(target)
+        return f"capped{short_side}/{name}"
+
     def run_workflow(self, workflow, caps=None):
-        return self.run_prompt(self.workflow_prompt(workflow, caps))
+        prompt = self.workflow_prompt(workflow, caps)
+        result = self.run_prompt(prompt)
+        result.prompt = prompt
+        return result
 
 
 # Cost inputs of nodes and their caps in workflow tests. They shrink what is under test (fewer steps, smaller
@@ -324,7 +348,9 @@ COST_CAPS = {
     "size": 256,  # Syn4Removal sample side (official 512)
     "max_pairs": 2, "preview_count": 2, "count": 2,
     "frame_count": 8, "max_frames": 120, "end_frame": 120,  # video frames read
+    "image_short_side": 256,  # photos given to LoadImage / LoadImageMask are scaled down to this short side
 }
+IMAGE_LOADERS = {"LoadImage", "LoadImageMask"}
 ZERO_MEANS_ALL = {"max_frames", "end_frame", "num_samples"}
 
 

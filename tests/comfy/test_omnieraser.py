@@ -256,8 +256,9 @@ def test_example_workflow_runs_and_keeps_pixels_outside_the_mask(comfy):
     saved = result.ui[str(nodes["SaveImage"]["id"])]["images"][0]
     output = np.asarray(Image.open(comfy.output_dir / saved["subfolder"] / saved["filename"]).convert("RGB"))
 
-    photo = np.asarray(Image.open(comfy.input_dir / nodes["LoadImage"]["widgets_values"][0]).convert("RGB"))
-    mask_image = Image.open(comfy.input_dir / nodes["LoadImageMask"]["widgets_values"][0]).convert("RGBA")
+    used = {kind: result.prompt[str(nodes[kind]["id"])]["inputs"]["image"] for kind in ("LoadImage", "LoadImageMask")}
+    photo = np.asarray(Image.open(comfy.input_dir / used["LoadImage"]).convert("RGB"))
+    mask_image = Image.open(comfy.input_dir / used["LoadImageMask"]).convert("RGBA")
     mask = torch.from_numpy(np.asarray(mask_image)[..., 0].astype(np.float32) / 255.0)
     grow, blur = nodes["EraseKitStitchCrop"]["widgets_values"]
     outside = (feather_mask(mask[None], grow, blur)[0] == 0).numpy()
