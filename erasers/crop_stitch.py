@@ -168,7 +168,7 @@ def crop_around_mask(image, mask, context=CONTEXT, target_side=1024, multiple=16
     padded_w = int(math.ceil(resized_w / multiple)) * multiple
     padded_h = int(math.ceil(resized_h / multiple)) * multiple
     info = CropInfo(x0, y0, x1, y1, height, width, resized_h, resized_w, padded_h, padded_w)
-    return _cut(image, mask, info, pad_mode="replicate")
+    return working_crop(image, mask, info, pad_mode="replicate")
 
 
 def whole_image_size(height, width, short_side=1024, multiple=16):
@@ -200,10 +200,10 @@ def resize_whole_image(image, mask, short_side=1024, multiple=16):
         raise ValueError(f"A {width}x{height} photo is too elongated for a {short_side} px short side: its sides "
                          f"would floor to {resized_w}x{resized_h}.")
     info = CropInfo(0, 0, width, height, height, width, resized_h, resized_w, resized_h, resized_w, resample="bicubic")
-    return _cut(image, mask, info)
+    return working_crop(image, mask, info)
 
 
-def _cut(image, mask, info, pad_mode="replicate", pad_value=0.0):
+def working_crop(image, mask, info, pad_mode="replicate", pad_value=0.0):
     """``(crop, crop_mask, info)``: the box of ``info`` scaled to its working size and padded."""
     crop = crop_pixels(image, info).movedim(-1, 1)
     pad = (0, info.padded_width - info.resized_width, 0, info.padded_height - info.resized_height)

@@ -16,12 +16,14 @@ the fused weights:
 from dataclasses import dataclass, field
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 PROMPT = "There is nothing here."
 GUIDANCE = 3.5
 STEPS = 28
+T5_TOKENS = 512  # the official pipeline pads the prompt's T5 tokens to max_sequence_length=512
 LORA_RANK = 32
 CONDITION_CHANNELS = 48  # 16 background + 16 foreground + 16 inverted mask
 LATENT_CHANNELS = 16
@@ -146,6 +148,23 @@ def widen_x_embedder(transformer, factor=4):
     transformer.x_embedder = new
     transformer.register_to_config(in_channels=old.in_features * factor)
     return transformer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def pipeline_timesteps(steps):
+    """The unshifted sigmas of diffusers' FLUX pipelines: ``linspace(1, 1/steps, steps)`` in float32.
+
+    pipeline_flux_control_removal.py passes them with ``mu = calculate_shift(tokens)`` to
+    FlowMatchEulerDiscreteScheduler, which shifts each one as ``e^mu / (e^mu + 1/t - 1)`` and appends 0. The
+    same shift is ComfyUI FLUX's model_sampling ``sigma(t)`` once core ModelSamplingFlux has set ``mu`` from the
+    image's size.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    return torch.from_numpy(np.linspace(1.0, 1.0 / steps, steps).astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------------------------------
