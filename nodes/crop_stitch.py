@@ -3,6 +3,7 @@ import comfy.model_management
 from comfy_api.latest import io
 
 from ..erasers import crop_stitch as core
+from ..erasers.smarteraser import PASTE_BLUR_RADIUS
 
 CATEGORY = "erasekit/masks"
 # The socket type that carries an ``erasers.crop_stitch.CropInfo`` (crop box, working size, how it was scaled)
@@ -126,8 +127,8 @@ class StitchCrop(io.ComfyNode):
                              "Crop 512' (the crop decides)."),
                 io.Float.Input("blur_radius", default=5.0, min=0.0, max=256.0, step=0.5,
                                tooltip="Gaussian feather (standard deviation in pixels, like PIL's GaussianBlur "
-                               "radius; SmartEraser's demo pastes back with 5 at its 512-short-side scale). 0 pastes "
-                               "with a hard edge."),
+                               f"radius; SmartEraser's demo pastes back with {PASTE_BLUR_RADIUS} at its "
+                               "512-short-side scale). 0 pastes with a hard edge."),
                 io.Float.Input("change_threshold", default=core.CHANGE_THRESHOLD, min=0.0, max=1.0, step=0.005,
                                tooltip="change-aware only: how far (0-1 pixel value, after smoothing) the eraser's "
                                "output must differ from its input to count as changed. "
