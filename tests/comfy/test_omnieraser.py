@@ -352,31 +352,29 @@ def sampler_spy(monkeypatch):
     gc.collect()
 
 
-@pytest.mark.parametrize("name", ["omnieraser", "omnieraser_controlnet", "omnieraser_whole_image", "sra_flux_fill"])
-def test_flux_workflows_sample_the_official_schedule_for_the_crop(comfy, sampler_spy, name):
-    """Each FLUX workflow at a 64 px working size: the sampler gets diffusers' calculate_shift schedule for the crop's
-    own size (1e-6) and the OmniEraser prompt T5-encoded to 512 tokens. 'omnieraser' runs to the end (3 steps), and
-    the photo outside the crop box comes back bit for bit; the others stop at the sampler (tests/comfy/
-    test_workflows.py runs them whole), since 512 text tokens make every FLUX step cost seconds on a CPU."""
-    import numpy as np
-    from PIL import Image
-    from harness import PromptError
-
+def _small_prompt(comfy, name, max_steps):
+    """The workflow's API prompt with a 64 px working size and at most ``max_steps`` steps; also the crop node's id."""
     if comfy.shared_data is None:
         pytest.skip("the example workflows load real images from ../shared/data, which is absent")
     workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
-    prompt = comfy.workflow_prompt(workflow, max_steps=STEPS)
+    prompt = comfy.workflow_prompt(workflow, max_steps=max_steps)
     crop_id = next(k for k, v in prompt.items() if v["class_type"] in SMALL)
     prompt[crop_id]["inputs"].update(SMALL[prompt[crop_id]["class_type"]])
-    sampler_spy.stop = name != "omnieraser"
-    if not sampler_spy.stop:
-        prompt[crop_id]["inputs"]["context"] = 0.1  # room.png's mask with 0.75 context spans the whole photo
-    if sampler_spy.stop:
-        with pytest.raises(PromptError, match=SamplerSpy.STOPPED):
-            comfy.run_prompt(prompt)
-    else:
-        result = comfy.run_prompt(prompt)
+    return prompt, crop_id
 
+
+@pytest.mark.parametrize("name", ["omnieraser", "omnieraser_controlnet", "omnieraser_whole_image", "sra_flux_fill"])
+def test_flux_workflows_sample_the_official_schedule_for_the_crop(comfy, sampler_spy, name):
+    """Each FLUX workflow at a 64 px working size, up to its sampler: the sampler gets diffusers' calculate_shift
+    schedule for the crop's own size (1e-6), and the OmniEraser prompt T5-encoded to 512 tokens. The run stops
+    there (512 text tokens make each FLUX step cost seconds on a CPU; tests/comfy/test_workflows.py runs the
+    graphs whole)."""
+    from harness import PromptError
+
+    prompt, _ = _small_prompt(comfy, name, STEPS)
+    sampler_spy.stop = True
+    with pytest.raises(PromptError, match=SamplerSpy.STOPPED):
+        comfy.run_prompt(prompt)
     assert len(sampler_spy.calls) == 1
     call = sampler_spy.calls[0]
     height, width = call["latent"][-2] * 8, call["latent"][-1] * 8
@@ -386,11 +384,21 @@ def test_flux_workflows_sample_the_official_schedule_for_the_crop(comfy, sampler
     assert (call["sigmas"] - expected).abs().max() <= 1e-6
     if name.startswith("omnieraser"):
         assert call["tokens"]["positive"] == [512] and call["tokens"]["negative"] == [512]
-    if sampler_spy.stop:
-        return
 
+
+def test_omnieraser_workflow_returns_the_photo_outside_the_crop_bit_for_bit(comfy, sampler_spy):
+    """The whole omnieraser graph (one step): the crop node's size reaches the sampler, and the stitched photo equals
+    the input outside the crop box."""
+    import numpy as np
+    from PIL import Image
+
+    prompt, crop_id = _small_prompt(comfy, "omnieraser", 1)
+    prompt[crop_id]["inputs"]["context"] = 0.1  # room.png's mask with 0.75 context spans the whole photo
+    result = comfy.run_prompt(prompt)
     crop = result.outputs(crop_id)
-    assert tuple(crop[0].shape[1:3]) == (height, width) and (crop[3], crop[4]) == (width, height)
+    height, width = crop[0].shape[1:3]
+    assert (crop[3], crop[4]) == (width, height)
+    assert sampler_spy.calls[0]["latent"][-2:] == (height // 8, width // 8)
     saver = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
     saved = result.ui[saver]["images"][0]
     output = np.asarray(Image.open(comfy.output_dir / saved["subfolder"] / saved["filename"]).convert("RGB"))
@@ -401,3 +409,4 @@ def test_flux_workflows_sample_the_official_schedule_for_the_crop(comfy, sampler
     outside[info.y0:info.y1, info.x0:info.x1] = False
     assert output.shape == photo.shape and outside.sum() > 0
     assert np.array_equal(output[outside], photo[outside])
+    assert not np.array_equal(output[~outside], photo[~outside])
