@@ -113,16 +113,19 @@ def test_white_instance_crop_rejects_empty_mask():
 
 @pytest.mark.parametrize("size", [(40, 90), (90, 40), (300, 300)])
 def test_clip_pixel_values_match_clip_image_processor(size):
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, size + (3,), dtype=np.uint8)
-    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    expected = processor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
     ours = se.clip_pixel_values(torch.from_numpy(pixels).float() / 255)
-    assert ours.shape == expected.shape == (1, 3, 224, 224)
-    # PIL's and torchvision's bicubic differ by at most a few 8-bit levels on random noise
-    assert (ours - expected).abs().mean() < 0.02
+    # transformers 4.37.2 (the official requirement) resized with PIL: transformers 5's CLIPImageProcessorPil
+    settings = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    official = CLIPImageProcessorPil(**settings)(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+    assert ours.shape == official.shape == (1, 3, 224, 224)
+    assert torch.equal(ours, official)
+    # transformers 5's default processor resamples with torchvision: a few 8-bit levels apart on random noise
+    torchvision = CLIPImageProcessor(**settings)(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+    assert (ours - torchvision).abs().mean() < 0.02
 
 
 # ------------------------------------------------------------------------------------------- RG mask

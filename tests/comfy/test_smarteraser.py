@@ -18,10 +18,14 @@ TIMESTEP = 500
 
 
 def _clip_processor():
-    """Hugging Face's CLIPImageProcessor with openai/clip-vit-large-patch14's preprocessor_config.json."""
-    from transformers import CLIPImageProcessor
+    """Hugging Face's CLIP image processor with openai/clip-vit-large-patch14's preprocessor_config.json.
 
-    return CLIPImageProcessor(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+    The official code ran transformers 4.37.2 (requirements.txt), whose CLIPImageProcessor resized with PIL;
+    transformers 5 keeps that implementation as CLIPImageProcessorPil (its default CLIPImageProcessor resamples
+    with torchvision, about one 8-bit level apart)."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
                               crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
                               do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
                               image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
@@ -277,17 +281,22 @@ def test_presets_run_the_official_prompt_and_mask(nodes, loaded, vision):
         return nodes.SmartEraserConditioning.execute(model, clip, vae, projector, image, mask_t, comfy_vision, preset,
                                                      prompt, ratio).args
 
-    def context_of(prompt, used):
-        return nodes.vg_contexts(clip, comfy_vision, projector, image, used, prompt)[0]
+    def words_of(conditioning):  # the 7-token context without the image token at position -2
+        context = conditioning[0][0]
+        return torch.cat([context[:, :-2], context[:, -1:]], dim=1)
+
+    def words(prompt):
+        hidden = nodes.text_context(clip, prompt)
+        return torch.cat([hidden[:, :-2], hidden[:, -1:]], dim=1)
 
     _, demo, _, _, demo_mask = run("demo")
     assert torch.equal(demo_mask, mask_t)
-    assert (demo[0][0] - context_of(se.DEFAULT_PROMPT, mask_t)).abs().max() < 1e-5
+    assert (words_of(demo) - words(se.DEFAULT_PROMPT)).abs().max() < 1e-5
     _, evaluation, _, _, eval_mask = run("evaluation")
     assert torch.equal(eval_mask, se.evaluation_mask(mask_t))
     assert 1.10 <= eval_mask.sum() / (mask_t > 0.5).sum() < 1.6
-    assert (evaluation[0][0] - context_of(se.EVAL_PROMPT, eval_mask)).abs().max() < 1e-5
-    assert not torch.allclose(demo[0][0], evaluation[0][0], atol=1e-3)
+    assert (words_of(evaluation) - words(se.EVAL_PROMPT)).abs().max() < 1e-5
+    assert not torch.allclose(words_of(demo), words_of(evaluation), atol=1e-3)
     _, custom, _, _, custom_mask = run("custom")
     assert custom_mask.sum() == round(1.5 * float((mask_t > 0.5).sum()))
-    assert (custom[0][0] - context_of("a cat", custom_mask)).abs().max() < 1e-5
+    assert (words_of(custom) - words("a cat")).abs().max() < 1e-5
