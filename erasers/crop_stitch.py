@@ -43,10 +43,11 @@ BORDER_FEATHER_FRACTION = 1 / 32
 # - clean-up: an opening of radius CHANGE_OPEN_RADIUS px removes thin lines of residual edge error, and
 #   regions smaller than CHANGE_MIN_AREA px (one 16x16 FLUX token) are dropped.
 # Calibration, on the photos of IOPaint's removal pairs and SmartEraser's visual examples scaled to a 1024 px
-# working crop: a JPEG round trip at quality 30 (8x8-block-local loss of detail like a VAE's; PSNR 30-39 dB,
-# at or below the FLUX autoencoder's reconstruction quality) leaves no pixel counted as changed (quality 20,
-# PSNR 29-37 dB: under 1 %); the woman's faint floor reflection in unwant_person.jpg vs its clean version is
-# kept 250 px below her feet, to where it fades. tests/test_crop_stitch.py re-checks both.
+# working crop. The round trip is a JPEG one at quality 30, a stand-in for the VAE (no autoencoder weights are
+# available offline): it loses detail in 8x8 blocks as an f8 autoencoder does, at a PSNR of 30-39 dB, about or
+# below what the 16-channel FLUX autoencoder keeps. It leaves no pixel counted as changed (quality 20, PSNR
+# 29-37 dB: under 1 %). The woman's faint floor reflection in unwant_person.jpg vs its clean version is kept
+# 250 px below her feet, to where it fades. tests/test_crop_stitch.py re-checks both.
 CHANGE_THRESHOLD = 0.05
 CHANGE_SMOOTH_SIGMA = 3.0
 CHANGE_OPEN_RADIUS = 3

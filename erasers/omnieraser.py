@@ -3,7 +3,8 @@
 The official pipeline (PRIS-CV/Omnieraser, pipeline_flux_control_removal.py) widens FLUX's ``x_embedder``
 (ComfyUI ``img_in``) from 64 to 256 input features and feeds, after the 64 packed noise features,
 the packed condition ``cat([VAE(masked background), VAE(foreground only), 1 - mask ×16])`` at latent resolution.
-Everything here is plain torch: the nodes, the trainer and the tests share it.
+It samples on ``pipeline_timesteps`` shifted for the image's token count. Everything here is plain torch: the
+nodes, the trainer and the tests share it.
 
 LoRA files come in three namings, all mapped onto ComfyUI's FLUX module names (``double_blocks.N.img_attn.qkv``,
 ``single_blocks.N.linear1``, ...), the separate diffusers q/k/v (and ``proj_mlp``) landing on row slices of

@@ -3,7 +3,11 @@
 Parity: on a tiny random FLUX (built from a config on both sides), the velocity ComfyUI predicts through EraseKit's
 LoRA mapping, img_in widening (ComfyUI patches) and condition (the concat_cond object patch, fed through ComfyUI's
 own process_conds / calc_cond_batch with CFG batching) equals diffusers' FluxTransformer2DModel with the official
-widening, the same LoRA loaded by diffusers and the official packed condition.
+widening, the same LoRA loaded by diffusers and the official packed condition; and through the conditioning node,
+VAE encode included, against the condition the official pipeline builds.
+
+Workflows: every FLUX example workflow hands its sampler diffusers' token-count-shifted sigmas for the crop's size
+and (OmniEraser) a 512-token T5 prompt; the omnieraser graph returns the photo outside the crop bit for bit.
 """
 import importlib
 import json
