@@ -238,10 +238,10 @@ def gaussian_blur(maps_bchw, sigma):
         return maps_bchw
     kernel = gaussian_kernel(sigma).to(maps_bchw)
     half, channels = kernel.numel() // 2, maps_bchw.shape[1]
-    out = F.conv2d(F.pad(maps_bchw, (half, half, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1),
-                   groups=channels)
-    return F.conv2d(F.pad(out, (0, 0, half, half), mode="replicate"), kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1),
-                    groups=channels)
+    rows = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    cols = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    out = F.conv2d(F.pad(maps_bchw, (half, half, 0, 0), mode="replicate"), rows, groups=channels)
+    return F.conv2d(F.pad(out, (0, 0, half, half), mode="replicate"), cols, groups=channels)
 
 
 def _zero_small(alpha):
