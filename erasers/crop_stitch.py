@@ -2,22 +2,66 @@
 
 Erasers run at a fixed working size (OmniEraser 1024 px, SmartEraser 512 px); photos come in any size.
 ``crop_around_mask`` cuts the mask's bounding box plus context, resizes it so its longer side is the target
-side (floored to a multiple of ``multiple``) and pads to that multiple. ``stitch`` undoes the resize and
-pastes the result through a feathered copy of the mask: every pixel whose feathered alpha is 0 is the input
-pixel, bit for bit, so nothing outside the mask changes colour.
+side (floored to a multiple of ``multiple``) and pads to that multiple. ``resize_whole_image`` is the official
+OmniEraser demo's geometry instead: the whole photo, short side 1024, sides floored to a multiple of 16.
+
+``stitch`` undoes the resize and pastes the result back through one of three alphas (``PASTE_BACK``):
+- ``"mask"``: the mask, grown and feathered. Right for an eraser that removes the object alone (SmartEraser).
+- ``"whole crop"``: the whole crop box, feathered only at the box's own border (not at the photo's edges).
+- ``"change-aware"``: the grown, feathered mask united with a cleaned, feathered map of where the eraser's
+  output differs from what it was given. OmniEraser removes shadows and reflections far outside the mask;
+  this keeps them, and keeps every pixel the eraser did not change.
+Every pixel whose alpha is 0, and every pixel where the pasted result equals the input, is returned bit for bit.
 
 Layouts follow ComfyUI: IMAGE float32 ``[B,H,W,3]`` in [0, 1], MASK float32 ``[B,H,W]`` in [0, 1], 1 = remove.
 """
 from dataclasses import dataclass
 import math
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+# Default context around the mask's box, per side, as a fraction of the box's longer side. Shadows and
+# reflections are what OmniEraser removes beyond the mask, so the crop must hold them. Measured on the real
+# removal pairs (IOPaint's unwant_person.jpg / _clean.jpg: the woman's floor reflection reaches 0.63x her height
+# below her feet; the RORD pair among SmartEraser's visual examples: the shadow spreads 0.16x the box's side
+# beside the feet). 0.75 holds the longest of them plus the crop-border feather (1/32 of the box, below).
+CONTEXT = 0.75
+PASTE_BACK = ("mask", "whole crop", "change-aware")
+# "whole crop" and "change-aware": alpha ramps from 0 at the crop box's border up to 1 over this fraction of the
+# box's longer side (32 px of a 1024 px working crop), on the sides where the box does not reach the photo's edge.
+BORDER_FEATHER_FRACTION = 1 / 32
+# The change map of "change-aware", at the eraser's working resolution (values in [0, 1] pixel units):
+# - the signed difference per channel is smoothed with a Gaussian of sigma CHANGE_SMOOTH_SIGMA px first. A VAE
+#   round trip errs on fine texture and edges, with errors of both signs a few pixels apart; a shadow or
+#   reflection shifts a whole region one way. Smoothing cancels the first and keeps the second.
+# - a pixel has changed where the smoothed difference of some channel exceeds CHANGE_THRESHOLD (0.05, about
+#   13/255), or exceeds half of it and is connected to such a pixel (hysteresis: the soft edge of a shadow comes
+#   along with its core);
+# - clean-up: an opening of radius CHANGE_OPEN_RADIUS px removes thin lines of residual edge error, and
+#   regions smaller than CHANGE_MIN_AREA px (one 16x16 FLUX token) are dropped.
+# Calibration, on the photos of IOPaint's removal pairs and SmartEraser's visual examples scaled to a 1024 px
+# working crop. The round trip is a JPEG one at quality 30, a stand-in for the VAE (no autoencoder weights are
+# available offline): it loses detail in 8x8 blocks as an f8 autoencoder does, at a PSNR of 30-39 dB, about or
+# below what the 16-channel FLUX autoencoder keeps. It leaves no pixel counted as changed (quality 20, PSNR
+# 29-37 dB: under 1 %). The woman's faint floor reflection in unwant_person.jpg vs its clean version is kept
+# 250 px below her feet, to where it fades. tests/test_crop_stitch.py re-checks both.
+CHANGE_THRESHOLD = 0.05
+CHANGE_SMOOTH_SIGMA = 3.0
+CHANGE_OPEN_RADIUS = 3
+CHANGE_MIN_AREA = 256
 
 
 @dataclass(frozen=True)
 class CropInfo:
-    """Where a crop came from and how it was scaled; all a stitch needs besides the original image."""
+    """Where a crop came from and how it was scaled; all a stitch needs besides the original image.
+
+    ``resample`` is the filter that scaled the box to the working size (and scales the result back).
+    ``feather_scale`` is the scale (working px per photo px, or 1.0) at which the stitch's ``grow`` and
+    ``blur_radius`` are measured: SmartEraser's demo feathers at its 512-short-side scale.
+    """
 
     x0: int
     y0: int
@@ -29,6 +73,8 @@ class CropInfo:
     resized_width: int
     padded_height: int
     padded_width: int
+    resample: str = "bilinear"
+    feather_scale: float = 1.0
 
     @property
     def box_height(self):
@@ -68,7 +114,7 @@ def mask_box(mask, threshold=0.0):
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def context_box(box, image_height, image_width, context=0.5, min_margin=0, square=False):
+def context_box(box, image_height, image_width, context=CONTEXT, min_margin=0, square=False):
     """Grow ``box`` by ``context`` × its longer side (at least ``min_margin`` px) on every side, clipped to the image.
 
     With ``square`` the box becomes square where the image allows (SmartEraser works on square crops).
@@ -91,19 +137,22 @@ def _fit_span(start, end, length, limit):
     return start, start + length
 
 
-def _resize(pixels_bchw, height, width):
+def resize(pixels_bchw, height, width, mode="bilinear"):
+    """Resize ``[B,C,H,W]`` with ``mode`` ("bilinear" or "bicubic"), antialiased when shrinking (as PIL)."""
     if tuple(pixels_bchw.shape[-2:]) == (height, width):
         return pixels_bchw.clone()
     shrinking = height < pixels_bchw.shape[-2] or width < pixels_bchw.shape[-1]
-    return F.interpolate(pixels_bchw, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking)
+    return F.interpolate(pixels_bchw, size=(height, width), mode=mode, align_corners=False, antialias=shrinking)
 
 
-def crop_around_mask(image, mask, context=0.5, target_side=1024, multiple=16, min_margin=0, square=False, upscale=True):
+def crop_around_mask(image, mask, context=CONTEXT, target_side=1024, multiple=16, min_margin=0, square=False,
+                     upscale=True):
     """Crop ``image``/``mask`` around the mask with context and scale the crop to the eraser's working size.
 
     The box is the mask's bounding box (over the batch) grown by ``context`` × its longer side on each side
     (clipped to the photo). It is resized so its longer side is ``target_side`` floored to a multiple of
-    ``multiple`` (with ``upscale=False`` a smaller box keeps its size), then padded on the right/bottom (edge pixels; mask 0) up to multiples of ``multiple``.
+    ``multiple`` (with ``upscale=False`` a smaller box keeps its size), then padded on the right/bottom (edge
+    pixels; mask 0) up to multiples of ``multiple``.
     Returns ``(crop_image [B,h,w,3], crop_mask [B,h,w], CropInfo)``.
     """
     mask = _check_image_mask(image, mask)
@@ -119,14 +168,57 @@ def crop_around_mask(image, mask, context=0.5, target_side=1024, multiple=16, mi
     resized_h = max(1, min(side, int(round((y1 - y0) * scale))))
     padded_w = int(math.ceil(resized_w / multiple)) * multiple
     padded_h = int(math.ceil(resized_h / multiple)) * multiple
-
-    crop = image[:, y0:y1, x0:x1, :].movedim(-1, 1)
-    crop = _resize(crop, resized_h, resized_w).clamp(0, 1)
-    crop = F.pad(crop, (0, padded_w - resized_w, 0, padded_h - resized_h), mode="replicate")
-    crop_mask = _resize(mask[:, None, y0:y1, x0:x1], resized_h, resized_w).clamp(0, 1)
-    crop_mask = F.pad(crop_mask, (0, padded_w - resized_w, 0, padded_h - resized_h), value=0.0)
     info = CropInfo(x0, y0, x1, y1, height, width, resized_h, resized_w, padded_h, padded_w)
+    return working_crop(image, mask, info, pad_mode="replicate")
+
+
+def whole_image_size(height, width, short_side=1024, multiple=16):
+    """The official OmniEraser demo's working size ``(h, w)`` for a ``height × width`` photo.
+
+    gradio_control_lora_flux.py: the short side becomes ``short_side``, the long one ``int(long / short ·
+    short_side)``; both are then floored to a multiple of ``multiple``.
+    """
+    if width < height:
+        resized_w, resized_h = short_side, int(height / width * short_side)
+    else:
+        resized_w, resized_h = int(width / height * short_side), short_side
+    return resized_h - resized_h % multiple, resized_w - resized_w % multiple
+
+
+def resize_whole_image(image, mask, short_side=1024, multiple=16):
+    """The whole photo at the official OmniEraser demo's working size (``whole_image_size``), bicubic like PIL.
+
+    The demo resizes the photo twice (short side first, then to the floored size) and the mask once; both are
+    resized once here, straight to the final size. Returns ``(image [B,h,w,3], mask [B,h,w], CropInfo)``; the
+    CropInfo's box is the whole photo, so ``stitch`` scales the result back to the photo's size.
+    """
+    mask = _check_image_mask(image, mask)
+    if short_side < multiple or multiple < 1:
+        raise ValueError(f"short_side ({short_side}) must be at least multiple ({multiple}), and multiple ≥ 1.")
+    _, height, width, _ = image.shape
+    resized_h, resized_w = whole_image_size(height, width, short_side, multiple)
+    if min(resized_h, resized_w) < multiple:
+        raise ValueError(f"A {width}x{height} photo is too elongated for a {short_side} px short side: its sides "
+                         f"would floor to {resized_w}x{resized_h}.")
+    info = CropInfo(0, 0, width, height, height, width, resized_h, resized_w, resized_h, resized_w, resample="bicubic")
+    return working_crop(image, mask, info)
+
+
+def working_crop(image, mask, info, pad_mode="replicate", pad_value=0.0):
+    """``(crop, crop_mask, info)``: the box of ``info`` scaled to its working size and padded."""
+    crop = crop_pixels(image, info).movedim(-1, 1)
+    pad = (0, info.padded_width - info.resized_width, 0, info.padded_height - info.resized_height)
+    crop = F.pad(crop, pad, mode=pad_mode) if pad_mode == "replicate" else F.pad(crop, pad, value=pad_value)
+    crop_mask = resize(mask[:, None, info.y0 : info.y1, info.x0 : info.x1].float(), info.resized_height,
+                       info.resized_width, info.resample).clamp(0, 1)
+    crop_mask = F.pad(crop_mask, pad, value=0.0)
     return crop.movedim(1, -1).contiguous(), crop_mask[:, 0].contiguous(), info
+
+
+def crop_pixels(image, info):
+    """The box of ``info`` cut from ``image`` and scaled to the working size, unpadded: what the eraser was given."""
+    box = image[:, info.y0 : info.y1, info.x0 : info.x1, :].movedim(-1, 1).float()
+    return resize(box, info.resized_height, info.resized_width, info.resample).clamp(0, 1).movedim(1, -1)
 
 
 def gaussian_kernel(radius):
@@ -137,41 +229,149 @@ def gaussian_kernel(radius):
     return (kernel / kernel.sum()).to(torch.float32)
 
 
-def feather_mask(mask, grow=0, blur_radius=5.0):
+def gaussian_blur(maps_bchw, sigma):
+    """Separable Gaussian blur of ``[B,C,H,W]``, edges replicated (a mask at the photo's edge stays 1 there).
+
+    Zero stays zero farther than ``ceil(3σ)`` px from any non-zero value.
+    """
+    if sigma <= 0:
+        return maps_bchw
+    kernel = gaussian_kernel(sigma).to(maps_bchw)
+    half, channels = kernel.numel() // 2, maps_bchw.shape[1]
+    rows = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    cols = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    out = F.conv2d(F.pad(maps_bchw, (half, half, 0, 0), mode="replicate"), rows, groups=channels)
+    return F.conv2d(F.pad(out, (0, 0, half, half), mode="replicate"), cols, groups=channels)
+
+
+def _zero_small(alpha):
+    # Float round-off leaves ~1e-9 where the kernel never reached a mask pixel; those must stay untouched.
+    return torch.where(alpha < 1e-6, torch.zeros_like(alpha), alpha.clamp(max=1.0))
+
+
+def feather_mask(mask, grow=0, blur_radius=5.0, scale=1.0):
     """Paste-back alpha: ``mask`` dilated by ``grow`` px (square), then Gaussian-blurred with σ = ``blur_radius``.
 
-    Zero stays exactly zero farther than ``grow + ceil(3σ)`` px from the mask.
+    With ``scale`` ≠ 1 both are applied to the mask resized by ``scale`` (``int(side · scale)``, as SmartEraser's
+    demo resizes it) and the alpha is resized back. Zero stays exactly zero farther than about
+    ``(grow + ceil(3σ) + 1) / scale`` px from the mask.
     """
     alpha = mask[:, None].to(torch.float32)
-    if grow > 0:
-        alpha = F.max_pool2d(alpha, kernel_size=2 * grow + 1, stride=1, padding=grow)
-    if blur_radius > 0:
-        kernel = gaussian_kernel(blur_radius)
-        half = kernel.numel() // 2
-        alpha = F.conv2d(F.pad(alpha, (half, half, 0, 0)), kernel.view(1, 1, 1, -1))
-        alpha = F.conv2d(F.pad(alpha, (0, 0, half, half)), kernel.view(1, 1, -1, 1))
-    # Float round-off leaves ~1e-9 where the kernel never reached a mask pixel; those must stay untouched.
-    alpha = torch.where(alpha < 1e-6, torch.zeros_like(alpha), alpha.clamp(max=1.0))
-    return alpha[:, 0]
+    height, width = alpha.shape[-2:]
+    if scale != 1.0:
+        alpha = resize(alpha, max(1, int(height * scale)), max(1, int(width * scale)))
+    if grow > 0:  # a square dilation, as two 1-D ones
+        alpha = F.max_pool2d(alpha, kernel_size=(1, 2 * grow + 1), stride=1, padding=(0, grow))
+        alpha = F.max_pool2d(alpha, kernel_size=(2 * grow + 1, 1), stride=1, padding=(grow, 0))
+    alpha = gaussian_blur(alpha, blur_radius)
+    if scale != 1.0:
+        alpha = resize(alpha, height, width)
+    return _zero_small(alpha)[:, 0]
+
+
+def border_alpha(info, fraction=BORDER_FEATHER_FRACTION):
+    """``[box_h, box_w]``: 1 inside the crop box, ramping to 0 at the box's border where it is not the photo's edge.
+
+    The ramp is ``fraction`` × the box's longer side wide; the border pixel itself gets ``0.5 / width``.
+    """
+    width = max(1.0, fraction * max(info.box_height, info.box_width))
+
+    def ramp(length, open_start, open_end):
+        position = torch.arange(length, dtype=torch.float32)
+        weight = torch.ones(length)
+        if open_start:
+            weight = torch.minimum(weight, (position + 0.5) / width)
+        if open_end:
+            weight = torch.minimum(weight, (length - position - 0.5) / width)
+        return weight
+
+    rows = ramp(info.box_height, info.y0 > 0, info.y1 < info.image_height)
+    cols = ramp(info.box_width, info.x0 > 0, info.x1 < info.image_width)
+    return rows[:, None] * cols[None, :]
+
+
+def change_map(seen, result, threshold=CHANGE_THRESHOLD, smooth_sigma=CHANGE_SMOOTH_SIGMA,
+               open_radius=CHANGE_OPEN_RADIUS, min_area=CHANGE_MIN_AREA):
+    """``[B,h,w]`` bool: where ``result`` differs from ``seen`` (both ``[B,h,w,3]``) by more than round-trip noise.
+
+    The smoothed signed difference must pass ``threshold`` (or half of it, connected to a pixel that passes it);
+    the map is then opened with radius ``open_radius`` and regions under ``min_area`` px are dropped.
+    """
+    difference = (result.float() - seen.float()).movedim(-1, 1)
+    strength = gaussian_blur(difference, smooth_sigma).abs().amax(dim=1).cpu().numpy()
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * open_radius + 1,) * 2) if open_radius > 0 else None
+    maps = []
+    for item in strength:
+        weak = (item > threshold / 2).astype(np.uint8)
+        count, labels = cv2.connectedComponents(weak, connectivity=8)
+        seeded = np.zeros(count, bool)
+        seeded[np.unique(labels[item > threshold])] = True
+        seeded[0] = False
+        changed = seeded[labels].astype(np.uint8)
+        if kernel is not None:
+            changed = cv2.morphologyEx(changed, cv2.MORPH_OPEN, kernel)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(changed, connectivity=8)
+        large = stats[:, cv2.CC_STAT_AREA] >= min_area
+        large[0] = False
+        maps.append(torch.from_numpy(large[labels]))
+    return torch.stack(maps)
 
 
 def uncrop(result_crop, info):
     """Remove the padding from an eraser's output and scale it back to the crop box (``[B,box_h,box_w,3]``)."""
+    _check_result_size(result_crop, info)
+    patch = result_crop[:, : info.resized_height, : info.resized_width, :].movedim(-1, 1).to(torch.float32)
+    return resize(patch, info.box_height, info.box_width, info.resample).clamp(0, 1).movedim(1, -1)
+
+
+def _check_result_size(result_crop, info):
     if tuple(result_crop.shape[1:3]) != (info.padded_height, info.padded_width):
         raise ValueError(
             f"The result is {result_crop.shape[2]}x{result_crop.shape[1]} but the crop was "
             f"{info.padded_width}x{info.padded_height}; stitch needs the eraser's output at the crop's size."
         )
-    patch = result_crop[:, : info.resized_height, : info.resized_width, :].movedim(-1, 1).to(torch.float32)
-    return _resize(patch, info.box_height, info.box_width).clamp(0, 1).movedim(1, -1)
 
 
-def stitch(original_image, result_crop, info, mask, grow=0, blur_radius=5.0):
-    """Paste ``result_crop`` back into ``original_image`` through the feathered ``mask``.
+def _canvas(info, grow, blur_radius):
+    """The box of ``info`` grown by the feather's reach, clipped to the photo: ``(y0, y1, x0, x1)`` and the box
+    inside it. Feathering there instead of on the whole photo gives the same alpha inside the box."""
+    reach = int(math.ceil((grow + math.ceil(3 * blur_radius) + 2) / info.feather_scale))
+    y0, x0 = max(0, info.y0 - reach), max(0, info.x0 - reach)
+    y1, x1 = min(info.image_height, info.y1 + reach), min(info.image_width, info.x1 + reach)
+    inner = (slice(None), slice(info.y0 - y0, info.y1 - y0), slice(info.x0 - x0, info.x1 - x0))
+    return (y0, y1, x0, x1), inner
 
-    ``mask`` is the full-size mask (1 = removed). The alpha is ``feather_mask(mask, grow, blur_radius)``,
-    limited to the crop box; every pixel where it is 0 is returned bit-identical to ``original_image``.
-    SmartEraser's demo uses ``grow=0, blur_radius=5``.
+
+def paste_alpha(original_image, result_crop, info, mask, paste_back="change-aware", grow=0, blur_radius=5.0,
+                change_threshold=CHANGE_THRESHOLD):
+    """The alpha ``[B,box_h,box_w]`` with which ``stitch`` pastes the result into the crop box (see ``PASTE_BACK``)."""
+    if paste_back not in PASTE_BACK:
+        raise ValueError(f"paste_back must be one of {PASTE_BACK}, got {paste_back!r}.")
+    if paste_back == "whole crop":
+        return border_alpha(info)[None]
+    (y0, y1, x0, x1), inner = _canvas(info, grow, blur_radius)
+    alpha = feather_mask(mask[:, y0:y1, x0:x1], grow, blur_radius, info.feather_scale)[inner]
+    if paste_back == "mask":
+        return alpha
+    _check_result_size(result_crop, info)
+    seen = crop_pixels(original_image, info)
+    result = result_crop[:, : info.resized_height, : info.resized_width, :]
+    changed = change_map(seen, result, change_threshold).float()[:, None]
+    changed = resize(changed, info.box_height, info.box_width)[:, 0] > 0.5
+    canvas = torch.zeros(changed.shape[0], y1 - y0, x1 - x0)
+    canvas[inner] = changed.float()
+    changed_alpha = feather_mask(canvas, grow, blur_radius, info.feather_scale)[inner] * border_alpha(info)
+    return torch.maximum(alpha, changed_alpha)
+
+
+def stitch(original_image, result_crop, info, mask, paste_back="change-aware", grow=0, blur_radius=5.0,
+           change_threshold=CHANGE_THRESHOLD):
+    """Paste ``result_crop`` back into ``original_image`` through the alpha ``paste_back`` names (``PASTE_BACK``).
+
+    ``mask`` is the full-size mask (1 = removed); ``grow`` and ``blur_radius`` feather it (and the change map)
+    in the pixels of ``info.feather_scale``. Every pixel where the alpha is 0, or where the scaled-back result
+    equals the input, is returned bit-identical to ``original_image``. SmartEraser's demo: ``paste_back="mask",
+    grow=0, blur_radius=5``.
     """
     mask = _check_image_mask(original_image, mask)
     if (info.image_height, info.image_width) != tuple(original_image.shape[1:3]):
@@ -184,7 +384,7 @@ def stitch(original_image, result_crop, info, mask, grow=0, blur_radius=5.0):
         if count not in (1, batch):
             raise ValueError(f"The {name} batch ({count}) must be 1 or {batch}.")
     patch = uncrop(result_crop, info).expand(batch, -1, -1, -1)
-    alpha = feather_mask(mask, grow, blur_radius)[:, info.y0 : info.y1, info.x0 : info.x1]
+    alpha = paste_alpha(original_image, result_crop, info, mask, paste_back, grow, blur_radius, change_threshold)
     alpha = alpha.expand(batch, -1, -1).unsqueeze(-1)
 
     out = original_image.expand(batch, -1, -1, -1).clone()

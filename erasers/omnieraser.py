@@ -3,7 +3,8 @@
 The official pipeline (PRIS-CV/Omnieraser, pipeline_flux_control_removal.py) widens FLUX's ``x_embedder``
 (ComfyUI ``img_in``) from 64 to 256 input features and feeds, after the 64 packed noise features,
 the packed condition ``cat([VAE(masked background), VAE(foreground only), 1 - mask ×16])`` at latent resolution.
-Everything here is plain torch: the nodes, the trainer and the tests share it.
+It samples on ``pipeline_timesteps`` shifted for the image's token count. Everything here is plain torch: the
+nodes, the trainer and the tests share it.
 
 LoRA files come in three namings, all mapped onto ComfyUI's FLUX module names (``double_blocks.N.img_attn.qkv``,
 ``single_blocks.N.linear1``, ...), the separate diffusers q/k/v (and ``proj_mlp``) landing on row slices of
@@ -16,12 +17,14 @@ the fused weights:
 from dataclasses import dataclass, field
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 PROMPT = "There is nothing here."
 GUIDANCE = 3.5
 STEPS = 28
+T5_TOKENS = 512  # the official pipeline pads the prompt's T5 tokens to max_sequence_length=512
 LORA_RANK = 32
 CONDITION_CHANNELS = 48  # 16 background + 16 foreground + 16 inverted mask
 LATENT_CHANNELS = 16
@@ -146,6 +149,23 @@ def widen_x_embedder(transformer, factor=4):
     transformer.x_embedder = new
     transformer.register_to_config(in_channels=old.in_features * factor)
     return transformer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def pipeline_timesteps(steps):
+    """The unshifted sigmas of diffusers' FLUX pipelines: ``linspace(1, 1/steps, steps)`` in float32.
+
+    pipeline_flux_control_removal.py passes them with ``mu = calculate_shift(tokens)`` to
+    FlowMatchEulerDiscreteScheduler, which shifts each one as ``e^mu / (e^mu + 1/t - 1)`` and appends 0. The
+    same shift is ComfyUI FLUX's model_sampling ``sigma(t)`` once core ModelSamplingFlux has set ``mu`` from the
+    image's size.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    return torch.from_numpy(np.linspace(1.0, 1.0 / steps, steps).astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -182,9 +182,12 @@ class OmniEraserConditioning(io.ComfyNode):
                 "Builds OmniEraser's condition from the photo and the object mask: VAE(background with the object "
                 "blacked out), VAE(the object alone) and the inverted mask, at latent resolution. It travels with "
                 "positive and negative to a MODEL from 'OmniEraser LoRA Loader'. Sample the output latent at "
-                "denoise 1.0 (paper: prompt 'There is nothing here.', FLUX guidance 3.5, 28 steps, CFG 1)."),
+                f"denoise 1.0. Official settings: prompt '{core.PROMPT}' encoded with T5 padded to "
+                f"{core.T5_TOKENS} tokens (core T5TokenizerOptions, min_length {core.T5_TOKENS}), FLUX guidance "
+                f"{core.GUIDANCE}, CFG 1, {core.STEPS} steps on the sigmas of 'FLUX Sigmas (diffusers schedule)' "
+                "after core ModelSamplingFlux set to the image's width and height."),
             inputs=[
-                io.Conditioning.Input("positive", tooltip="Encoded prompt; the paper uses 'There is nothing here.'"),
+                io.Conditioning.Input("positive", tooltip=f"Encoded prompt; the paper uses '{core.PROMPT}'."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning (only used with CFG > 1)."),
                 io.Vae.Input("vae", tooltip="The FLUX VAE (ae.safetensors)."),
                 io.Image.Input("image", tooltip="The photo or crop, sides a multiple of 16 (about 1024 px works best)."),

@@ -17,6 +17,7 @@ from comfy_api.latest import io
 from ..erasers import smarteraser as core
 from ..erasers import smarteraser_convert as convert
 from . import _paths
+from .crop_stitch import CropInfoSocket
 
 CATEGORY = "erasekit/smarteraser"
 FOLDER = _paths.register_folder("smarteraser")
@@ -24,7 +25,7 @@ REPO_URL = "https://github.com/longtaojiang/SmartEraser"
 CLIP_VISION_URL = "https://huggingface.co/openai/clip-vit-large-patch14/resolve/main/model.safetensors"
 
 Projector = io.Custom("SMARTERASER_PROJECTOR")
-CropInfo = io.Custom("ERASEKIT_CROP_INFO")  # shared with nodes/crop_stitch.py: its Stitch node pastes back
+PRESETS = list(core.PRESETS) + ["custom"]
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -251,16 +252,21 @@ class SmartEraserConditioning(io.ComfyNode):
                 io.Image.Input("image", tooltip="The image with the object, ideally the 512x512 SmartEraser crop; "
                                                 "sides must be multiples of 8."),
                 io.Mask.Input("mask", tooltip="Object mask, 1 = remove, same size as the image."),
+                io.ClipVision.Input("clip_vision",
+                                    tooltip="CLIP ViT-L/14 vision: clip-vit-large-patch14 "
+                                            f"({CLIP_VISION_URL}) in models/clip_vision, through CLIPVisionLoader."),
+                io.Combo.Input("preset", options=PRESETS, default="demo",
+                               tooltip=f"demo (app_remove.py): prompt '{core.DEFAULT_PROMPT}', the mask as given. "
+                                       f"evaluation (inference_dis.py): prompt '{core.EVAL_PROMPT}', the mask "
+                                       "dilated by the official test-mode loop (nominal 1.10x its area; 1.15-1.26x, "
+                                       "mean 1.21x measured on ellipses). custom: the prompt and mask_area_ratio below."),
                 io.String.Input("prompt", default=core.DEFAULT_PROMPT,
-                                tooltip="Text before the object token: at most 5 words fit the 7-token context "
-                                        "(longer prompts are truncated like the official tokenizer). The "
-                                        "official inference prompt is the default."),
-                io.Float.Input("mask_area_ratio", default=core.EVAL_MASK_AREA_RATIO, min=1.0, max=4.0, step=0.01,
-                               tooltip="Dilate the mask to this multiple of its area first; 1.10 is what "
-                                       "SmartEraser's evaluation uses, 1.0 keeps the mask."),
-                io.ClipVision.Input("clip_vision", optional=True,
-                                    tooltip="CLIP ViT-L/14 vision (clip-vit-large-patch14 in models/clip_vision, "
-                                            "CLIPVisionLoader). Required: the node says so when it is not connected."),
+                                tooltip="custom preset only. Text before the object token: at most 5 words fit the "
+                                        "7-token context (longer prompts are truncated like the official "
+                                        "tokenizer)."),
+                io.Float.Input("mask_area_ratio", default=1.0, min=1.0, max=4.0, step=0.01,
+                               tooltip="custom preset only. Dilate the mask to exactly this multiple of its area "
+                                       "first; 1.0 keeps the mask."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The same MODEL, passed through after the check."),
@@ -273,14 +279,15 @@ class SmartEraserConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, projector, image, mask, prompt, mask_area_ratio, clip_vision=None) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, projector, image, mask, clip_vision, preset, prompt,
+                mask_area_ratio) -> io.NodeOutput:
         check_smarteraser_model(model)
-        if clip_vision is None:
-            raise ValueError(
-                "SmartEraser needs a CLIP vision model and none is connected: put clip-vit-large-patch14 "
-                f"({CLIP_VISION_URL}) in models/clip_vision and connect a Load CLIP Vision node to clip_vision.")
         mask = check_image_mask(image, mask)
-        mask = core.eval_mask(mask, mask_area_ratio)
+        if preset == "custom":
+            mask = core.dilate_mask(mask, mask_area_ratio)
+        else:
+            prompt = core.PRESETS[preset]["prompt"]
+            mask = core.evaluation_mask(mask) if core.PRESETS[preset]["dilate"] else mask
         conditional, unconditional = vg_contexts(clip, clip_vision, projector, image, mask, prompt)
         values = rg_values(vae, image, mask)
         positive = node_helpers.conditioning_set_values([[conditional, {}]], values)
@@ -297,24 +304,30 @@ class SmartEraserCrop(io.ComfyNode):
             node_id="EraseKitSmartEraserCrop",
             display_name="SmartEraser Crop 512",
             category=CATEGORY,
-            description="The official demo's working crop: a square of the image's short side around the mask, "
-                        "scaled to 512 (or, for masks larger than the short side, the whole image scaled and "
-                        "padded white).",
+            description="SmartEraser's 512x512 working image, as the official code makes it: the demo's square of "
+                        "the image's short side around the mask scaled to 512 (masks larger than the short side: the "
+                        "whole image scaled and padded white), or the evaluation's whole image resized to 512x512.",
             inputs=[
                 io.Image.Input("image", tooltip="The full image."),
                 io.Mask.Input("mask", tooltip="Object mask (1 = remove), same size as the image."),
+                io.Combo.Input("mode", options=list(core.CROP_MODES), default="demo",
+                               tooltip="demo (app_remove.py): the crop around the mask. evaluation "
+                                       "(inference_dis.py): the whole image squeezed to 512x512."),
             ],
             outputs=[
-                io.Image.Output("crop", display_name="image", tooltip="512x512 crop for SmartEraser Conditioning."),
+                io.Image.Output("crop", display_name="image", tooltip="512x512 image for SmartEraser Conditioning."),
                 io.Mask.Output("crop_mask", display_name="mask", tooltip="The mask cropped the same way."),
-                CropInfo.Output("crop_info", tooltip="Where the crop came from: connect to 'Stitch Erased Crop Back' "
-                                                     "(blur_radius 5, grow 0 is the demo's paste-back)."),
+                CropInfoSocket.Output(
+                    "crop_info", tooltip="Where the crop came from: connect to 'Stitch Erased Crop Back'. The demo "
+                    f"pastes back with paste_back 'mask', grow 0, blur_radius {core.PASTE_BLUR_RADIUS} (at its "
+                    "512-short-side scale, which this crop_info carries); the evaluation keeps the whole 512 "
+                    "output ('whole crop')."),
             ],
         )
 
     @classmethod
-    def execute(cls, image, mask) -> io.NodeOutput:
-        return io.NodeOutput(*core.smarteraser_crop(image, mask))
+    def execute(cls, image, mask, mode) -> io.NodeOutput:
+        return io.NodeOutput(*core.smarteraser_crop(image, mask, mode))
 
 
 NODES = [SmartEraserLoader, SmartEraserProjectorLoader, SmartEraserConditioning, SmartEraserCrop]

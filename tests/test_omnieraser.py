@@ -3,6 +3,7 @@
 The reference is diffusers (a tiny random ``FluxTransformer2DModel`` with the official widening and a PEFT LoRA on
 the official targets); the ComfyUI side of the parity is in tests/comfy/test_omnieraser.py.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -262,3 +263,26 @@ def test_trained_norm_scales_replace_the_comfy_weights(lora_setup):
     full = dict(lora)
     full["transformer.transformer_blocks.0.attn.to_q.weight"] = torch.zeros(32, 32)
     assert oe.unmatched_keys(full, _shapes(comfy_base)) == ["transformer.transformer_blocks.0.attn.to_q.weight"]
+
+
+@pytest.mark.parametrize("steps,height,width", [(28, 1024, 1024), (28, 768, 1344), (3, 64, 48), (50, 512, 512)])
+def test_pipeline_timesteps_shifted_are_diffusers_flux_sigmas(steps, height, width):
+    """linspace(1, 1/steps, steps) through FLUX's exponential shift with mu for the image's tokens is exactly the
+    schedule FlowMatchEulerDiscreteScheduler gives the official pipeline (what ModelSamplingFlux's sigma() does)."""
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from erasekit.erasers.omnieraser import pipeline_timesteps
+
+    mu = calculate_shift((height // 16) * (width // 16), 256, 4096, 0.5, 1.15)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    t = pipeline_timesteps(steps)
+    ours = math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+    assert t.dtype == torch.float32 and t.shape == (steps,)
+    assert (ours - scheduler.sigmas[:-1]).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="at least 1"):
+        pipeline_timesteps(0)

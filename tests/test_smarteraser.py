@@ -111,16 +111,19 @@ def test_white_instance_crop_rejects_empty_mask():
 
 @pytest.mark.parametrize("size", [(40, 90), (90, 40), (300, 300)])
 def test_clip_pixel_values_match_clip_image_processor(size):
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, size + (3,), dtype=np.uint8)
-    processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
-    expected = processor(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
     ours = se.clip_pixel_values(torch.from_numpy(pixels).float() / 255)
-    assert ours.shape == expected.shape == (1, 3, 224, 224)
-    # PIL's and torchvision's bicubic differ by at most a few 8-bit levels on random noise
-    assert (ours - expected).abs().mean() < 0.02
+    # transformers 4.37.2 (the official requirement) resized with PIL: transformers 5's CLIPImageProcessorPil
+    settings = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    official = CLIPImageProcessorPil(**settings)(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+    assert ours.shape == official.shape == (1, 3, 224, 224)
+    assert torch.equal(ours, official)
+    # transformers 5's default processor resamples with torchvision: a few 8-bit levels apart on random noise
+    torchvision = CLIPImageProcessor(**settings)(images=Image.fromarray(pixels), return_tensors="pt")["pixel_values"]
+    assert (ours - torchvision).abs().mean() < 0.02
 
 
 # ------------------------------------------------------------------------------------------- RG mask
@@ -224,19 +227,84 @@ def test_smarteraser_crop_and_stitch_round_trip():
     assert crop.shape == (1, 512, 512, 3)
     assert (info.x1 - info.x0, info.y1 - info.y0) == (300, 300)
     assert crop_mask.sum() > 0
-    out = stitch(image, torch.zeros_like(crop), info, mask, grow=0, blur_radius=se.PASTE_BLUR_RADIUS)  # the demo's paste
+    out = stitch(image, torch.zeros_like(crop), info, mask, "mask", 0, se.PASTE_BLUR_RADIUS)  # the demo's paste
     far = torch.ones(300, 400, dtype=torch.bool)
     far[100 - 16:150 + 16, 200 - 16:260 + 16] = False  # beyond 3σ of the radius-5 blur
     assert torch.equal(out[0][far], image[0][far])
     assert out[0, 125, 230].abs().max() < 1e-3  # mask centre: the result
 
 
-def test_eval_mask_grows_area_by_ten_percent():
+def test_custom_dilation_reaches_the_exact_area():
     mask = torch.zeros(1, 64, 64)
     mask[0, 20:40, 20:40] = 1
-    grown = se.eval_mask(mask)
+    grown = se.dilate_mask(mask, 1.10)
     assert grown.sum().item() == 440 and torch.all(grown[mask > 0] == 1)
-    assert se.eval_mask(mask, 1.0) is mask
+    assert se.dilate_mask(mask, 1.0) is mask
+
+
+def _ellipse(size, axes, angle=0.0, centre=None):
+    import cv2
+
+    mask = np.zeros((size, size), np.uint8)
+    cv2.ellipse(mask, centre or (size // 2, size // 2), axes, angle, 0, 360, 255, -1)
+    return mask
+
+
+# (semi-axes, angle) of ellipse masks on SmartEraser's 512x512 evaluation canvas: small to large objects
+ELLIPSES = [((12, 8), 0), ((20, 35), 10), ((40, 25), 30), ((60, 60), 0), ((90, 45), 45), ((120, 80), 20),
+            ((150, 100), 70), ((180, 140), 0)]
+
+
+def test_official_evaluation_dilation_overshoots_to_about_1_2_to_1_3x():
+    """MaskAugmentor's test-mode choice 3 asks for 1.10x the area; its loop lands well past it on ellipses."""
+    ratios = []
+    for axes, angle in ELLIPSES:
+        mask = _ellipse(512, axes, angle)
+        area = np.count_nonzero(mask > 128)
+        ratios.append(np.count_nonzero(se.official_dilate_by_area(mask) > 128) / area)
+    assert all(1.10 <= r <= 1.45 for r in ratios), ratios
+    assert 1.18 <= float(np.mean(ratios)) <= 1.32, ratios
+
+
+def test_evaluation_mask_is_binary_and_falls_back_over_70_percent():
+    mask = torch.from_numpy(_ellipse(512, (90, 45), 45)).float()[None] / 255
+    dilated = se.evaluation_mask(mask)
+    assert set(dilated.unique().tolist()) == {0.0, 1.0} and torch.all(dilated[mask > 0.5] == 1)
+    huge = torch.zeros(1, 100, 100)
+    huge[0, 5:95, 5:90] = 1  # 76.5 % of the image; dilating it passes 70 %
+    assert torch.equal(se.evaluation_mask(huge), huge)
+
+
+def test_evaluation_crop_is_the_whole_image_at_512():
+    image = torch.rand(1, 333, 517, 3)
+    mask = torch.zeros(1, 333, 517)
+    mask[0, 100:200, 50:90] = 1
+    crop, crop_mask, info = se.smarteraser_crop(image, mask, "evaluation")
+    assert crop.shape == (1, 512, 512, 3) and (info.x0, info.y0, info.x1, info.y1) == (0, 0, 517, 333)
+    out = stitch(image, crop, info, mask, "whole crop")
+    assert out.shape == image.shape and (out - image).abs().mean() < 0.2
+
+
+def test_demo_paste_back_blurs_at_the_512_short_side_scale():
+    """app_remove.py restore_image: the mask is resized to the 512-short-side image, blurred with radius 5 there,
+    and the composite is resized back; on a 1024x2048 photo the feather reaches twice as far as at photo scale."""
+    from PIL import ImageFilter
+
+    height, width = 1024, 2048
+    mask = torch.zeros(1, height, width)
+    mask[0, 400:600, 900:1200] = 1
+    _, _, info = se.smarteraser_crop(torch.rand(1, height, width, 3), mask)
+    assert info.feather_scale == pytest.approx(0.5)
+    from erasekit.erasers.crop_stitch import feather_mask
+
+    ours = feather_mask(mask, 0, se.PASTE_BLUR_RADIUS, info.feather_scale)[0]
+    small = Image.fromarray((mask[0].numpy() * 255).astype(np.uint8)).resize((width // 2, height // 2))
+    demo = small.filter(ImageFilter.GaussianBlur(radius=se.PASTE_BLUR_RADIUS)).resize((width, height), Image.BILINEAR)
+    demo = torch.from_numpy(np.asarray(demo, dtype=np.float32) / 255)
+    assert (ours - demo).abs().max() < 0.06
+    row = ours[500, 1200:]
+    at_photo_scale = feather_mask(mask, 0, se.PASTE_BLUR_RADIUS)[0, 500, 1200:]
+    assert int((row > 0).sum()) >= 2 * int((at_photo_scale > 0).sum())
 
 
 # ------------------------------------------------------------------------------------------- converter

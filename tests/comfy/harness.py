@@ -344,6 +344,7 @@ COST_CAPS = {
     "crop_variants": 1,  # cached random crops per training pair
     "resolution": 128,  # training crop side (OmniEraser 1024)
     "target_side": 256,  # working side of Crop Around Mask (OmniEraser 1024, SmartEraser 512)
+    "short_side": 256,  # working short side of the whole-image preset (OmniEraser demo: 1024)
     "num_samples": 2,  # Syn4Removal samples
     "size": 256,  # Syn4Removal sample side (official 512)
     "max_pairs": 2, "preview_count": 2, "count": 2,

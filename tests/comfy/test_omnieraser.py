@@ -3,7 +3,11 @@
 Parity: on a tiny random FLUX (built from a config on both sides), the velocity ComfyUI predicts through EraseKit's
 LoRA mapping, img_in widening (ComfyUI patches) and condition (the concat_cond object patch, fed through ComfyUI's
 own process_conds / calc_cond_batch with CFG batching) equals diffusers' FluxTransformer2DModel with the official
-widening, the same LoRA loaded by diffusers and the official packed condition.
+widening, the same LoRA loaded by diffusers and the official packed condition; and through the conditioning node,
+VAE encode included, against the condition the official pipeline builds.
+
+Workflows: every FLUX example workflow hands its sampler diffusers' token-count-shifted sigmas for the crop's size
+and (OmniEraser) a 512-token T5 prompt; the omnieraser graph returns the photo outside the crop bit for bit.
 """
 import importlib
 import json
@@ -12,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import COST_CAPS
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -240,30 +243,174 @@ def test_full_width_flux_takes_the_official_lora_file_with_zero_unmatched_keys(c
     assert len(mapping.patches) * 2 == len(lora)
 
 
-def test_example_workflow_runs_and_keeps_pixels_outside_the_mask(comfy):
-    """The example workflow on the tiny full-width FLUX; the saved photo equals the input outside the feather.
+def comfy_velocities_for(patcher, positive, negative, noise, sigma_value):
+    """Velocities ComfyUI's FLUX predicts for two conditionings (batched together, as for CFG)."""
+    import comfy.model_management
+    import comfy.sampler_helpers
+    import comfy.samplers
 
-    (tests/comfy/test_workflows.py executes omnieraser_controlnet.json too; its stitch is the same node.)"""
-    name = "omnieraser"
+    comfy.model_management.load_models_gpu([patcher])
+    patcher.pre_run()
+    try:
+        conds = {"positive": comfy.sampler_helpers.convert_cond(positive),
+                 "negative": comfy.sampler_helpers.convert_cond(negative)}
+        conds = comfy.samplers.process_conds(patcher.model, noise, conds, noise.device,
+                                             latent_image=torch.zeros_like(noise), seed=0)
+        sigma = torch.full((noise.shape[0],), sigma_value)
+        denoised = comfy.samplers.calc_cond_batch(patcher.model, [conds["positive"], conds["negative"]], noise, sigma,
+                                                  patcher.model_options)
+        return [(noise - d) / sigma_value for d in denoised]
+    finally:
+        patcher.cleanup()
+        patcher.detach()
+
+
+def test_conditioning_node_gives_the_official_condition(comfy, parity_inputs):
+    """Through the node (VAE encode included): the velocity equals diffusers' on the condition the official
+    pipeline builds (prepare_image_with_mask). Fails if background and foreground are swapped."""
+    from comfy import sd as comfy_sd, utils as comfy_utils
+
+    nodes_oe = pack_module(comfy, "nodes.omnieraser")
+    from erasekit.erasers.omnieraser import widen_x_embedder
+
+    vae = comfy_sd.VAE(sd=comfy_utils.load_torch_file(str(comfy.ensure_model("vae", "ae.safetensors"))))
+    generator = torch.Generator().manual_seed(8)
+    mask = parity_inputs["mask"]
+    image = torch.rand(mask.shape[0], mask.shape[1], mask.shape[2], 3, generator=generator)
+    positive = [[parity_inputs["context"], {"pooled_output": parity_inputs["pooled"], "guidance": 3.5}]]
+    negative = [[parity_inputs["negative_context"], {"pooled_output": parity_inputs["pooled"], "guidance": 3.5}]]
+    positive, negative, latent = nodes_oe.OmniEraserConditioning.execute(positive, negative, vae, image, mask).args
+    noise = torch.randn(latent["samples"].shape, generator=generator)
+
+    reference = diffusers_flux(seed=2)
+    lora = official_lora(reference, seed=4)
+    patched, _ = nodes_oe.apply_omnieraser_lora(comfy_flux(reference), lora, 1.0)
+    velocity, negative_velocity = comfy_velocities_for(patched, positive, negative, noise, 0.6)
+
+    # The official images, in [-1, 1]: the masked pixels set to -1, resp. the unmasked ones.
+    pixels = image.movedim(-1, 1) * 2 - 1
+    remove = (mask >= 0.5)[:, None].expand(-1, 3, -1, -1)
+    masked_image, foreground = pixels.clone(), pixels.clone()
+    masked_image[remove] = -1
+    foreground[~remove] = -1
+    encode = lambda x: vae.encode(((x + 1) / 2).movedim(1, -1)).float()  # noqa: E731
+    condition = official_condition(encode(masked_image), encode(foreground), mask)
+    widen_x_embedder(reference)
+    reference.load_lora_adapter(lora, prefix="transformer")
+    expected = diffusers_velocity(reference, noise, condition, parity_inputs["context"], parity_inputs["pooled"], 0.6, 3.5)
+    assert velocity.abs().mean() > 0.1
+    assert (velocity - expected).abs().max() <= 1e-4
+
+
+def _flux_schedule(steps, height, width):
+    """diffusers' FLUX.1-dev schedule for a height x width image: calculate_shift(tokens) into the scheduler."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    # FLUX.1-dev's (and FLUX.1-Fill-dev's) scheduler_config.json
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    mu = calculate_shift((height // 16) * (width // 16), 256, 4096, 0.5, 1.15)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas
+
+
+SMALL = {"EraseKitCropAroundMask": {"target_side": 64}, "EraseKitWholeImageAtWorkingSize": {"short_side": 64}}
+STEPS = 3  # 10000 / 3 is no integer: ComfyUI's 'simple' scheduler would land 7e-5 off
+
+
+class SamplerSpy:
+    """What every sampler received: sigmas, the latent's shape, the T5 length of each conditioning. With
+    ``stop`` set it ends the run there (the graph after the sampler is then not under test)."""
+
+    STOPPED = "sampler inputs recorded; stopped by the test"
+
+    def __init__(self):
+        self.calls, self.stop = [], False
+
+
+@pytest.fixture
+def sampler_spy(monkeypatch):
+    import comfy.samplers
+
+    spy = SamplerSpy()
+    original = comfy.samplers.KSAMPLER.sample
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs):
+        tokens = {name: [c["cross_attn"].shape[1] for c in conds if "cross_attn" in c]
+                  for name, conds in getattr(model_wrap, "conds", {}).items()}
+        spy.calls.append({"sigmas": sigmas.detach().cpu().clone(), "latent": tuple(noise.shape), "tokens": tokens})
+        if spy.stop:
+            raise RuntimeError(SamplerSpy.STOPPED)
+        return original(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.samplers.KSAMPLER, "sample", sample)
+    yield spy
+    import gc
+
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()  # full-width tiny FLUX models: do not keep four workflows' worth
+    gc.collect()
+
+
+def _small_prompt(comfy, name, max_steps):
+    """The workflow's API prompt with a 64 px working size and at most ``max_steps`` steps; also the crop node's id."""
+    if comfy.shared_data is None:
+        pytest.skip("the example workflows load real images from ../shared/data, which is absent")
+    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
+    prompt = comfy.workflow_prompt(workflow, caps={"steps": max_steps})
+    crop_id = next(k for k, v in prompt.items() if v["class_type"] in SMALL)
+    prompt[crop_id]["inputs"].update(SMALL[prompt[crop_id]["class_type"]])
+    return prompt, crop_id
+
+
+@pytest.mark.parametrize("name", ["omnieraser", "omnieraser_controlnet", "omnieraser_whole_image", "sra_flux_fill"])
+def test_flux_workflows_sample_the_official_schedule_for_the_crop(comfy, sampler_spy, name):
+    """Each FLUX workflow at a 64 px working size, up to its sampler: the sampler gets diffusers' calculate_shift
+    schedule for the crop's own size (1e-6), and the OmniEraser prompt T5-encoded to 512 tokens. The run stops
+    there (512 text tokens make each FLUX step cost seconds on a CPU; tests/comfy/test_workflows.py runs the
+    graphs whole)."""
+    from harness import PromptError
+
+    prompt, _ = _small_prompt(comfy, name, STEPS)
+    sampler_spy.stop = True
+    with pytest.raises(PromptError, match=SamplerSpy.STOPPED):
+        comfy.run_prompt(prompt)
+    assert len(sampler_spy.calls) == 1
+    call = sampler_spy.calls[0]
+    height, width = call["latent"][-2] * 8, call["latent"][-1] * 8
+    assert max(height, width) == 64  # the crop's working size, as the crop node made it
+    expected = _flux_schedule(STEPS, height, width)
+    assert call["sigmas"].shape == expected.shape
+    assert (call["sigmas"] - expected).abs().max() <= 1e-6
+    if name.startswith("omnieraser"):
+        assert call["tokens"]["positive"] == [512] and call["tokens"]["negative"] == [512]
+
+
+def test_omnieraser_workflow_returns_the_photo_outside_the_crop_bit_for_bit(comfy, sampler_spy):
+    """The whole omnieraser graph (one step): the crop node's size reaches the sampler, and the stitched photo equals
+    the input outside the crop box."""
     import numpy as np
     from PIL import Image
 
-    from erasekit.erasers.crop_stitch import feather_mask
-
-    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
-    result = comfy.run_workflow(workflow, caps=COST_CAPS)  # the stitch is under test, not the sizes
-    nodes = {n["type"]: n for n in workflow["nodes"]}
-    saved = result.ui[str(nodes["SaveImage"]["id"])]["images"][0]
+    prompt, crop_id = _small_prompt(comfy, "omnieraser", 1)
+    prompt[crop_id]["inputs"]["context"] = 0.1  # room.png's mask with 0.75 context spans the whole photo
+    result = comfy.run_prompt(prompt)
+    crop = result.outputs(crop_id)
+    height, width = crop[0].shape[1:3]
+    assert (crop[3], crop[4]) == (width, height)
+    assert sampler_spy.calls[0]["latent"][-2:] == (height // 8, width // 8)
+    saver = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
+    saved = result.ui[saver]["images"][0]
     output = np.asarray(Image.open(comfy.output_dir / saved["subfolder"] / saved["filename"]).convert("RGB"))
-
-    used = {kind: result.prompt[str(nodes[kind]["id"])]["inputs"]["image"] for kind in ("LoadImage", "LoadImageMask")}
-    photo = np.asarray(Image.open(comfy.input_dir / used["LoadImage"]).convert("RGB"))
-    mask_image = Image.open(comfy.input_dir / used["LoadImageMask"]).convert("RGBA")
-    mask = torch.from_numpy(np.asarray(mask_image)[..., 0].astype(np.float32) / 255.0)
-    grow, blur = nodes["EraseKitStitchCrop"]["widgets_values"]
-    outside = (feather_mask(mask[None], grow, blur)[0] == 0).numpy()
-    # SaveImage writes uint8(255 * x); the untouched input pixels went 8-bit → float → 8-bit the same way.
-    expected = np.clip(255.0 * (torch.from_numpy(photo.astype(np.float32)) / 255.0).numpy(), 0, 255).astype(np.uint8)
-    assert output.shape == photo.shape
-    assert outside.sum() > 0 and np.array_equal(output[outside], expected[outside])
-    assert not np.array_equal(output[~outside], expected[~outside])
+    loader = next(v for v in prompt.values() if v["class_type"] == "LoadImage")
+    photo = np.asarray(Image.open(comfy.input_dir / loader["inputs"]["image"]).convert("RGB"))
+    info = crop[2]
+    outside = np.ones(photo.shape[:2], bool)
+    outside[info.y0:info.y1, info.x0:info.x1] = False
+    assert output.shape == photo.shape and outside.sum() > 0
+    assert np.array_equal(output[outside], photo[outside])
+    assert not np.array_equal(output[~outside], photo[~outside])

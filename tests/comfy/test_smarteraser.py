@@ -17,6 +17,23 @@ PROMPT = "Remove the instance of"
 TIMESTEP = 500
 
 
+def _clip_processor():
+    """Hugging Face's CLIP image processor with openai/clip-vit-large-patch14's preprocessor_config.json.
+
+    The official code ran transformers 4.37.2 (requirements.txt), whose CLIPImageProcessor resized with PIL;
+    transformers 5 keeps that implementation as CLIPImageProcessorPil (its default CLIPImageProcessor resamples
+    with torchvision, about one 8-bit level apart)."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True,
+                              crop_size={"height": 224, "width": 224}, do_rescale=True, rescale_factor=1 / 255,
+                              do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                              image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
+
+
+CLIP_PROCESSOR = _clip_processor()
+
+
 @pytest.fixture(scope="module")
 def nodes(comfy):
     return importlib.import_module(comfy.pack_module().__name__ + ".nodes.smarteraser")
@@ -87,8 +104,7 @@ def official_embeds(release, reference_vision, pixels, mask):
     inverted = ImageOps.invert(mask_image)
     white = inverted.point(lambda x: 255 if x == 255 else 0)
     crop = Image.composite(white, Image.fromarray(pixels), inverted).convert("RGB").crop(mask_image.getbbox())
-    # CLIPImageProcessor's resize/crop/normalise, as erasers.smarteraser.clip_pixel_values (unit-tested against it)
-    image = se.clip_pixel_values(torch.from_numpy(np.array(crop)).float() / 255)
+    image = CLIP_PROCESSOR(images=crop, return_tensors="pt")["pixel_values"]  # as app_remove.py, not the pack's
     with torch.no_grad():
         ids = tokenizer(PROMPT, padding="max_length", max_length=7, truncation=True, return_tensors="pt")["input_ids"]
         ids_uncond = tokenizer("", padding="max_length", max_length=7, truncation=True, return_tensors="pt")["input_ids"]
@@ -141,7 +157,7 @@ def test_parity_with_diffusers_inpaint_unet(nodes, loaded, release, vision):
     mask_t = torch.from_numpy(mask).float().unsqueeze(0) / 255
 
     _, positive, negative, latent, used = nodes.SmartEraserConditioning.execute(
-        model, clip, vae, projector, image, mask_t, PROMPT, 1.0, clip_vision=comfy_vision).args
+        model, clip, vae, projector, image, mask_t, comfy_vision, "demo", "ignored by the demo preset", 4.0).args
     assert positive[0][0].shape == negative[0][0].shape == (1, 7, 768)
     assert latent["samples"].shape == (1, 4, 8, 8) and torch.equal(used, mask_t)
 
@@ -229,7 +245,7 @@ def test_plain_four_channel_unet_is_refused(nodes, comfy, tmp_path):
         nodes.load_unet(str(tmp_path / "diffusion_pytorch_model.bin"))
 
 
-def test_wrong_projector_and_missing_clip_vision_are_explained(nodes, comfy, loaded):
+def test_wrong_projector_and_bad_sizes_are_explained(nodes, comfy, loaded):
     from safetensors.torch import save_file
 
     bad = comfy.models_dir / "smarteraser" / "bad_projector.safetensors"
@@ -241,8 +257,46 @@ def test_wrong_projector_and_missing_clip_vision_are_explained(nodes, comfy, loa
     model, clip, vae, projector = loaded
     image, mask = torch.rand(1, 64, 64, 3), torch.zeros(1, 64, 64)
     mask[:, 8:24, 8:24] = 1
-    with pytest.raises(ValueError, match="needs a CLIP vision model and none is connected.*clip-vit-large-patch14"):
-        nodes.SmartEraserConditioning.execute(model, clip, vae, projector, image, mask, PROMPT, 1.1)
     with pytest.raises(ValueError, match="multiples of 8"):
-        nodes.SmartEraserConditioning.execute(model, clip, vae, projector, image[:, :60], mask[:, :60], PROMPT, 1.1,
-                                              clip_vision=object())
+        nodes.SmartEraserConditioning.execute(model, clip, vae, projector, image[:, :60], mask[:, :60], object(),
+                                              "demo", PROMPT, 1.0)
+
+
+def test_clip_vision_is_a_required_input(comfy):
+    """The graph validator, not the node, flags a SmartEraser Conditioning without a CLIP vision model."""
+    info = comfy.object_info["EraseKitSmartEraserConditioning"]["input"]
+    assert "clip_vision" in info["required"] and "clip_vision" not in info.get("optional", {})
+
+
+def test_presets_run_the_official_prompt_and_mask(nodes, loaded, vision):
+    """demo: 'Remove the instance of', the mask as given; evaluation: '... object' and the official dilation loop
+    (test-mode choice 3); custom: the widgets."""
+    model, clip, vae, projector = loaded
+    _, comfy_vision = vision
+    pixels, mask = scene()
+    image = torch.from_numpy(pixels).float().unsqueeze(0) / 255
+    mask_t = torch.from_numpy(mask).float().unsqueeze(0) / 255
+
+    def run(preset, prompt="a cat", ratio=1.5):
+        return nodes.SmartEraserConditioning.execute(model, clip, vae, projector, image, mask_t, comfy_vision, preset,
+                                                     prompt, ratio).args
+
+    def words_of(conditioning):  # the 7-token context without the image token at position -2
+        context = conditioning[0][0]
+        return torch.cat([context[:, :-2], context[:, -1:]], dim=1)
+
+    def words(prompt):
+        hidden = nodes.text_context(clip, prompt)
+        return torch.cat([hidden[:, :-2], hidden[:, -1:]], dim=1)
+
+    _, demo, _, _, demo_mask = run("demo")
+    assert torch.equal(demo_mask, mask_t)
+    assert (words_of(demo) - words(se.DEFAULT_PROMPT)).abs().max() < 1e-5
+    _, evaluation, _, _, eval_mask = run("evaluation")
+    assert torch.equal(eval_mask, se.evaluation_mask(mask_t))
+    assert 1.10 <= eval_mask.sum() / (mask_t > 0.5).sum() < 1.6
+    assert (words_of(evaluation) - words(se.EVAL_PROMPT)).abs().max() < 1e-5
+    assert not torch.allclose(words_of(demo), words_of(evaluation), atol=1e-3)
+    _, custom, _, _, custom_mask = run("custom")
+    assert custom_mask.sum() == round(1.5 * float((mask_t > 0.5).sum()))
+    assert (words_of(custom) - words("a cat")).abs().max() < 1e-5
