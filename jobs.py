@@ -10,6 +10,9 @@ Every ``erasekit-*`` command exits with one of the codes below (``cli_main`` map
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 import sys
 from typing import Callable
 
@@ -44,18 +47,24 @@ class Host:
 
 
 class CliHost(Host):
-    """A command's host: a tqdm bar on stderr, log lines written above it."""
+    """A command's host: a tqdm bar on stderr (a new one when the unit of work changes), log lines above it."""
 
     def __init__(self, desc: str = "", enabled: bool = True, unit: str = "items"):
         self.desc, self.enabled, self.unit = desc, enabled, unit
         self._bar = None
+        self._bar_unit = None
 
     def progress(self, done, total, unit=None):
         if not self.enabled:
             return
+        unit = unit or self.unit
+        if self._bar is not None and unit != self._bar_unit:
+            self.close()  # a new stage (instances scored, then samples made): its own bar
         if self._bar is None:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=self.desc, unit=unit or self.unit, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=self.desc if unit == self.unit and self.desc else unit, unit=unit,
+                             dynamic_ncols=True)
+            self._bar_unit = unit
         if total is not None and self._bar.total != total:
             self._bar.total = total
         self._bar.n = done
@@ -116,3 +125,41 @@ def require(module: str, extra: str, feature: str):
             f"{feature} needs the Python package '{package}', which is not installed ({error}). Install it into "
             f"ComfyUI's Python with: pip install {package} (or all of EraseKit's {extra} extras: "
             f"pip install -r requirements-{extra}.txt)") from error
+
+
+def _listing(path, recursive):
+    """Lines naming what ``path`` holds: kind, size and modification time of each file (folders walked in name
+    order when ``recursive``, else only the folder's own time, which changes when entries come, go or are
+    renamed into it)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        yield f"missing {path}"
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        yield f"file {path} {info.st_size} {info.st_mtime_ns}"
+        return
+    yield f"folder {path} {info.st_mtime_ns}"
+    if not recursive:
+        return
+    for root, folders, files in os.walk(path):
+        folders.sort()
+        for name in sorted(files):
+            try:
+                info = os.stat(os.path.join(root, name))
+            except OSError:
+                continue  # vanished while walking
+            yield f"file {os.path.relpath(os.path.join(root, name), path)} {info.st_size} {info.st_mtime_ns}"
+
+
+def fingerprint(*paths, recursive=True) -> str:
+    """A short hash of what ``paths`` hold now (files: size and modification time; folders: their listing).
+
+    It changes when a file is added, removed, rewritten or touched; jobs use it to tell whether their inputs
+    changed (ComfyUI's cache, the synthesis instance table). Empty or None paths count as absent."""
+    digest = hashlib.sha256()
+    for path in paths:
+        lines = ["none"] if not path else _listing(os.fspath(path), recursive)
+        for line in lines:
+            digest.update(line.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()[:32]

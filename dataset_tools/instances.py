@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..erasers.layout import mask_box
 from .imageio import IMAGE_EXTENSIONS, read_mask, read_rgb
 
 MIN_CLIP = 0.2
@@ -270,8 +271,7 @@ def load_instance(instance):
 
 def cut_instance(rgb, mask):
     """The instance's tight box: (rgb crop, mask crop)."""
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    x0, y0, x1, y1 = mask_box(mask)
     return rgb[y0:y1, x0:x1].copy(), mask[y0:y1, x0:x1].copy()
 
 
