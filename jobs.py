@@ -111,20 +111,58 @@ class MissingExtra(ImportError):
     """An optional feature's package is not installed; the message names the package and the pip line."""
 
 
-def require(module: str, extra: str, feature: str):
+def requirements_file(extra: str | None) -> str:
+    """Path of the requirement file of ``extra`` (``requirements-{extra}.txt``; ``requirements.txt`` for None)."""
+    name = "requirements.txt" if extra is None else f"requirements-{extra}.txt"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
+
+def _requirement(package: str, extra: str | None) -> str:
+    """``package`` with the version its requirement file asks for (``transformers>=4.56``), else the bare name."""
+    try:
+        with open(requirements_file(extra), encoding="utf-8") as handle:
+            for line in handle:
+                line = line.split("#")[0].strip()
+                name = line.split(";")[0]
+                for mark in "<>=!~[ ":
+                    name = name.split(mark)[0]
+                if name.lower().replace("_", "-") == package.lower().replace("_", "-"):
+                    return line
+    except OSError:
+        pass
+    return package
+
+
+def missing_extra(package: str, extra: str | None, feature: str, reason: str = "it is not installed"):
+    """The ``MissingExtra`` saying that ``feature`` needs ``package`` and the exact ``pip install`` line."""
+    requirement = _requirement(package, extra)
+    group = requirements_file(extra)
+    everything = (f"pip install -r {group}" if os.path.isfile(group) else
+                  f"pip install 'erasekit[{extra}]'" if extra else "pip install erasekit")
+    return MissingExtra(
+        f"{feature} needs the Python package '{package}', but {reason}. Install it into ComfyUI's Python with: "
+        f"pip install '{requirement}' (or everything EraseKit's {extra or 'runtime'} features need: {everything})")
+
+
+def require(module: str, extra: str | None, feature: str, package: str | None = None, names: tuple = ()):
     """Import ``module`` for ``feature`` or raise ``MissingExtra`` naming the exact ``pip install`` line.
 
-    ``extra`` is the pyproject optional-dependency group that provides it (``train``, ``dataset``, ...)."""
+    ``extra`` is the pyproject optional-dependency group that provides it (``train``, ``dataset``; None for the
+    runtime requirements.txt). ``package`` is the name pip knows it by when it differs from the module's; ``names``
+    are attributes the feature needs, which an older version of the package may lack."""
     import importlib
 
+    package = package or module.split(".")[0]
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
     except ImportError as error:
-        package = module.split(".")[0]
-        raise MissingExtra(
-            f"{feature} needs the Python package '{package}', which is not installed ({error}). Install it into "
-            f"ComfyUI's Python with: pip install {package} (or all of EraseKit's {extra} extras: "
-            f"pip install -r requirements-{extra}.txt)") from error
+        raise missing_extra(package, extra, feature, f"it cannot be imported ({error})") from error
+    absent = [name for name in names if not hasattr(imported, name)]
+    if absent:
+        version = getattr(importlib.import_module(module.split(".")[0]), "__version__", "unknown")
+        raise missing_extra(package, extra, feature,
+                            f"the installed version ({version}) lacks {', '.join(absent)}: upgrade it")
+    return imported
 
 
 def _listing(path, recursive):

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from ..erasers.layout import mask_box, resize_image, resize_mask
+from ..jobs import require
 from . import instances as inst
 from .imageio import IMAGE_EXTENSIONS, read_rgb
 from .triplets import TripletWriter, encode_triplet, parse_shard
@@ -236,7 +237,7 @@ def matting_alpha(composite, mask, margin=8):
     trimap = official_trimap(mask)
     if not (trimap == 255).any() or not (trimap == 128).any():
         return mask.astype(np.float64), "hard"  # nothing to solve: thinner than the erosion, or no band
-    from pymatting import estimate_alpha_cf
+    estimate_alpha_cf = require("pymatting", None, "blend 'matting'").estimate_alpha_cf
 
     x0, y0, x1, y1 = mask_box(mask, pad=margin)
     crop_alpha = estimate_alpha_cf(composite[y0:y1, x0:x1] / 255.0, trimap[y0:y1, x0:x1] / 255.0)

@@ -391,9 +391,10 @@ class TripletDataset:
 def dataset_fingerprint(root):
     """Changes whenever a reader of ``root`` could see something else: the manifests' sizes and times and the
     sample folders' times (a writer renames every file into place, which changes its folder's time). Cheap on
-    datasets of millions of samples: no sample file is read or listed."""
+    datasets of millions of samples: no sample file is read or listed. The root folder's own time is left out:
+    run summaries rewritten there change no sample."""
     root = Path(root)
-    return fingerprint(root, *(root / sub for sub in SUBDIRS), *manifest_paths(root), recursive=False)
+    return fingerprint(*(root / sub for sub in SUBDIRS), *manifest_paths(root), recursive=False)
 
 
 @dataclass

@@ -88,9 +88,13 @@ class VideoWorkerPool:
         return self
 
     def close(self):
+        """Stop every child: idle ones are told to stop, busy ones (the run was interrupted) are killed."""
         for worker in self._workers:
             try:
-                worker.connection.send(None)
+                if worker.task is None:
+                    worker.connection.send(None)
+                else:
+                    worker.process.kill()
             except OSError:
                 pass
         for worker in self._workers:
