@@ -401,7 +401,7 @@ def dataset_fingerprint(root):
 class TripletPreview:
     """Which samples of a triplet dataset to read: the *Load Triplet Dataset Samples* node's settings."""
 
-    folder: str
+    dataset_folder: str
     start: int = 0  # index of the first sample (samples are ordered by id)
     count: int = 4  # how many samples
     skip_other_sizes: bool = False  # leave out samples of another size than the first, instead of an error
@@ -413,11 +413,11 @@ def preview_triplets(job, host=None):
     A batch needs one size: samples of another size than the first are an error (UsageError naming the sizes)
     or, with ``skip_other_sizes`` (a dataset mined from videos of several sizes), left out."""
     host = host or Host()
-    dataset = TripletDataset(job.folder)
+    dataset = TripletDataset(job.dataset_folder)
     if len(dataset) == 0:
-        raise UsageError(f"the triplet dataset {job.folder} has no samples to preview")
+        raise UsageError(f"the triplet dataset {job.dataset_folder} has no samples to preview")
     if job.start >= len(dataset):
-        raise UsageError(f"start {job.start} is past the last sample: {job.folder} holds {len(dataset)} samples")
+        raise UsageError(f"start {job.start} is past the last sample: {job.dataset_folder} holds {len(dataset)} samples")
     indices = range(job.start, min(len(dataset), job.start + max(1, job.count)))
     items = []
     for done, index in enumerate(indices, 1):
@@ -428,7 +428,7 @@ def preview_triplets(job, host=None):
     if len(sizes) > 1:
         if not job.skip_other_sizes:
             raise UsageError(
-                f"samples {job.start}..{job.start + len(items) - 1} of {job.folder} have different sizes "
+                f"samples {job.start}..{job.start + len(items) - 1} of {job.dataset_folder} have different sizes "
                 f"{sorted(sizes)}: preview them with count 1")
         items = [i for i in items if i["source"].shape == items[0]["source"].shape]
     return items

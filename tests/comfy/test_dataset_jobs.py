@@ -186,3 +186,23 @@ def test_file_nodes_run_again_when_their_folder_or_file_changes(comfy, videos, s
     shutil.copyfile(second, backgrounds / second.name)  # a new background: one more sample to make
     assert "1" not in run.run(synth)
     assert len(list((comfy.output_dir / "cache_synth" / "source").iterdir())) == 2
+
+
+@pytest.mark.parametrize("node, settings, node_only", [
+    ("EraseKitSyn4RemovalDataset", ("SynthJob",), {"preview_count"}),
+    ("EraseKitVideo4RemovalDataset", ("VideoJob", "PairingConfig"), {"preview_count"}),
+    ("EraseKitMineVideoPairs", ("PairPreview", "PairingConfig"), set()),
+    ("EraseKitPreviewTripletDataset", ("TripletPreview",), set()),
+])
+def test_node_inputs_are_job_settings_of_the_same_name(comfy, node, settings, node_only):
+    """A node sets its job's settings under their own names, so it cannot drift from the command that sets the
+    same dataclass (node_only: presentation inputs)."""
+    from dataclasses import fields
+
+    from erasekit.dataset_tools import synth_job, triplets, video_job, video_mining
+
+    modules = (synth_job, triplets, video_job, video_mining)
+    names = {f.name for name in settings for f in fields(next(getattr(m, name) for m in modules if hasattr(m, name)))}
+    info = comfy.object_info[node]["input"]
+    inputs = set(info.get("required", {})) | set(info.get("optional", {}))
+    assert inputs - node_only <= names, inputs - node_only - names
