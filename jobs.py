@@ -10,6 +10,9 @@ Every ``erasekit-*`` command exits with one of the codes below (``cli_main`` map
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 import sys
 from typing import Callable
 
@@ -44,18 +47,24 @@ class Host:
 
 
 class CliHost(Host):
-    """A command's host: a tqdm bar on stderr, log lines written above it."""
+    """A command's host: a tqdm bar on stderr (a new one when the unit of work changes), log lines above it."""
 
     def __init__(self, desc: str = "", enabled: bool = True, unit: str = "items"):
         self.desc, self.enabled, self.unit = desc, enabled, unit
         self._bar = None
+        self._bar_unit = None
 
     def progress(self, done, total, unit=None):
         if not self.enabled:
             return
+        unit = unit or self.unit
+        if self._bar is not None and unit != self._bar_unit:
+            self.close()  # a new stage (instances scored, then samples made): its own bar
         if self._bar is None:
             from tqdm import tqdm
-            self._bar = tqdm(total=total, desc=self.desc, unit=unit or self.unit, dynamic_ncols=True)
+            self._bar = tqdm(total=total, desc=self.desc if unit == self.unit and self.desc else unit, unit=unit,
+                             dynamic_ncols=True)
+            self._bar_unit = unit
         if total is not None and self._bar.total != total:
             self._bar.total = total
         self._bar.n = done
@@ -102,17 +111,93 @@ class MissingExtra(ImportError):
     """An optional feature's package is not installed; the message names the package and the pip line."""
 
 
-def require(module: str, extra: str, feature: str):
+def requirements_file(extra: str | None) -> str:
+    """Path of the requirement file of ``extra`` (``requirements-{extra}.txt``; ``requirements.txt`` for None)."""
+    name = "requirements.txt" if extra is None else f"requirements-{extra}.txt"
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+
+
+def _requirement(package: str, extra: str | None) -> str:
+    """``package`` with the version its requirement file asks for (``transformers>=4.56``), else the bare name."""
+    try:
+        with open(requirements_file(extra), encoding="utf-8") as handle:
+            for line in handle:
+                line = line.split("#")[0].strip()
+                name = line.split(";")[0]
+                for mark in "<>=!~[ ":
+                    name = name.split(mark)[0]
+                if name.lower().replace("_", "-") == package.lower().replace("_", "-"):
+                    return line
+    except OSError:
+        pass
+    return package
+
+
+def missing_extra(package: str, extra: str | None, feature: str, reason: str = "it is not installed"):
+    """The ``MissingExtra`` saying that ``feature`` needs ``package`` and the exact ``pip install`` line."""
+    requirement = _requirement(package, extra)
+    group = requirements_file(extra)
+    everything = (f"pip install -r {group}" if os.path.isfile(group) else
+                  f"pip install 'erasekit[{extra}]'" if extra else "pip install erasekit")
+    return MissingExtra(
+        f"{feature} needs the Python package '{package}', but {reason}. Install it into ComfyUI's Python with: "
+        f"pip install '{requirement}' (or everything EraseKit's {extra or 'runtime'} features need: {everything})")
+
+
+def require(module: str, extra: str | None, feature: str, package: str | None = None, names: tuple = ()):
     """Import ``module`` for ``feature`` or raise ``MissingExtra`` naming the exact ``pip install`` line.
 
-    ``extra`` is the pyproject optional-dependency group that provides it (``train``, ``dataset``, ...)."""
+    ``extra`` is the pyproject optional-dependency group that provides it (``train``, ``dataset``; None for the
+    runtime requirements.txt). ``package`` is the name pip knows it by when it differs from the module's; ``names``
+    are attributes the feature needs, which an older version of the package may lack."""
     import importlib
 
+    package = package or module.split(".")[0]
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
     except ImportError as error:
-        package = module.split(".")[0]
-        raise MissingExtra(
-            f"{feature} needs the Python package '{package}', which is not installed ({error}). Install it into "
-            f"ComfyUI's Python with: pip install {package} (or all of EraseKit's {extra} extras: "
-            f"pip install -r requirements-{extra}.txt)") from error
+        raise missing_extra(package, extra, feature, f"it cannot be imported ({error})") from error
+    absent = [name for name in names if not hasattr(imported, name)]
+    if absent:
+        version = getattr(importlib.import_module(module.split(".")[0]), "__version__", "unknown")
+        raise missing_extra(package, extra, feature,
+                            f"the installed version ({version}) lacks {', '.join(absent)}: upgrade it")
+    return imported
+
+
+def _listing(path, recursive):
+    """Lines naming what ``path`` holds: kind, size and modification time of each file (folders walked in name
+    order when ``recursive``, else only the folder's own time, which changes when entries come, go or are
+    renamed into it)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        yield f"missing {path}"
+        return
+    if not stat.S_ISDIR(info.st_mode):
+        yield f"file {path} {info.st_size} {info.st_mtime_ns}"
+        return
+    yield f"folder {path} {info.st_mtime_ns}"
+    if not recursive:
+        return
+    for root, folders, files in os.walk(path):
+        folders.sort()
+        for name in sorted(files):
+            try:
+                info = os.stat(os.path.join(root, name))
+            except OSError:
+                continue  # vanished while walking
+            yield f"file {os.path.relpath(os.path.join(root, name), path)} {info.st_size} {info.st_mtime_ns}"
+
+
+def fingerprint(*paths, recursive=True) -> str:
+    """A short hash of what ``paths`` hold now (files: size and modification time; folders: their listing).
+
+    It changes when a file is added, removed, rewritten or touched; jobs use it to tell whether their inputs
+    changed (ComfyUI's cache, the synthesis instance table). Empty or None paths count as absent."""
+    digest = hashlib.sha256()
+    for path in paths:
+        lines = ["none"] if not path else _listing(os.fspath(path), recursive)
+        for line in lines:
+            digest.update(line.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()[:32]

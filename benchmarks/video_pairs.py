@@ -4,8 +4,8 @@
 
 1. Speed: frames per second of the whole mining pass (MOG2, classification, pairing, masks; no
    GroundingDINO / SAM) against a plain OpenCV decode-only loop over the same file. Target >= 0.5x.
-   Measured in this process (best of ``--repeats``) and through the child-process runner the CLI uses
-   (worker already started, so the figure excludes the one-off spawn). The pass decodes in a thread that
+   Measured in this process (best of ``--repeats``) and through the isolated worker processes the CLI uses
+   (worker already started, so the figure excludes the one-off start-up). The pass decodes in a thread that
    overlaps the analysis: with a second core free the wall-clock ratio is well above the CPU one, on a
    loaded machine the two meet. The CPU line (work per frame, all threads, least of the runs) depends less
    on the load.
@@ -27,8 +27,9 @@ DEFAULT_VIDEO = ROOT.parent / "shared" / "data" / "video" / "road_cars.avi"
 
 
 def _import_video():
+    """(video_mining, video_isolation) of this checkout."""
     try:
-        from erasekit.dataset_tools import video
+        from erasekit.dataset_tools import video_isolation, video_mining
     except ImportError:  # run from a checkout that is not pip-installed: import the folder as "erasekit"
         import importlib.util
 
@@ -37,8 +38,8 @@ def _import_video():
         module = importlib.util.module_from_spec(spec)
         sys.modules["erasekit"] = module
         spec.loader.exec_module(module)
-        from erasekit.dataset_tools import video
-    return video
+        from erasekit.dataset_tools import video_isolation, video_mining
+    return video_mining, video_isolation
 
 
 def decode_only(path):
@@ -63,15 +64,15 @@ def mine(video, path, config):
     return report, len(pairs), time.perf_counter() - start, time.process_time() - cpu
 
 
-def mine_in_child(video, runner, path):
+def mine_in_child(video, pool, path):
     start = time.perf_counter()
     pairs = 0
     report = None
-    for event in runner.run([(path, 0, None)]):
-        if event[0] == "pair":
+    for event in pool.run([video.VideoTask(0, str(path))]):
+        if isinstance(event, video.PairMined):
             pairs += 1
-        elif event[0] == "done":
-            report = event[2]
+        elif isinstance(event, video.VideoFinished):
+            report = event.report
     return report, pairs, time.perf_counter() - start
 
 
@@ -100,7 +101,7 @@ RSS_CODE = """
 import json, resource, sys
 sys.path.insert(0, {here!r})
 from video_pairs import _import_video
-video = _import_video()
+video, _ = _import_video()
 generator = video.mine_video({path!r}, video.PairingConfig(foreground_ratio={ratio!r}))
 pairs = 0
 while True:  # stream the pairs as the CLI does (it writes each one and drops it)
@@ -133,7 +134,7 @@ def main(argv=None):
     path = Path(args.video)
     if not path.is_file():
         sys.exit(f"{path} does not exist")
-    video = _import_video()
+    video, isolation = _import_video()
     config = video.PairingConfig(foreground_ratio=args.foreground_ratio)
     cv2.setNumThreads(1)  # both loops single-threaded OpenCV, as in the CLI's workers
 
@@ -153,10 +154,10 @@ def main(argv=None):
     cpu_ratio = decode_cpu / mined_cpu
     print(f"CPU work         : decode {decode_cpu * 1000 / decode[0]:.3f} ms/frame, whole pass "
           f"{mined_cpu * 1000 / mined[0].frames:.3f} ms/frame = {cpu_ratio:.2f}x decode speed per CPU second")
-    with video.VideoJobRunner(config, workers=1) as runner:
-        mine_in_child(video, runner, path)  # warm-up: the child's imports
-        child = min((mine_in_child(video, runner, path) for _ in range(args.repeats)), key=lambda r: r[2])
-    child_fps = child[0]["frames"] / child[2]
+    with isolation.VideoWorkerPool(config, workers=1) as pool:
+        mine_in_child(video, pool, path)  # warm-up: the child's imports
+        child = min((mine_in_child(video, pool, path) for _ in range(args.repeats)), key=lambda r: r[2])
+    child_fps = child[0].frames / child[2]
     print(f"whole pass, child: {child_fps:8.0f} frames/s  = {child_fps / decode_fps:.2f}x decode "
           "(CLI worker process, pairs sent back)")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
+
+from ..jobs import require
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -27,10 +27,19 @@ def white_background(image, mask):
 
 
 def preprocess(pixels, size=224):
-    """The official transform: Resize(size, bicubic) on the short side, CenterCrop(size), Normalize."""
-    pixels = TF.resize(pixels, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    pixels = TF.center_crop(pixels, [size, size])
-    return TF.normalize(pixels, CLIP_MEAN, CLIP_STD)
+    """The official transform, torchvision's ``Resize(size, bicubic, antialias)`` on the short side,
+    ``CenterCrop(size)`` and ``Normalize`` on a 3×H×W float tensor, done with torch alone (torchvision's tensor
+    path is this interpolate call, its sizes and crop offsets as computed here)."""
+    height, width = pixels.shape[-2:]
+    short, long = min(height, width), max(height, width)
+    resized = (size, int(size * long / short)) if height <= width else (int(size * long / short), size)
+    if resized != (height, width):
+        pixels = F.interpolate(pixels[None], size=resized, mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0))
+    pixels = pixels[:, top:top + size, left:left + size]
+    mean = torch.tensor(CLIP_MEAN, dtype=pixels.dtype)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=pixels.dtype)[:, None, None]
+    return (pixels - mean) / std
 
 
 class ClipScorer:
@@ -46,7 +55,8 @@ class ClipScorer:
     @classmethod
     def from_folder(cls, folder, device="cpu"):
         """Load a local transformers CLIP folder (e.g. clip-vit-large-patch14); never downloads."""
-        from transformers import CLIPModel, CLIPTokenizer
+        transformers = require("transformers", "dataset", "CLIP scoring", names=("CLIPModel", "CLIPTokenizer"))
+        CLIPModel, CLIPTokenizer = transformers.CLIPModel, transformers.CLIPTokenizer
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():

@@ -8,6 +8,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from ..erasers.layout import binarize
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 UNREADABLE = "unreadable image"
@@ -62,8 +64,9 @@ def read_rgb(path):
     return pil_to_rgb(image)
 
 
-def read_mask(path, threshold=128):
-    """Binary mask from any image file: luminance (or a 16-bit value scaled to 8 bits) ≥ ``threshold``.
+def read_mask(path):
+    """Binary mask from any image file: its luminance (a 16-bit value scaled to 8 bits) under the one mask
+    threshold of ``erasers.layout.binarize`` (≥ 128 of 255, or 1 in a mask stored as 0 and 1).
 
     A mask whose only information is transparency (opaque object, transparent elsewhere) is read from its
     alpha channel. Returns ``(bool H×W, None)`` or ``(None, reason)``.
@@ -84,4 +87,4 @@ def read_mask(path, threshold=128):
             gray = alpha if alpha.min() < 255 and luminance.min() == luminance.max() else luminance
         else:
             gray = np.asarray(image.convert("L"))
-    return gray >= threshold, None
+    return binarize(gray), None

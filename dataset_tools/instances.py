@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..erasers.layout import mask_box
+from ..jobs import require
 from .imageio import IMAGE_EXTENSIONS, read_mask, read_rgb
 
 MIN_CLIP = 0.2
@@ -77,7 +79,7 @@ def load_coco(path):
     """pycocotools ``COCO`` of ``path`` (cached per process), or ValueError with the skip reason."""
     path = str(path)
     if path not in _COCO_CACHE:
-        from pycocotools.coco import COCO
+        COCO = require("pycocotools.coco", "dataset", "COCO instance annotations", package="pycocotools").COCO
 
         text = Path(path).read_text(encoding="utf-8") if Path(path).is_file() else None
         if text is None:
@@ -113,7 +115,7 @@ def coco_mask(annotations, ann_id):
 
 def coco_instances(annotations, image_root, skips=None):
     """Instances of a COCO annotation file; images are looked up under ``image_root``."""
-    from pycocotools import mask as mask_utils
+    mask_utils = require("pycocotools.mask", "dataset", "COCO instance annotations", package="pycocotools")
 
     try:
         coco = load_coco(annotations)
@@ -270,8 +272,7 @@ def load_instance(instance):
 
 def cut_instance(rgb, mask):
     """The instance's tight box: (rgb crop, mask crop)."""
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    x0, y0, x1, y1 = mask_box(mask)
     return rgb[y0:y1, x0:x1].copy(), mask[y0:y1, x0:x1].copy()
 
 

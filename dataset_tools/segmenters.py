@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..jobs import require
+
 SAM_TYPES = ("sam", "sam2")
 DINO_TYPES = ("grounding-dino", "mm-grounding-dino")
 
@@ -42,6 +44,17 @@ def _model_type(path):
             "facebook/sam2.1-hiera-large on Hugging Face)"
         )
     raise ValueError(f"{path} has no config.json: not a transformers model folder")
+
+
+def _transformers(feature, *names):
+    """The transformers classes ``names`` a feature needs; MissingExtra with the pip line when the installed
+    transformers is missing or too old (ComfyUI itself asks for less than SAM 2 and GroundingDINO need)."""
+    module = require("transformers", "dataset", feature, names=names)
+    return [getattr(module, name) for name in names]
+
+
+def _segment_anything(feature, module="segment_anything"):
+    return require(module, "dataset", feature, package="segment-anything")
 
 
 def _torch_device(device):
@@ -98,7 +111,8 @@ class GroundingDino:
 
 def load_grounding_dino(path, device="cpu"):
     """GroundingDINO from a transformers folder (IDEA-Research/grounding-dino-tiny layout)."""
-    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+    AutoModelForZeroShotObjectDetection, AutoProcessor = _transformers(
+        "GroundingDINO", "AutoModelForZeroShotObjectDetection", "AutoProcessor")
 
     kind, path = _model_type(path)
     if kind not in DINO_TYPES:
@@ -153,8 +167,7 @@ class _SegmentAnythingSam:
     kind = "sam"
 
     def __init__(self, model, device):
-        from segment_anything import SamPredictor
-
+        SamPredictor = _segment_anything("SAM checkpoints from models/sams").SamPredictor
         self.predictor = SamPredictor(model.eval().to(device))
         self.device = device
 
@@ -259,7 +272,7 @@ def load_sam(path, device="cpu"):
         state = load_state_dict(path)
         if is_sam2_checkpoint(state):
             model, version = build_sam2_from_checkpoint(state)
-            from transformers import Sam2ImageProcessor, Sam2Processor
+            Sam2ImageProcessor, Sam2Processor = _transformers("SAM 2 checkpoints", "Sam2ImageProcessor", "Sam2Processor")
 
             # Meta's SAM2Transforms: a plain resize to 1024×1024 and ImageNet normalisation, the defaults here
             processor = Sam2Processor(image_processor=Sam2ImageProcessor())
@@ -267,7 +280,7 @@ def load_sam(path, device="cpu"):
             backend.version = version
             return Sam(backend)
         return Sam(_SegmentAnythingSam(build_segment_anything(state), _torch_device(device)))
-    from transformers import AutoModel, AutoProcessor
+    AutoModel, AutoProcessor = _transformers("SAM transformers folders", "AutoModel", "AutoProcessor")
 
     kind, path = _model_type(path)
     if kind not in SAM_TYPES:
@@ -332,12 +345,10 @@ def build_segment_anything(state, config=None):
 
     import torch
 
-    try:
-        from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam as OriginalSam
-        from segment_anything.modeling import TwoWayTransformer
-    except ImportError:
-        raise ValueError("SAM checkpoints from models/sams need the segment-anything package: "
-                         "pip install segment-anything (or use a transformers SAM folder)") from None
+    modeling = _segment_anything("SAM checkpoints from models/sams (or use a transformers SAM folder)",
+                                 "segment_anything.modeling")
+    ImageEncoderViT, MaskDecoder, PromptEncoder = modeling.ImageEncoderViT, modeling.MaskDecoder, modeling.PromptEncoder
+    OriginalSam, TwoWayTransformer = modeling.Sam, modeling.TwoWayTransformer
     c = config or segment_anything_config(state)
     grid = c["img_size"] // c["patch_size"]
     model = OriginalSam(
@@ -423,8 +434,9 @@ def is_sam2_checkpoint(state):
 
 def sam2_config(state):
     """(transformers ``Sam2Config``, variant name, "2" or "2.1") of a Meta SAM 2 checkpoint's state dict."""
-    from transformers import (Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2PromptEncoderConfig,
-                              Sam2VisionConfig)
+    Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2PromptEncoderConfig, Sam2VisionConfig = _transformers(
+        "SAM 2 checkpoints", "Sam2Config", "Sam2HieraDetConfig", "Sam2MaskDecoderConfig", "Sam2PromptEncoderConfig",
+        "Sam2VisionConfig")
 
     trunk = "image_encoder.trunk."
     blocks = sorted({int(k[len(trunk) + 7:].split(".")[0]) for k in state if k.startswith(trunk + "blocks.")})
@@ -484,7 +496,7 @@ def sam2_state_to_transformers(state):
 
 def build_sam2_from_checkpoint(state):
     """A transformers ``Sam2Model`` with a Meta SAM 2 checkpoint's weights (loaded strictly) and its version."""
-    from transformers import Sam2Model
+    (Sam2Model,) = _transformers("SAM 2 checkpoints", "Sam2Model")
 
     try:
         config, _, version = sam2_config(state)

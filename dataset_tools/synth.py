@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..erasers.layout import mask_box, resize_image, resize_mask
+from ..jobs import require
 from . import instances as inst
 from .imageio import IMAGE_EXTENSIONS, read_rgb
 from .triplets import TripletWriter, encode_triplet, parse_shard
@@ -186,11 +188,7 @@ def place(rng, ins_w, ins_h, size, obstacles, config):
 
 # ---- pasting ---------------------------------------------------------------------------------------
 def resize_instance(rgb, mask, width, height):
-    shrink = width * height < rgb.shape[0] * rgb.shape[1]
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    rgb = cv2.resize(rgb, (width, height), interpolation=interpolation)
-    mask = cv2.resize(mask.astype(np.float32), (width, height), interpolation=interpolation) >= 0.5
-    return rgb, mask
+    return resize_image(rgb, width, height), resize_mask(mask, width, height)
 
 
 def rotate_instance(rgb, mask, angle):
@@ -239,11 +237,9 @@ def matting_alpha(composite, mask, margin=8):
     trimap = official_trimap(mask)
     if not (trimap == 255).any() or not (trimap == 128).any():
         return mask.astype(np.float64), "hard"  # nothing to solve: thinner than the erosion, or no band
-    from pymatting import estimate_alpha_cf
+    estimate_alpha_cf = require("pymatting", None, "blend 'matting'").estimate_alpha_cf
 
-    ys, xs = np.nonzero(mask)
-    y0, y1 = max(0, ys.min() - margin), min(mask.shape[0], ys.max() + 1 + margin)
-    x0, x1 = max(0, xs.min() - margin), min(mask.shape[1], xs.max() + 1 + margin)
+    x0, y0, x1, y1 = mask_box(mask, pad=margin)
     crop_alpha = estimate_alpha_cf(composite[y0:y1, x0:x1] / 255.0, trimap[y0:y1, x0:x1] / 255.0)
     alpha = np.zeros(mask.shape, np.float64)
     alpha[y0:y1, x0:x1] = np.clip(crop_alpha, 0.0, 1.0)

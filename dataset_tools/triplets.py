@@ -25,6 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..erasers.layout import binarize
+from ..jobs import Host, UsageError, fingerprint
+
 SUBDIRS = ("source", "mask", "target")
 MANIFEST = "manifest.jsonl"
 ORIGIN_KEYS = {"video": ("video", "frame", "background_frame"), "image": ("image", "instance")}
@@ -94,7 +97,7 @@ def _as_binary_mask(array, shape):
     values = np.unique(array)
     if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
         raise ValueError(f"uint8 mask must hold only {{0, 1}} or {{0, 255}}, found values {values[:8].tolist()}")
-    return array > 0
+    return binarize(array)
 
 
 def _encode_png(image):
@@ -182,7 +185,7 @@ class TripletWriter:
             fcntl.flock(self._lock_handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._lock_handle.close()
-            raise ValueError(
+            raise UsageError(
                 f"another process is writing {self.manifest_path}; give each concurrent run its own --shard i/N"
             ) from None
         self._tmp_tag = f"{_TMP_PREFIX}{self.manifest_path.stem}-"
@@ -215,7 +218,7 @@ class TripletWriter:
         # a shard only refuses its own earlier samples: the other shards of the run fill the same folder
         clashing = all_ids if self.shard is None else set(self._done)
         if clashing and not resume:
-            raise ValueError(
+            raise UsageError(
                 f"{self.manifest_path} already lists {len(clashing)} samples" if self.shard is not None else
                 f"{self.root} already holds {len(clashing)} samples; resume the run or choose an empty folder"
             )
@@ -383,3 +386,49 @@ class TripletDataset:
         for index in range(len(self)):
             self[index]
         return len(self)
+
+
+def dataset_fingerprint(root):
+    """Changes whenever a reader of ``root`` could see something else: the manifests' sizes and times and the
+    sample folders' times (a writer renames every file into place, which changes its folder's time). Cheap on
+    datasets of millions of samples: no sample file is read or listed. The root folder's own time is left out:
+    run summaries rewritten there change no sample."""
+    root = Path(root)
+    return fingerprint(*(root / sub for sub in SUBDIRS), *manifest_paths(root), recursive=False)
+
+
+@dataclass
+class TripletPreview:
+    """Which samples of a triplet dataset to read: the *Load Triplet Dataset Samples* node's settings."""
+
+    dataset_folder: str
+    start: int = 0  # index of the first sample (samples are ordered by id)
+    count: int = 4  # how many samples
+    skip_other_sizes: bool = False  # leave out samples of another size than the first, instead of an error
+
+
+def preview_triplets(job, host=None):
+    """Samples ``start``..``start+count`` of the dataset as ``TripletDataset`` items, each validated on reading.
+
+    A batch needs one size: samples of another size than the first are an error (UsageError naming the sizes)
+    or, with ``skip_other_sizes`` (a dataset mined from videos of several sizes), left out."""
+    host = host or Host()
+    dataset = TripletDataset(job.dataset_folder)
+    if len(dataset) == 0:
+        raise UsageError(f"the triplet dataset {job.dataset_folder} has no samples to preview")
+    if job.start >= len(dataset):
+        raise UsageError(f"start {job.start} is past the last sample: {job.dataset_folder} holds {len(dataset)} samples")
+    indices = range(job.start, min(len(dataset), job.start + max(1, job.count)))
+    items = []
+    for done, index in enumerate(indices, 1):
+        host.check_interrupt()
+        items.append(dataset[index])
+        host.progress(done, len(indices), "samples")
+    sizes = {item["source"].shape[:2] for item in items}
+    if len(sizes) > 1:
+        if not job.skip_other_sizes:
+            raise UsageError(
+                f"samples {job.start}..{job.start + len(items) - 1} of {job.dataset_folder} have different sizes "
+                f"{sorted(sizes)}: preview them with count 1")
+        items = [i for i in items if i["source"].shape == items[0]["source"].shape]
+    return items

@@ -2,11 +2,12 @@
 
 Users' masks hug the object, so its shadow, reflection and boundary halo stay behind. SmartEraser trains on
 masks irregularised by one of six choices and evaluates with every mask dilated to 1.10x its area
-(../shared/METHODS.md section 1; official: modules/mask_region_enhence.py, ``MaskAugmentor.augment_mask``).
+(SmartEraser, CVPR 2025; official code longtaojiang/SmartEraser, modules/mask_region_enhence.py,
+``MaskAugmentor.augment_mask``).
 
-Per-mask functions work on numpy ``HxW`` masks (bool, or uint8/float thresholded at 0.5 of full scale) and
-return bool arrays. The ``*_batch`` wrappers take ComfyUI MASK tensors ``[B,H,W]`` and treat each item
-independently. 1 = remove.
+Per-mask functions work on numpy ``HxW`` masks (bool, integer or float, binarised by ``layout.binarize``: the
+one threshold, half of full scale) and return bool arrays. The ``*_batch`` wrappers take ComfyUI MASK tensors
+``[B,H,W]`` and treat each item independently. 1 = remove.
 
 Deviations from the official code, each deliberate:
 - ``resize_to_area`` reaches the target pixel count exactly, where the official loop dilates with ever
@@ -25,6 +26,8 @@ from typing import Callable
 
 import cv2
 import numpy as np
+
+from .layout import as_mask_batch, binarize, mask_box
 
 CHOICES = (1, 2, 3, 4, 5, 6)
 CHOICE_NAMES = {
@@ -48,27 +51,6 @@ METRICS = ("chessboard", "euclidean")
 # Among pixels at the same distance, those with more already-selected neighbours go first (edge-adjacent
 # weighs more than corner-adjacent), so a partial last ring fills concavities and sides before corners.
 _NEIGHBOURS = ((-1, -1, 1), (-1, 0, 2), (-1, 1, 1), (0, -1, 2), (0, 1, 2), (1, -1, 1), (1, 0, 2), (1, 1, 1))
-
-
-def to_binary(mask: np.ndarray) -> np.ndarray:
-    """Bool copy of a 2-D mask: bool as is, floats > 0.5, integers > half their scale (255 or 1)."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"expected a 2-D mask (height x width), got shape {tuple(mask.shape)}")
-    if mask.dtype == bool:
-        return mask.copy()
-    if np.issubdtype(mask.dtype, np.floating):
-        return mask > 0.5
-    if np.issubdtype(mask.dtype, np.integer):
-        full_scale = 1 if mask.size and mask.max() <= 1 else 255
-        return mask > full_scale / 2
-    raise ValueError(f"mask dtype {mask.dtype} is neither bool, integer nor float")
-
-
-def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Inclusive-exclusive box (x0, y0, x1, y1) of the True pixels, None when empty."""
-    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask).view(np.uint8))
-    return None if w == 0 else (x, y, x + w, y + h)
 
 
 def _expand(box, margin: int, shape) -> tuple[int, int, int, int]:
@@ -201,9 +183,9 @@ def resize_to_area(mask: np.ndarray, ratio: float, metric: str = "chessboard") -
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if not (ratio > 0 and math.isfinite(ratio)):
         raise ValueError(f"area ratio must be a positive finite number, got {ratio}")
-    # Bool input is only read (the result is a new array): skip to_binary's defensive copy, ~15 % of the time.
+    # Bool input is only read (the result is a new array): skip binarize's defensive copy, ~15 % of the time.
     is_bool_2d = isinstance(mask, np.ndarray) and mask.dtype == bool and mask.ndim == 2
-    mask = mask if is_bool_2d else to_binary(mask)
+    mask = mask if is_bool_2d else binarize(mask, ndim=2)
     area = int(np.count_nonzero(mask))
     height, width = mask.shape
     target = min(int(round(area * ratio)), height * width)
@@ -215,7 +197,7 @@ def resize_to_area(mask: np.ndarray, ratio: float, metric: str = "chessboard") -
 
 
 def _grow(mask: np.ndarray, count: int, metric: str) -> np.ndarray:
-    dilations = _SquareDilations(mask.view(np.uint8), _bbox(mask))
+    dilations = _SquareDilations(mask.view(np.uint8), mask_box(mask))
     if metric == "chessboard":
         region, grown = dilations.take(count)
     else:  # the chessboard ball that holds `count` pixels lies within Euclidean radius * sqrt(2)
@@ -229,7 +211,7 @@ def _grow(mask: np.ndarray, count: int, metric: str) -> np.ndarray:
 
 def _shrink(mask: np.ndarray, count: int, metric: str) -> np.ndarray:
     # One pixel of background around the box is enough: every mask pixel is inside it.
-    x0, y0, x1, y1 = _expand(_bbox(mask), 1, mask.shape)
+    x0, y0, x1, y1 = _expand(mask_box(mask), 1, mask.shape)
     background = (~mask[y0:y1, x0:x1]).view(np.uint8)
     # A mask filling the image has no boundary to erode from: use a frame around the image instead.
     framed = cv2.countNonZero(background) == 0
@@ -248,7 +230,7 @@ def _shrink(mask: np.ndarray, count: int, metric: str) -> np.ndarray:
 
 def convex_hull(mask: np.ndarray) -> np.ndarray:
     """Filled convex hull of each outer contour (as the official ``convex_hull_mask``), united with the mask."""
-    mask = to_binary(mask)
+    mask = binarize(mask, ndim=2)
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     hull = np.zeros(mask.shape, np.uint8)
     cv2.drawContours(hull, [cv2.convexHull(c) for c in contours], -1, 1, -1)
@@ -258,7 +240,7 @@ def convex_hull(mask: np.ndarray) -> np.ndarray:
 def _shape_stats(mask: np.ndarray) -> tuple[float, float, float]:
     """Coverage of the image by the mask, its bounding box and its convex hull."""
     image_area = mask.size
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = mask_box(mask)
     return (np.count_nonzero(mask) / image_area, (x1 - x0) * (y1 - y0) / image_area,
             np.count_nonzero(convex_hull(mask)) / image_area)
 
@@ -270,7 +252,7 @@ def allowed_choices(mask: np.ndarray) -> list[int]:
     non-convex (mask/hull < 0.6) or their hull covers > 50 % they only get keep/erode/dilate, and a mask
     covering more than half the image is only kept. An empty mask is only kept.
     """
-    mask = to_binary(mask)
+    mask = binarize(mask, ndim=2)
     if not mask.any():
         return [1]
     mask_cover, bbox_cover, hull_cover = _shape_stats(mask)
@@ -306,7 +288,7 @@ def bezier_blob(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     +-5 px, and the polygon through them is filled (official ``bessel_curve_fit``).
     """
     height, width = mask.shape
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = mask_box(mask)
     box_w, box_h = x1 - x0, y1 - y0
     ext_left = x0 - int(rng.integers(0, int(min(0.5 * x0, 0.2 * box_w)) + 1))
     ext_top = y0 - int(rng.integers(0, int(min(0.5 * y0, 0.2 * box_h)) + 1))
@@ -336,7 +318,7 @@ def bezier_blob(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _bbox_mask(mask: np.ndarray) -> np.ndarray:
-    x0, y0, x1, y1 = _bbox(mask)
+    x0, y0, x1, y1 = mask_box(mask)
     out = np.zeros_like(mask)
     out[y0:y1, x0:x1] = True
     return out
@@ -355,7 +337,7 @@ def choice_ratio(choice: int, rng: np.random.Generator | None, test_mode: bool) 
 def apply_choice(mask: np.ndarray, choice: int, ratio: float, rng: np.random.Generator | None = None,
                  metric: str = "chessboard") -> np.ndarray:
     """One SmartEraser choice with an explicit area ratio (no fallback). ``rng`` is used by choice 6 only."""
-    mask = to_binary(mask)
+    mask = binarize(mask, ndim=2)
     if choice not in CHOICES:
         raise ValueError(f"SmartEraser choice must be one of {CHOICES}, got {choice!r}")
     if choice == 1 or not mask.any():
@@ -379,7 +361,7 @@ def irregularize(mask: np.ndarray, choice: int | str = "random", rng: np.random.
     training ranges. A result covering > 70 % of the image falls back to the input (reported as choice 1).
     An empty mask is returned unchanged.
     """
-    mask = to_binary(mask)
+    mask = binarize(mask, ndim=2)
     if choice != "random" and choice not in CHOICES:
         raise ValueError(f"choice must be 'random' or one of {CHOICES}, got {choice!r}")
     if not mask.any():
@@ -404,7 +386,7 @@ def smarteraser_eval_mask(mask: np.ndarray) -> np.ndarray:
 
 def fill_holes(mask: np.ndarray, max_hole_pixels: int | None = None) -> np.ndarray:
     """Fill background regions enclosed by the mask (not touching the image border), up to a size if given."""
-    mask = to_binary(mask)
+    mask = binarize(mask, ndim=2)
     if max_hole_pixels is not None and max_hole_pixels < 0:
         raise ValueError(f"max_hole_pixels must be >= 0 or None, got {max_hole_pixels}")
     if max_hole_pixels is None:  # one flood fill from a background frame that touches every border region
@@ -423,7 +405,7 @@ def fill_holes(mask: np.ndarray, max_hole_pixels: int | None = None) -> np.ndarr
 
 def remove_small_islands(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     """Drop 8-connected mask components smaller than ``min_pixels`` (stray SAM specks, paint dabs)."""
-    mask = to_binary(mask)
+    mask = binarize(mask, ndim=2)
     if min_pixels < 0:
         raise ValueError(f"min_pixels must be >= 0, got {min_pixels}")
     # Plain labelling + a pixel count: cv2.connectedComponentsWithStats costs 4-14x more in OpenCV 5.
@@ -443,7 +425,7 @@ def feather(mask: np.ndarray, radius: float) -> np.ndarray:
     The inside stays 1, so the object is still fully erased; core FeatherMask only fades the image borders
     and a blur would let the object's edge show through.
     """
-    mask = to_binary(mask)
+    mask = binarize(mask, ndim=2)
     if radius < 0:
         raise ValueError(f"feather radius must be >= 0, got {radius}")
     if radius == 0 or not mask.any():
@@ -455,7 +437,7 @@ def feather(mask: np.ndarray, radius: float) -> np.ndarray:
 def clean_mask(mask: np.ndarray, fill: bool = True, max_hole_pixels: int | None = None,
                min_island_pixels: int = 0, feather_radius: float = 0.0) -> np.ndarray:
     """Islands, then holes, then feather: islands first so specks don't enclose fake holes. Float32 out."""
-    out = to_binary(mask)
+    out = binarize(mask, ndim=2)
     if min_island_pixels > 0:
         out = remove_small_islands(out, min_island_pixels)
     if fill:
@@ -464,35 +446,6 @@ def clean_mask(mask: np.ndarray, fill: bool = True, max_hole_pixels: int | None 
 
 
 # --- ComfyUI MASK batches [B,H,W] (torch); the core never imports ComfyUI ---
-
-def check_mask_matches_image(image, mask):
-    """Validate a MASK [B,H,W] against an IMAGE [B,H,W,C]; return the mask, a batch of 1 broadcast.
-
-    Sizes must be equal; batches equal or one of them 1. Raises ValueError naming both sizes otherwise.
-    """
-    if image.ndim != 4:
-        raise ValueError(f"image must be [batch, height, width, channels], got shape {tuple(image.shape)}")
-    mask = _as_mask_batch(mask)
-    image_hw, mask_hw = tuple(image.shape[1:3]), tuple(mask.shape[1:3])
-    if image_hw != mask_hw:
-        raise ValueError(f"mask is {mask_hw[1]}x{mask_hw[0]} (width x height) but the image is "
-                         f"{image_hw[1]}x{image_hw[0]}; resize the mask to the image first")
-    image_batch, mask_batch = image.shape[0], mask.shape[0]
-    if image_batch != mask_batch and 1 not in (image_batch, mask_batch):
-        raise ValueError(f"mask batch of {mask_batch} does not match image batch of {image_batch}; "
-                         "use equal batches or a batch of 1")
-    if mask_batch == 1 and image_batch > 1:
-        mask = mask.expand(image_batch, -1, -1)
-    return mask
-
-
-def _as_mask_batch(mask):
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    if mask.ndim != 3:
-        raise ValueError(f"mask must be [batch, height, width], got shape {tuple(mask.shape)}")
-    return mask
-
 
 def item_rng(seed: int, index: int) -> np.random.Generator:
     """Independent, reproducible generator for batch item ``index`` under node seed ``seed``."""
@@ -503,13 +456,13 @@ def _map_batch(masks, per_item: Callable[[int, np.ndarray], np.ndarray],
                progress: Callable[[int, int], None] | None, check_interrupt: Callable[[], None] | None):
     import torch
 
-    masks = _as_mask_batch(masks)
+    masks = as_mask_batch(masks)
     items = masks.detach().float().cpu().numpy()
     out = []
     for index, item in enumerate(items):
         if check_interrupt is not None:
             check_interrupt()
-        out.append(np.asarray(per_item(index, item > 0.5), np.float32))
+        out.append(np.asarray(per_item(index, binarize(item)), np.float32))
         if progress is not None:
             progress(index + 1, len(items))
     return torch.from_numpy(np.stack(out)).to(masks.device)
@@ -517,7 +470,7 @@ def _map_batch(masks, per_item: Callable[[int, np.ndarray], np.ndarray],
 
 def irregularize_batch(masks, choice: int | str = "random", seed: int = 0, test_mode: bool = False,
                        metric: str = "chessboard", progress=None, check_interrupt=None):
-    """:func:`irregularize` on each item of a MASK batch (thresholded at 0.5); returns (masks, choices)."""
+    """:func:`irregularize` on each item of a MASK batch (binarised by ``layout.binarize``); returns (masks, choices)."""
     used: list[int] = []
 
     def one(index, item):
@@ -530,13 +483,13 @@ def irregularize_batch(masks, choice: int | str = "random", seed: int = 0, test_
 
 def resize_to_area_batch(masks, ratio: float, metric: str = "chessboard", progress=None,
                          check_interrupt=None):
-    """:func:`resize_to_area` on each item of a MASK batch (thresholded at 0.5)."""
+    """:func:`resize_to_area` on each item of a MASK batch (binarised by ``layout.binarize``)."""
     return _map_batch(masks, lambda _, item: resize_to_area(item, ratio, metric), progress, check_interrupt)
 
 
 def clean_mask_batch(masks, fill: bool = True, max_hole_pixels: int | None = None,
                      min_island_pixels: int = 0, feather_radius: float = 0.0, progress=None,
                      check_interrupt=None):
-    """:func:`clean_mask` on each item of a MASK batch (thresholded at 0.5)."""
+    """:func:`clean_mask` on each item of a MASK batch (binarised by ``layout.binarize``)."""
     return _map_batch(masks, lambda _, item: clean_mask(item, fill, max_hole_pixels, min_island_pixels,
                                                          feather_radius), progress, check_interrupt)

@@ -7,6 +7,8 @@ Each output is a 0/255 PNG named after its input's stem (``stem.png``, or ``stem
 variants) so it still pairs with a triplet dataset's ``source/`` and ``target/``. The generator of every
 (file, variant) derives from the seed and the file name, so adding files never changes other results.
 Existing outputs are skipped (resume); unreadable files are reported and do not stop the run.
+Exit codes (shared by every ``erasekit-*`` command, ``jobs.py``): 0 done, 1 some masks failed or an error stopped
+the run, 2 bad arguments, 130 interrupted (finished masks are kept).
 """
 from __future__ import annotations
 
@@ -19,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from ..dataset_tools.imageio import IMAGE_EXTENSIONS, read_mask
+from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, UsageError, cli_main
 from . import masks
 
 
@@ -80,27 +82,30 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"erasekit-masks: error: {error}", file=sys.stderr)
-        return 2
+    with CliHost("irregularising masks", unit="mask") as host:
+        return cli_main("erasekit-masks", lambda: run(args, host))
 
 
-def run(args) -> int:
+def run(args, host=None) -> int:
+    host = host or CliHost(enabled=False)
     if not args.masks_dir.is_dir():
-        raise FileNotFoundError(f"mask folder {args.masks_dir} does not exist")
+        raise UsageError(f"mask folder {args.masks_dir} does not exist" if not args.masks_dir.exists() else
+                         f"{args.masks_dir} is a file: give a folder of mask images")
     files = sorted(p for p in args.masks_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"no mask images ({', '.join(IMAGE_EXTENSIONS)}) in {args.masks_dir}")
+        raise UsageError(f"no mask images ({', '.join(IMAGE_EXTENSIONS)}) in {args.masks_dir}")
     stems = Counter(p.stem for p in files)
     clashing = sorted(s for s, n in stems.items() if n > 1)
     if clashing:
-        raise ValueError(f"files in {args.masks_dir} share a stem, so their outputs would collide: {clashing}")
+        raise UsageError(f"files in {args.masks_dir} share a stem, so their outputs would collide: {clashing}")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise UsageError(f"output folder {args.out_dir} is a file: give a folder for the new masks")
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     summary, failures = Counter(), []
-    for path in tqdm(files, desc="irregularising masks", unit="mask"):
+    for done, path in enumerate(files):
+        host.check_interrupt()
+        host.progress(done, len(files))
         targets = [args.out_dir / output_name(path.stem, v, args.variants) for v in range(args.variants)]
         if not args.overwrite and all(t.exists() for t in targets):
             summary["skipped (exists)"] += len(targets)
@@ -113,16 +118,17 @@ def run(args) -> int:
             if target.exists() and not args.overwrite:
                 summary["skipped (exists)"] += 1
                 continue
-            result, done = process_mask(mask, args, file_rng(args.seed, path.stem, variant))
+            result, what = process_mask(mask, args, file_rng(args.seed, path.stem, variant))
             write_png_atomic(target, result)
-            summary[done if mask.any() else "empty (copied)"] += 1
+            summary[what if mask.any() else "empty (copied)"] += 1
+    host.progress(len(files), len(files))
 
     for what, count in sorted(summary.items()):
         print(f"{count:6d}  {what}")
     for failure in failures:
         print(f"failed  {failure}", file=sys.stderr)
     print(f"wrote to {args.out_dir}")
-    return 1 if failures else 0
+    return EXIT_FAILED if failures else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ scheduler/) plus ``clip_mlp_weight.pth``. This writes
   VAE and the transformers-layout text encoder itself when it loads them),
 * ``<name>_projector.safetensors``: the IM2TEXT projector for EraseKit's projector loader.
 
-Console script: ``erasekit-convert-smarteraser FOLDER OUT_DIR [--name smarteraser] [--half]``.
+Console script: ``erasekit-convert-smarteraser FOLDER OUT_DIR [--name smarteraser] [--half]``. Exit codes (shared by
+every ``erasekit-*`` command): 0 written, 1 a weights file could not be read or written, 2 the folder is not a
+SmartEraser release, 130 interrupted.
 """
 import argparse
 import os
@@ -18,6 +20,7 @@ import sys
 
 import torch
 
+from ..jobs import EXIT_OK, UsageError, cli_main
 from .smarteraser import read_projector_state_dict
 
 WEIGHT_NAMES = {
@@ -63,13 +66,22 @@ def projector_file(folder):
     )
 
 
-def read_weights(path):
-    """A state dict from safetensors, or from a pickle loaded with weights_only=True."""
-    if path.lower().endswith(".safetensors"):
-        from safetensors.torch import load_file
+class UnreadableWeights(OSError):
+    """A weights file exists but cannot be read (truncated, damaged, or not a weights file)."""
 
-        return load_file(path)
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+
+def read_weights(path):
+    """A state dict from safetensors, or from a pickle loaded with weights_only=True; UnreadableWeights naming the
+    file when it cannot be read."""
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UnreadableWeights(f"{path} cannot be read as weights ({type(error).__name__}: {error}): the file is "
+                                "truncated or damaged, or not a weights file; download it again") from error
     return state_dict.get("state_dict", state_dict)
 
 
@@ -193,14 +205,20 @@ def main(argv=None):
     parser.add_argument("--name", default="smarteraser", help="file name stem (default: smarteraser)")
     parser.add_argument("--half", action="store_true", help="store the checkpoint in fp16 (half the size)")
     args = parser.parse_args(argv)
+    return cli_main("erasekit-convert-smarteraser", lambda: run(args))
+
+
+def run(args):
+    if not os.path.isdir(args.folder):
+        raise UsageError(f"{args.folder} is not a folder: give the released SmartEraser folder (unet/, vae/, "
+                         "text_encoder/, clip_mlp_weight.pth)")
     try:
         checkpoint, projector = convert(args.folder, args.out_dir, args.name, args.half)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except (FileNotFoundError, ValueError) as error:  # parts missing, or another model than SmartEraser's
+        raise UsageError(str(error)) from None
     print(f"wrote {checkpoint}\n  → put it in ComfyUI/models/checkpoints and load it with Load Checkpoint")
     print(f"wrote {projector}\n  → put it in ComfyUI/models/smarteraser and load it with SmartEraser Projector Loader")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -27,3 +27,14 @@ class ComfyHost(Host):
 
     def log(self, message):
         log.info(message)
+
+
+def fingerprint(compute):
+    """``compute()`` for a node's ``fingerprint_inputs``: ComfyUI runs the node again when the value changes.
+
+    A failure (a path that does not exist yet) gives NaN, which never equals itself: the node runs again and its
+    ``execute`` says what is wrong."""
+    try:
+        return compute()
+    except Exception:
+        return float("nan")

@@ -1,25 +1,49 @@
-"""Dataset nodes: Syn4Removal paste synthesis into a triplet folder, and a preview of any triplet folder."""
+"""Dataset nodes: Syn4Removal paste synthesis into a triplet folder (core: dataset_tools/synth_job.py, the job
+the ``erasekit-synth`` command runs too), and a preview of any triplet folder."""
 import json
 
 import comfy.model_management
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..dataset_tools import instances as inst
 from ..dataset_tools import synth
-from . import _paths, _triplets
+from ..dataset_tools.synth_job import SynthJob, run_synth_job
+from ..dataset_tools.triplets import dataset_fingerprint
+from ..jobs import fingerprint
+from . import _host, _paths, _triplets
+from ._segmenter_models import NONE, sam_choices, sam_path
 
 CATEGORY = "erasekit/dataset"
 BLEND_TOOLTIP = ("How the pasted instance is blended: matting = closed-form matting alpha with the official trimap "
                  "(SmartEraser, slow); feather = a linear 3 px inner edge (fast); hard = binary alpha.")
+INPUT_PATHS = ("backgrounds", "instances", "coco", "coco_images", "background_annotations", "clip_model",
+               "sam_images")  # path inputs, absolute or relative to ComfyUI's input folder
 
 
-def _folder(path, base, what, must_exist=True):
-    """An absolute path, or one relative to ComfyUI's input/output folder; '' stays '' when optional."""
-    if not must_exist and not (path or "").strip():
-        return ""
-    return _paths.user_path(path, base, what, must_exist)
+def _input_path(value, what):
+    """An absolute path, or one relative to ComfyUI's input folder; '' stays None (not given)."""
+    if not (value or "").strip():
+        return None
+    return _paths.user_path(value, folder_paths.get_input_directory(), what)
+
+
+def _output_path(value):
+    return _paths.user_path(value, folder_paths.get_output_directory(), "output", must_exist=False)
+
+
+def _job(backgrounds, instances, output, num_samples, size, blend, seed, area_filter, class_filter, coco, coco_images,
+         background_annotations, clip_model, sam_model, sam_images):
+    """The ``SynthJob`` of the node's inputs: folders resolved, empty inputs unset, one value per list setting."""
+    paths = {name: _input_path(value, name) for name, value in (
+        ("backgrounds", backgrounds), ("instances", instances), ("coco", coco), ("coco_images", coco_images),
+        ("background_annotations", background_annotations), ("clip_model", clip_model), ("sam_images", sam_images))}
+    if paths["backgrounds"] is None:
+        raise ValueError("backgrounds is empty: give a folder of background photos")
+    listed = {name: [paths[name]] if paths[name] else [] for name in ("instances", "coco", "coco_images", "sam_images")}
+    return SynthJob(backgrounds=paths["backgrounds"], output=_output_path(output), num_samples=num_samples or None,
+                    size=size, blend=blend, seed=seed, area_filter=area_filter, class_filter=class_filter,
+                    background_annotations=paths["background_annotations"], clip_model=paths["clip_model"],
+                    sam_model=sam_path(sam_model), device=str(comfy.model_management.get_torch_device()), **listed)
 
 
 class Syn4RemovalDataset(io.ComfyNode):
@@ -33,15 +57,16 @@ class Syn4RemovalDataset(io.ComfyNode):
                 "SmartEraser's Syn4Removal recipe: cuts instances out of photos with masks, filters them, and "
                 "pastes each onto a background (resize + centre crop, placement away from the edges and "
                 "existing objects, random rotation, alpha blending). Writes source/mask/target PNGs and "
-                "manifest.jsonl; running again resumes. Outputs a preview of the written samples."),
+                "manifest.jsonl; running again resumes. Outputs a preview of the written samples. The "
+                "erasekit-synth command runs the same job."),
             is_output_node=True,
             inputs=[
-                io.String.Input("backgrounds_folder", default="", tooltip="Folder of background photos (searched "
+                io.String.Input("backgrounds", default="", tooltip="Folder of background photos (searched "
                                 "recursively); absolute or relative to ComfyUI's input folder."),
-                io.String.Input("instances_folder", default="", tooltip="Folder of image + mask pairs (x.jpg + "
+                io.String.Input("instances", default="", tooltip="Folder of image + mask pairs (x.jpg + "
                                 "x_mask.png, or images/ + masks/ with equal names); sub-folders are classes. "
-                                "May be empty when COCO annotations are given."),
-                io.String.Input("output_folder", default="erasekit_syn4removal", tooltip="Triplet dataset folder "
+                                "May be empty when COCO annotations or SAM images are given."),
+                io.String.Input("output", default="erasekit_syn4removal", tooltip="Triplet dataset folder "
                                 "to create or resume; absolute or relative to ComfyUI's output folder."),
                 io.Int.Input("num_samples", default=0, min=0, max=1 << 30, tooltip="Samples to make; 0 = one per "
                              "background."),
@@ -54,16 +79,21 @@ class Syn4RemovalDataset(io.ComfyNode):
                                  "image (official)."),
                 io.Boolean.Input("class_filter", default=True, tooltip="Keep only classes with at least 6 "
                                  "instances after the other filters (official)."),
-                io.String.Input("coco_annotations", default="", optional=True, tooltip="Optional COCO instance "
+                io.String.Input("coco", default="", optional=True, tooltip="Optional COCO instance annotation "
                                 "file (polygons or RLE) as a further instance source."),
                 io.String.Input("coco_images", default="", optional=True, tooltip="Image folder of the COCO file."),
                 io.String.Input("background_annotations", default="", optional=True, tooltip="Optional COCO file "
                                 "of the backgrounds: objects under 40 % of the image are obstacles to avoid."),
-                io.String.Input("clip_model_folder", default="", optional=True, tooltip="Optional local "
+                io.String.Input("clip_model", default="", optional=True, tooltip="Optional local "
                                 "transformers CLIP folder (clip-vit-large-patch14). Given: the official CLIP "
                                 "score filter runs; empty: it is off (recorded in the manifest)."),
                 io.Int.Input("preview_count", default=4, min=1, max=64, optional=True,
                              tooltip="How many written samples to output as a preview batch."),
+                io.Combo.Input("sam_model", options=sam_choices(), default=NONE, optional=True,
+                               tooltip="Optional SAM or SAM 2 model (models/sams, models/sam2) that proposes "
+                                       "instance masks on the photos of sam_images."),
+                io.String.Input("sam_images", default="", optional=True, tooltip="Folder of photos for SAM "
+                                "proposals (with sam_model); absolute or relative to ComfyUI's input folder."),
             ],
             outputs=[
                 io.Image.Output("source", tooltip="Preview: composites with the pasted object."),
@@ -76,43 +106,22 @@ class Syn4RemovalDataset(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, backgrounds_folder, instances_folder, output_folder, num_samples, size, blend, seed,
-                area_filter, class_filter, coco_annotations="", coco_images="", background_annotations="",
-                clip_model_folder="", preview_count=4) -> io.NodeOutput:
-        inputs = folder_paths.get_input_directory()
-        backgrounds = _folder(backgrounds_folder, inputs, "backgrounds_folder")
-        output = _folder(output_folder, folder_paths.get_output_directory(), "output_folder", must_exist=False)
-        skips, found = {}, []
-        if instances_folder.strip():
-            found += inst.folder_instances(_folder(instances_folder, inputs, "instances_folder"), skips=skips)
-        if coco_annotations.strip():
-            found += inst.coco_instances(_folder(coco_annotations, inputs, "coco_annotations"),
-                                         _folder(coco_images, inputs, "coco_images"), skips)
-        if not found:
-            raise ValueError("no instances found: give instances_folder (image + mask pairs) or coco_annotations")
-        check_interrupt = comfy.model_management.throw_exception_if_processing_interrupted
-        use_clip = bool(clip_model_folder.strip())
-        if use_clip:
-            from ..dataset_tools.clip_score import ClipScorer
+    def fingerprint_inputs(cls, output, sam_model=NONE, **inputs):
+        def compute():
+            paths = [_input_path(inputs.get(name, ""), name) for name in INPUT_PATHS]
+            return fingerprint(*paths, sam_path(sam_model)), dataset_fingerprint(_output_path(output))
+        return _host.fingerprint(compute)
 
-            scorer = ClipScorer.from_folder(_folder(clip_model_folder, inputs, "clip_model_folder"),
-                                            comfy.model_management.get_torch_device())
-            bar = comfy.utils.ProgressBar(len(found))
-            found = inst.score_instances(found, scorer, skips=skips, progress=lambda d, t: bar.update_absolute(d, t),
-                                         check_interrupt=check_interrupt)
-        annotations = _folder(background_annotations, inputs, "background_annotations") if background_annotations.strip() else None
-        paths, obstacles, background_skips = synth.collect_backgrounds(backgrounds, annotations)
-        config = synth.SynthConfig(size=size, blend=blend)
-        plan = synth.build_plan(paths, obstacles, found, config, seed, num_samples or None,
-                                {"use_clip": use_clip, "use_area": area_filter, "use_class_count": class_filter})
-        bar = comfy.utils.ProgressBar(plan.num_samples)
-        summary = synth.run_synthesis(plan, output, progress=lambda d, t: bar.update_absolute(d, t),
-                                      check_interrupt=check_interrupt)
-        for reason, count in {**skips, **background_skips}.items():
-            summary["skipped"][reason] = summary["skipped"].get(reason, 0) + count
-        summary.update(output=output, instances=len(plan.instances), filters=plan.filters)
-        source, mask, target, _ = _triplets.preview(output, 0, preview_count)
-        return io.NodeOutput(source, mask, target, json.dumps(summary), output)
+    @classmethod
+    def execute(cls, backgrounds, instances, output, num_samples, size, blend, seed, area_filter, class_filter,
+                coco="", coco_images="", background_annotations="", clip_model="", preview_count=4,
+                sam_model=NONE, sam_images="") -> io.NodeOutput:
+        job = _job(backgrounds, instances, output, num_samples, size, blend, seed, area_filter, class_filter, coco,
+                   coco_images, background_annotations, clip_model, sam_model, sam_images)
+        host = _host.ComfyHost()
+        summary = run_synth_job(job, host)
+        source, mask, target, _ = _triplets.preview(job.output, 0, preview_count, host)
+        return io.NodeOutput(source, mask, target, json.dumps({"output": job.output, **summary}), job.output)
 
 
 class PreviewTripletDataset(io.ComfyNode):
@@ -141,9 +150,13 @@ class PreviewTripletDataset(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, dataset_folder, **_):
+        return _host.fingerprint(lambda: dataset_fingerprint(_paths.dataset_folder(dataset_folder, "dataset_folder")))
+
+    @classmethod
     def execute(cls, dataset_folder, start, count) -> io.NodeOutput:
         folder = _paths.dataset_folder(dataset_folder, "dataset_folder")
-        source, mask, target, records = _triplets.preview(folder, start, count)
+        source, mask, target, records = _triplets.preview(folder, start, count, _host.ComfyHost())
         return io.NodeOutput(source, mask, target, json.dumps(records))
 
 

@@ -1,78 +1,54 @@
 """Video nodes: load frames, preview the removal pairs Video4Removal mines from a static-camera video, and
-write them as a triplet dataset (OmniEraser's recipe, ../shared/METHODS.md §3; core: dataset_tools/video.py).
+write them as a triplet dataset (the OmniEraser paper's recipe; core: dataset_tools/video_job.py).
 
-Mining runs in spawned child processes (dataset_tools/video.py ``VideoJobRunner``), so a video file that
-crashes the decoder fails only itself, never ComfyUI. The ``erasekit-video`` command does the same from a shell.
+Mining runs in isolated processes (dataset_tools/video_isolation.py), so a video file that crashes the decoder
+fails only itself, never ComfyUI. The ``erasekit-video`` command runs the same job from a shell.
 """
 import json
 import os
 
 import comfy.model_management
-import comfy.utils
 import folder_paths
-import numpy as np
-import torch
 from comfy_api.latest import io
 
-from ..dataset_tools import video as V
-from ..dataset_tools.triplets import TripletDataset, TripletWriter
-from ._paths import register_folder, user_path
-from ._triplets import preview, to_image
+from ..dataset_tools.triplets import dataset_fingerprint
+from ..dataset_tools.video_decode import read_frames
+from ..dataset_tools.video_job import PairPreview, VideoJob, preview_video_pairs, run_video_job
+from ..dataset_tools.video_mining import MASK_AUGMENTATIONS, PairingConfig
+from ..jobs import fingerprint
+from . import _host
+from ._paths import user_path
+from ._segmenter_models import NONE, dino_choices, dino_path, sam_choices, sam_path
+from ._triplets import preview, to_image, to_mask
 
 CATEGORY = "erasekit/dataset"
-NONE = "none"
-DINO_FOLDER = register_folder("grounding-dino")
-SAM_FOLDERS = (register_folder("sams"), register_folder("sam2"))
-DINO_URL = "https://huggingface.co/IDEA-Research/grounding-dino-tiny"
-SAM_URL = ("https://huggingface.co/facebook/sam2.1-hiera-large (transformers folder, or its sam2.1_hiera_large.pt "
-           "checkpoint in models/sam2) or https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth "
-           "(segment-anything checkpoint in models/sams)")
+PAIRING_INPUTS = ("foreground_ratio", "window_seconds", "lighting_mse", "mask_augment")
 
 
-def _model_folders(*names):
-    """Sub-folders holding a transformers model (config.json) in ComfyUI's model folders ``names``."""
-    found = set()
-    for name in names:
-        for base in folder_paths.get_folder_paths(name):
-            if os.path.isdir(base):
-                found.update(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json")))
-    return sorted(found)
-
-
-def _sam_choices():
-    """Transformers SAM / SAM 2 folders, segment-anything checkpoints in models/sams and SAM 2 ones in models/sam2."""
-    files = {f for name in SAM_FOLDERS for f in folder_paths.get_filename_list(name)}
-    return sorted(set(_model_folders(*SAM_FOLDERS)) | files)
-
-
-def _resolve_model(names, choice, url):
-    for name in names:
-        for base in folder_paths.get_folder_paths(name):
-            path = os.path.join(base, choice)
-            if os.path.isfile(os.path.join(path, "config.json")) or (name in SAM_FOLDERS and os.path.isfile(path)):
-                return path
-    where = ", ".join(p for n in names for p in folder_paths.get_folder_paths(n))
-    raise FileNotFoundError(f"model {choice!r} was not found in {where}. Public weights: {url}.")
-
-
-def _setting_inputs():
-    d = V.PairingConfig()
+def _pairing_inputs():
+    d = PairingConfig()
     return [
         io.Float.Input("foreground_ratio", default=d.foreground_ratio, min=0.001, max=0.99, step=0.005,
                        tooltip="A frame is a foreground frame when moving objects cover more than this share of "
-                               "it (paper: 0.15, for close footage; lower it when objects are small in the frame)."),
+                               "it (paper: 0.15, for close footage; lower it when objects are small in the frame). "
+                               "A frame counts as empty up to min(0.002, this / 2)."),
         io.Float.Input("window_seconds", default=d.window_seconds, min=0.1, max=600.0, step=0.1,
                        tooltip="A pair's two frames are at most this far apart in time."),
         io.Float.Input("lighting_mse", default=d.lighting_mse, min=0.1, max=1000.0, step=0.5,
                        tooltip="Largest mean squared difference (0-255 scale) allowed between the two frames "
                                "outside the object: larger means the light changed and the pair is refused."),
-        io.Combo.Input("mask_augment", options=list(V.MASK_AUGMENTATIONS), default=d.mask_augment,
+        io.Combo.Input("mask_augment", options=list(MASK_AUGMENTATIONS), default=d.mask_augment,
                        tooltip="Mask augmentation of the paper: dilate, erode, per-object bounding box, or a "
                                "random one of these per sample (seeded by the sample id)."),
-        io.Combo.Input("grounding_dino", options=[NONE] + _model_folders(DINO_FOLDER), default=NONE, optional=True,
+    ]
+
+
+def _segmenter_inputs():
+    return [
+        io.Combo.Input("grounding_dino", options=dino_choices(), default=NONE, optional=True,
                        tooltip="GroundingDINO transformers folder in models/grounding-dino. With a SAM model and "
                                "a prompt, masks are the prompt's objects; none = the MOG foreground mask."),
-        io.Combo.Input("sam_model", options=[NONE] + _sam_choices(), default=NONE, optional=True,
+        io.Combo.Input("sam_model", options=sam_choices(), default=NONE, optional=True,
                        tooltip="SAM or SAM 2 transformers folder in models/sams or models/sam2, or a "
                                "segment-anything checkpoint in models/sams (cuts the detected objects out)."),
         io.String.Input("prompt", default="", optional=True,
@@ -80,45 +56,18 @@ def _setting_inputs():
     ]
 
 
-def _config(foreground_ratio, window_seconds, lighting_mse, mask_augment):
-    defaults = V.PairingConfig()
-    return V.PairingConfig(foreground_ratio=foreground_ratio, window_seconds=window_seconds, lighting_mse=lighting_mse,
-                           mask_augment=mask_augment, background_ratio=min(defaults.background_ratio, foreground_ratio / 2))
+def _pairing(settings):
+    return PairingConfig(**{name: settings[name] for name in PAIRING_INPUTS})
 
 
-def _segmenter_spec(grounding_dino, sam_model, prompt):
-    """Paths and prompt for GroundingDINO + SAM (loaded in the mining process), or None for MOG masks."""
-    chosen = [grounding_dino != NONE, sam_model != NONE, bool((prompt or "").strip())]
-    if not any(chosen):
-        return None
-    if not all(chosen):
-        raise ValueError("object masks need all three: a grounding_dino model, a sam_model and a prompt "
-                         f"(got grounding_dino={grounding_dino!r}, sam_model={sam_model!r}, prompt={prompt!r})")
-    return {"grounding_dino": _resolve_model([DINO_FOLDER], grounding_dino, DINO_URL),
-            "sam": _resolve_model(SAM_FOLDERS, sam_model, SAM_URL), "text": prompt,
+def _segmenter(grounding_dino, sam_model, prompt):
+    """The segmenter settings of a job: model paths (None for none), the prompt and ComfyUI's device."""
+    return {"grounding_dino": dino_path(grounding_dino), "sam_model": sam_path(sam_model), "prompt": prompt,
             "device": str(comfy.model_management.get_torch_device())}
 
 
-def _mine(jobs, config, spec, workers, on_pair):
-    """Mine ``jobs`` [(path, start, stop)] in child processes (a decoder crash fails only its video) with
-    a progress bar over the videos and interruption; ``on_pair(job, sample_id, source, mask, target,
-    record)`` gets each pair. Returns the reports, in job order."""
-    bar = comfy.utils.ProgressBar(len(jobs) * 100)
-    progress = [0] * len(jobs)
-    reports = [None] * len(jobs)
-    with V.VideoJobRunner(config, workers=min(workers, len(jobs)), segmenter_spec=spec) as runner:
-        for event in runner.run(jobs):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            kind, job = event[0], event[1]
-            if kind == "pair":
-                on_pair(job, *event[2:])
-            elif kind == "progress":
-                progress[job] = int(100 * event[2] / max(1, event[3]))
-            else:
-                reports[job] = event[2]
-                progress[job] = 100
-            bar.update_absolute(sum(progress), len(jobs) * 100)
-    return reports
+def _video_path(video):
+    return user_path(video, folder_paths.get_input_directory(), "video")
 
 
 class LoadVideoFrames(io.ComfyNode):
@@ -145,23 +94,12 @@ class LoadVideoFrames(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, video, **_):
+        return _host.fingerprint(lambda: fingerprint(_video_path(video)))
+
+    @classmethod
     def execute(cls, video, start_frame, frame_count, every_nth) -> io.NodeOutput:
-        path = user_path(video, folder_paths.get_input_directory(), "video")
-        try:
-            capture, fps, total, _, _ = V.open_video(path)
-        except V.VideoSkipped as error:
-            raise ValueError(str(error)) from None
-        capture.release()
-        bar = comfy.utils.ProgressBar(frame_count)
-        frames = []
-        for _, frame in V.iter_frames(path, start_frame, None, every_nth):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            frames.append(frame[..., ::-1])
-            bar.update_absolute(len(frames), frame_count)
-            if len(frames) >= frame_count:
-                break
-        if not frames:
-            raise ValueError(f"{path} has no decodable frame at or after frame {start_frame} (it declares {total})")
+        frames, fps, total = read_frames(_video_path(video), start_frame, frame_count, every_nth, _host.ComfyHost())
         return io.NodeOutput(to_image(frames), fps, total)
 
 
@@ -183,7 +121,8 @@ class MineVideoPairs(io.ComfyNode):
                 io.Int.Input("start_frame", default=0, min=0, max=1 << 30, tooltip="First frame to mine."),
                 io.Int.Input("end_frame", default=0, min=0, max=1 << 30, tooltip="Frame to stop before; 0 = the end."),
                 io.Int.Input("max_pairs", default=8, min=1, max=256, tooltip="Most pairs to output (the first found)."),
-                *_setting_inputs(),
+                *_pairing_inputs(),
+                *_segmenter_inputs(),
             ],
             outputs=[
                 io.Image.Output("source", tooltip="Frames with the object."),
@@ -195,27 +134,23 @@ class MineVideoPairs(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, video, start_frame, end_frame, max_pairs, foreground_ratio, window_seconds, lighting_mse,
-                mask_augment, grounding_dino=NONE, sam_model=NONE, prompt="") -> io.NodeOutput:
-        path = user_path(video, folder_paths.get_input_directory(), "video")
-        if end_frame and end_frame <= start_frame:
-            raise ValueError(f"end_frame {end_frame} must be 0 (the end) or after start_frame {start_frame}")
-        config = _config(foreground_ratio, window_seconds, lighting_mse, mask_augment)
-        chosen = []
+    def fingerprint_inputs(cls, video, grounding_dino=NONE, sam_model=NONE, **_):
+        return _host.fingerprint(lambda: fingerprint(_video_path(video), dino_path(grounding_dino),
+                                                     sam_path(sam_model)))
 
-        def keep(job, sample_id, source, mask, target, record):
-            if len(chosen) < max_pairs:
-                chosen.append((source, mask, target, record))
-
-        report = _mine([(path, start_frame, end_frame or None)], config,
-                       _segmenter_spec(grounding_dino, sam_model, prompt), 1, keep)[0]
+    @classmethod
+    def execute(cls, video, start_frame, end_frame, max_pairs, grounding_dino=NONE, sam_model=NONE, prompt="",
+                **pairing) -> io.NodeOutput:
+        job = PairPreview(video=_video_path(video), start_frame=start_frame, end_frame=end_frame or None,
+                          max_pairs=max_pairs, pairing=_pairing(pairing),
+                          **_segmenter(grounding_dino, sam_model, prompt))
+        chosen, report = preview_video_pairs(job, _host.ComfyHost())
         if not chosen:
-            raise ValueError(f"{os.path.basename(path)} gave no pairs: {report['reason'] or report['status']}")
-        report["chosen"] = [{**r["origin"], "mask_source": r["mask_source"], "mask_augment": r["mask_augment"],
-                             **r["stats"]} for _, _, _, r in chosen]
-        return io.NodeOutput(to_image([c[0] for c in chosen]),
-                             torch.from_numpy(np.stack([c[1] for c in chosen])).float(),
-                             to_image([c[2] for c in chosen]), json.dumps(report))
+            raise ValueError(f"{os.path.basename(job.video)} gave no pairs: {report['reason'] or report['status']}")
+        report["chosen"] = [{**c.record["origin"], "mask_source": c.record["mask_source"],
+                             "mask_augment": c.record["mask_augment"], **c.record["stats"]} for c in chosen]
+        return io.NodeOutput(to_image([c.source for c in chosen]), to_mask([c.mask for c in chosen]),
+                             to_image([c.target for c in chosen]), json.dumps(report))
 
 
 class Video4RemovalDataset(io.ComfyNode):
@@ -227,23 +162,24 @@ class Video4RemovalDataset(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Mines every video of a folder (or one file) with Video4Removal and writes the pairs as a triplet "
-                "dataset (source/, mask/, target/, manifest.jsonl; atomic, resumable). Videos that cannot be "
-                "opened, are truncated, have a moving camera or a never-empty scene are reported with the "
-                "reason in the summary. Outputs a preview of the written samples."),
+                "dataset (source/, mask/, target/, manifest.jsonl, video-summary.json; atomic). Running again "
+                "resumes: finished videos and written samples are kept. Videos that cannot be opened, are "
+                "truncated, have a moving camera or a never-empty scene are reported with the reason in the "
+                "summary. Outputs a preview of the written samples. The erasekit-video command runs the same job."),
             is_output_node=True,
             inputs=[
                 io.String.Input("videos", default="", tooltip="Video file or folder of videos (searched "
                                 "recursively); absolute or relative to ComfyUI's input folder."),
-                io.String.Input("output_folder", default="erasekit_video4removal", tooltip="Triplet dataset folder "
+                io.String.Input("output", default="erasekit_video4removal", tooltip="Triplet dataset folder "
                                 "to create or resume; absolute or relative to ComfyUI's output folder."),
                 io.Int.Input("max_frames", default=0, min=0, max=1 << 30, tooltip="Mine only the first N frames "
                              "of each video; 0 = whole videos."),
-                *_setting_inputs()[:4],
+                *_pairing_inputs(),
                 io.Int.Input("preview_count", default=4, min=1, max=64, tooltip="How many written samples to output "
                              "as a preview batch."),
                 io.Int.Input("workers", default=1, min=1, max=64, tooltip="Videos mined at once, each in its own "
                              "process (a file that crashes the decoder loses only itself)."),
-                *_setting_inputs()[4:],
+                *_segmenter_inputs(),
             ],
             outputs=[
                 io.Image.Output("source", tooltip="Preview: frames with the object."),
@@ -257,35 +193,32 @@ class Video4RemovalDataset(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, videos, output_folder, max_frames, foreground_ratio, window_seconds, lighting_mse,
-                mask_augment, preview_count, workers=1, grounding_dino=NONE, sam_model=NONE,
-                prompt="") -> io.NodeOutput:
-        found = V.find_videos([user_path(videos, folder_paths.get_input_directory(), "videos")])
-        if not found:
-            raise ValueError(f"no video files ({', '.join(V.VIDEO_EXTENSIONS)}) in {videos!r}")
-        output = user_path(output_folder, folder_paths.get_output_directory(), "output_folder", must_exist=False)
-        config = _config(foreground_ratio, window_seconds, lighting_mse, mask_augment)
-        spec = _segmenter_spec(grounding_dino, sam_model, prompt)
-        written = [0] * len(found)
-        with TripletWriter(output, resume=True) as writer:
-            def store(job, sample_id, source, mask, target, record):
-                if not writer.has(sample_id):
-                    writer.write(sample_id, source, mask, target, record)
-                    written[job] += 1
+    def _job(cls, videos, output, max_frames, workers, grounding_dino, sam_model, prompt, pairing):
+        return VideoJob(videos=[user_path(videos, folder_paths.get_input_directory(), "videos")],
+                        output=user_path(output, folder_paths.get_output_directory(), "output", must_exist=False),
+                        pairing=_pairing(pairing), max_frames=max_frames or None, workers=workers, resume=True,
+                        **_segmenter(grounding_dino, sam_model, prompt))
 
-            reports = _mine([(p, 0, max_frames or None) for p in found], config, spec, workers, store)
-        for report, count in zip(reports, written):
-            report["written"] = count
-        summary = {"output": output, "videos": reports, "written": sum(r["written"] for r in reports)}
-        if not any(output_has_manifest(output)) or len(TripletDataset(output)) == 0:
-            reasons = "; ".join(f"{os.path.basename(r['video'])}: {r['reason'] or r['status']}" for r in reports)
-            raise ValueError(f"no samples in {output}: {reasons}")
-        source, mask, target, _ = preview(output, 0, preview_count, skip_other_sizes=True)
-        return io.NodeOutput(source, mask, target, json.dumps(summary), output)
+    @classmethod
+    def fingerprint_inputs(cls, videos, output, grounding_dino=NONE, sam_model=NONE, **_):
+        def compute():
+            out = user_path(output, folder_paths.get_output_directory(), "output", must_exist=False)
+            return (fingerprint(user_path(videos, folder_paths.get_input_directory(), "videos"),
+                                dino_path(grounding_dino), sam_path(sam_model)), dataset_fingerprint(out))
+        return _host.fingerprint(compute)
 
-
-def output_has_manifest(folder):
-    return (name.startswith("manifest") and name.endswith(".jsonl") for name in os.listdir(folder))
+    @classmethod
+    def execute(cls, videos, output, max_frames, preview_count, workers=1, grounding_dino=NONE, sam_model=NONE,
+                prompt="", **pairing) -> io.NodeOutput:
+        job = cls._job(videos, output, max_frames, workers, grounding_dino, sam_model, prompt, pairing)
+        host = _host.ComfyHost()
+        summary = run_video_job(job, host)
+        if not summary["samples"]:
+            reasons = "; ".join(f"{os.path.basename(v['video'])}: {v['reason'] or v['status']}"
+                                for v in summary["videos"])
+            raise ValueError(f"no samples in {job.output}: {reasons}")
+        source, mask, target, _ = preview(job.output, 0, preview_count, host, skip_other_sizes=True)
+        return io.NodeOutput(source, mask, target, json.dumps({"output": job.output, **summary}), job.output)
 
 
 NODES = [LoadVideoFrames, MineVideoPairs, Video4RemovalDataset]

@@ -1,9 +1,9 @@
 """Mask nodes: SmartEraser mask irregularisation and the clean-ups core ComfyUI lacks."""
-import comfy.model_management
-import comfy.utils
 from comfy_api.latest import io
 
+from ..erasers import layout
 from ..erasers import masks as core
+from ._host import ComfyHost
 
 CATEGORY = "erasekit/masks"
 RANDOM = "random (shape rule)"
@@ -17,13 +17,12 @@ IMAGE_TOOLTIP = ("Optional: the image this mask belongs to. The node stops with 
 
 
 def _mask_for(mask, image):
-    return mask if image is None else core.check_mask_matches_image(image, mask)
+    return mask if image is None else layout.check_mask_matches_image(image, mask)
 
 
-def _progress_callbacks(total):
-    bar = comfy.utils.ProgressBar(total)
-    return (lambda done, _total: bar.update_absolute(done, _total),
-            comfy.model_management.throw_exception_if_processing_interrupted)
+def _progress_callbacks():
+    host = ComfyHost()
+    return host.progress, host.check_interrupt
 
 
 class IrregularizeMask(io.ComfyNode):
@@ -72,7 +71,7 @@ class IrregularizeMask(io.ComfyNode):
     @classmethod
     def execute(cls, mask, choice, ratios, area_ratio, seed, metric, image=None) -> io.NodeOutput:
         mask = _mask_for(mask, image)
-        progress, check_interrupt = _progress_callbacks(mask.shape[0] if mask.ndim == 3 else 1)
+        progress, check_interrupt = _progress_callbacks()
         if choice == AREA_RATIO:
             out = core.resize_to_area_batch(mask, area_ratio, metric, progress, check_interrupt)
             return io.NodeOutput(out, ",".join(f"area x{area_ratio:g}" for _ in range(out.shape[0])))
@@ -114,7 +113,7 @@ class CleanMask(io.ComfyNode):
     def execute(cls, mask, fill_holes, max_hole_pixels, min_island_pixels, soft_edge_px,
                 image=None) -> io.NodeOutput:
         mask = _mask_for(mask, image)
-        progress, check_interrupt = _progress_callbacks(mask.shape[0] if mask.ndim == 3 else 1)
+        progress, check_interrupt = _progress_callbacks()
         out = core.clean_mask_batch(mask, fill_holes, max_hole_pixels or None, min_island_pixels,
                                     float(soft_edge_px), progress, check_interrupt)
         return io.NodeOutput(out)

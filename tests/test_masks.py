@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from erasekit.erasers import masks as M
+from erasekit.erasers.layout import binarize, mask_box
 
 # Collected by name here; read through the `shared_data` fixture (tests/conftest.py), which skips if absent.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -18,7 +19,7 @@ MASK_NAMES = [str(p.relative_to(SHARED_IMAGES)) for p in
 
 
 def load_mask(path):
-    return M.to_binary(np.asarray(Image.open(path).convert("L")))
+    return binarize(np.asarray(Image.open(path).convert("L")))
 
 
 @pytest.fixture(params=MASK_NAMES or ["(no real masks)"], ids=[Path(n).name for n in MASK_NAMES] or ["absent"])
@@ -149,11 +150,11 @@ def test_fixed_blob_contains_the_mask_and_stays_in_the_official_bounds(real_mask
     box = M._bbox_mask(real_mask)
     grown_box = M.resize_to_area(box, M.TEST_RATIOS[6])
     assert within_2_percent(area(grown_box) / area(box), M.TEST_RATIOS[6])
-    x0, y0, x1, y1 = M._bbox(grown_box)
+    x0, y0, x1, y1 = mask_box(grown_box)
     for seed in range(5):
         out, used = M.irregularize(real_mask, 6, np.random.default_rng(seed), test_mode=True)
         assert used == 6 and (out >= real_mask).all()
-        bx0, by0, bx1, by1 = M._bbox(out)
+        bx0, by0, bx1, by1 = mask_box(out)
         slack_x, slack_y = 0.2 * (x1 - x0) + M.BLOB_JITTER + 1, 0.2 * (y1 - y0) + M.BLOB_JITTER + 1
         assert bx0 >= x0 - slack_x and bx1 <= x1 + slack_x and by0 >= y0 - slack_y and by1 <= y1 + slack_y
 
@@ -236,12 +237,6 @@ def test_bad_inputs_raise_clear_errors(real_mask):
         M.irregularize(np.stack([real_mask, real_mask]), 3)
 
 
-def test_thresholds_follow_the_half_scale_rule():
-    assert M.to_binary(np.array([[0.4, 0.6]])).tolist() == [[False, True]]
-    assert M.to_binary(np.array([[127, 128]], np.uint8)).tolist() == [[False, True]]
-    assert M.to_binary(np.array([[0, 1]], np.uint8)).tolist() == [[False, True]]
-
-
 # --- clean-ups ---
 
 def test_fill_holes_fills_enclosed_holes_only():
@@ -301,16 +296,6 @@ def test_batch_threshold_empty_item_and_progress():
     assert calls == [(1, 2), (2, 2)]
     cleaned = M.clean_mask_batch(batch, fill=True, min_island_pixels=300)
     assert not cleaned.any(), "the 256 px square is an island below 300 px"
-
-
-def test_check_mask_matches_image_names_both_sizes_and_broadcasts():
-    image = torch.zeros(3, 48, 64, 3)
-    with pytest.raises(ValueError, match=r"mask is 32x48 .* image is 64x48"):
-        M.check_mask_matches_image(image, torch.zeros(1, 48, 32))
-    with pytest.raises(ValueError, match="batch of 2 .* batch of 3"):
-        M.check_mask_matches_image(image, torch.zeros(2, 48, 64))
-    assert M.check_mask_matches_image(image, torch.zeros(1, 48, 64)).shape == (3, 48, 64)
-    assert M.check_mask_matches_image(image[:1], torch.zeros(4, 48, 64)).shape == (4, 48, 64)
 
 
 # --- erasekit-masks ---

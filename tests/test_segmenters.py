@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erasekit.dataset_tools import segmenters as S
-from erasekit.dataset_tools import video as V
+from erasekit.dataset_tools import video_mining as V
 
 _spec = importlib.util.spec_from_file_location(
     "erasekit_tiny_segmenters_unit", Path(__file__).parent / "comfy" / "tiny" / "segmenters.py")

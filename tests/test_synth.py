@@ -9,7 +9,7 @@ import torch
 from erasekit.dataset_tools import imageio
 from erasekit.dataset_tools import instances as inst
 from erasekit.dataset_tools import synth
-from erasekit.dataset_tools.clip_score import ClipScorer, preprocess, white_background
+from erasekit.dataset_tools.clip_score import CLIP_MEAN, CLIP_STD, ClipScorer, preprocess, white_background
 from erasekit.dataset_tools.triplets import TripletDataset
 
 
@@ -175,6 +175,17 @@ def test_clip_score_is_the_official_logit_scale(tmp_path, shared_data):
     assert torch.all(white_background(images[0], masks[0])[:, ~masks[0]] == 1.0)
     with pytest.raises(FileNotFoundError, match="clip-vit-large-patch14"):
         ClipScorer.from_folder(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("shape", [(3, 300, 200), (3, 180, 420), (3, 224, 224), (3, 100, 150)])
+def test_clip_preprocess_is_torchvisions_transform(shape):
+    TF = pytest.importorskip("torchvision.transforms.functional")
+    from torchvision.transforms import InterpolationMode
+
+    pixels = torch.rand(shape)
+    expected = TF.normalize(TF.center_crop(TF.resize(pixels, 224, interpolation=InterpolationMode.BICUBIC,
+                                                     antialias=True), [224, 224]), CLIP_MEAN, CLIP_STD)
+    assert torch.equal(preprocess(pixels, 224), expected)
 
 
 # ---- placement ------------------------------------------------------------------------------------------

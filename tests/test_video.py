@@ -7,8 +7,11 @@ import cv2
 import numpy as np
 import pytest
 
-from erasekit.dataset_tools import video as V
+from erasekit.dataset_tools import video_decode as D
+from erasekit.dataset_tools import video_mining as V
 from erasekit.dataset_tools import video_cli
+from erasekit.dataset_tools.video_isolation import VideoWorkerPool
+from erasekit.dataset_tools.video_mining import VideoFinished, VideoProgress, VideoTask
 from erasekit.dataset_tools.triplets import TripletDataset
 from erasekit.erasers import masks as mask_ops
 
@@ -40,7 +43,7 @@ def road_pairs(road_video):
 
 def empty_road(road_video):
     """Frame 0 of road_cars shows the road without any car (checked by eye)."""
-    return next(V.iter_frames(road_video))[1][..., ::-1].astype(np.float32)
+    return next(D.iter_frames(road_video))[1][..., ::-1].astype(np.float32)
 
 
 def mse(a, b, where):
@@ -111,11 +114,11 @@ def test_busy_highway_gives_no_pairs_and_says_why(busy_video, ratio):
 
 def test_memory_is_bounded_by_the_bank_and_the_pending_queue(road_video):
     config = V.PairingConfig(foreground_ratio=0.04, bank_size=4, max_pending=3, window_seconds=10.0, analysis_fps=30)
-    capture, fps, _, width, height = V.open_video(road_video)
+    capture, fps, _, width, height = D.open_video(road_video)
     capture.release()
     miner = V.PairMiner(fps, width, height, config)
     largest_bank = largest_pending = pairs = 0
-    for index, frame in V.iter_frames(road_video, step=miner.step):
+    for index, frame in D.iter_frames(road_video, step=miner.step):
         pairs += len(miner.push(index, frame))
         largest_bank = max(largest_bank, len(miner.bank))
         largest_pending = max(largest_pending, len(miner.pending))
@@ -151,7 +154,7 @@ def test_motion_blurred_frames_are_rejected():
 
 
 def test_moving_camera_is_skipped_with_a_reason(road_video, tmp_path):
-    frames = [f for _, f in V.iter_frames(road_video, stop=90)]
+    frames = [f for _, f in D.iter_frames(road_video, stop=90)]
     panned = [cv2.resize(f[20:340, i:i + 560], (320, 182)) for i, f in enumerate(frames)]  # 1 px per frame
     path = write_video(tmp_path / "pan.avi", panned, 30)
     pairs, report = V.run_mining(path, ROAD)
@@ -201,18 +204,17 @@ def test_mask_augmentation_uses_the_mask_core():
 
 def test_a_crashing_child_fails_only_its_video(road_video, tmp_path):
     """Kill the child mid-video (as a decoder segfault would); the next video is still mined."""
-    with V.VideoJobRunner(ROAD, workers=1) as runner:
-        events = runner.run([(road_video, 0, None), (road_video, 0, 150)])
+    with VideoWorkerPool(ROAD, workers=1) as pool:
         reports = {}
         killed = False
-        for event in events:
-            if event[0] == "progress" and event[1] == 0 and not killed:
-                os.kill(runner._children[0]["process"].pid, signal.SIGKILL)
+        for event in pool.run([VideoTask(0, str(road_video)), VideoTask(1, str(road_video), 0, 150)]):
+            if isinstance(event, VideoProgress) and event.job == 0 and not killed:
+                os.kill(pool._workers[0].process.pid, signal.SIGKILL)
                 killed = True
-            elif event[0] == "done":
-                reports[event[1]] = event[2]
-    assert reports[0]["status"] == "crashed" and "died" in reports[0]["reason"]
-    assert reports[1]["status"] == "ok" and reports[1]["pairs"] >= 1
+            elif isinstance(event, VideoFinished):
+                reports[event.job] = event.report
+    assert reports[0].status == "crashed" and "died" in reports[0].reason
+    assert reports[1].status == "ok" and reports[1].pairs >= 1
 
 
 def test_cli_writes_resumes_and_shards(road_video, tmp_path, capsys):
@@ -221,7 +223,7 @@ def test_cli_writes_resumes_and_shards(road_video, tmp_path, capsys):
     junk.write_bytes(b"\x00" * 4096)
     out = tmp_path / "dataset"
     args = [str(road_video), str(junk.parent), "-o", str(out), "--foreground-ratio", "0.04", "--max-frames", "160"]
-    assert video_cli.main(args + ["--workers", "2"]) == 0
+    assert video_cli.main(args + ["--workers", "2"]) == 1  # broken.avi was skipped: exit 1, the rest is written
     dataset = TripletDataset(out)
     assert len(dataset) >= 3 and dataset.validate() == len(dataset)
     record = dataset.records[0]
@@ -234,20 +236,21 @@ def test_cli_writes_resumes_and_shards(road_video, tmp_path, capsys):
     # without --resume a filled folder is refused; with it nothing is redone
     assert video_cli.main(args) == 2
     assert "resume" in capsys.readouterr().err
-    assert video_cli.main(args + ["--resume"]) == 0
+    assert video_cli.main(args + ["--resume"]) == 1
     assert len(TripletDataset(out)) == len(dataset)
     # two shards fill one folder and read like one run
     sharded = tmp_path / "sharded"
     base = [str(road_video), str(junk), "-o", str(sharded), "--foreground-ratio", "0.04", "--max-frames", "160"]
-    assert video_cli.main(base + ["--shard", "0/2"]) == 0
-    assert video_cli.main(base + ["--shard", "1/2"]) == 0
+    assert video_cli.main(base + ["--shard", "0/2"]) == 0  # road_cars.avi
+    assert video_cli.main(base + ["--shard", "1/2"]) == 1  # broken.avi only: skipped, nothing written
     assert [r["id"] for r in TripletDataset(sharded).records] == [r["id"] for r in dataset.records]
     assert (sharded / "video-summary-shard-1-of-2.json").is_file()
 
 
-def test_runner_works_when_the_pack_is_imported_under_another_name(road_video, tmp_path):
-    """ComfyUI imports the pack under a path-like module name no child can import: the runner must still
-    hand its children an importable worker (checked in a fresh interpreter on a copy of the pack)."""
+def test_workers_run_when_the_pack_is_imported_under_another_name_and_leave_the_host_alone(road_video, tmp_path):
+    """ComfyUI imports the pack under a path-like module name no child can import, with main.py as __main__: the
+    workers must still run, from a copy of the pack outside any sys.path entry, and the host interpreter's
+    sys.path, sys.modules and __main__ must be exactly as they were (checked in a fresh interpreter)."""
     import shutil
     import subprocess
     import sys
@@ -258,21 +261,27 @@ def test_runner_works_when_the_pack_is_imported_under_another_name(road_video, t
     shutil.copytree(root, pack, ignore=shutil.ignore_patterns("tests", "workflows", "benchmarks", "*.egg-info",
                                                               "__pycache__", ".git"))
     script = f"""
-import importlib.util, sys
+import importlib, importlib.util, sys
 name = {str(pack).replace('.', '_x_')!r}
 spec = importlib.util.spec_from_file_location(name, {str(pack / '__init__.py')!r},
                                               submodule_search_locations=[{str(pack)!r}])
 module = importlib.util.module_from_spec(spec)
 sys.modules[name] = module
 spec.loader.exec_module(module)
-video = __import__("importlib").import_module(name + ".dataset_tools.video")
-assert video.__name__ != "erasekit.dataset_tools.video"
-with video.VideoJobRunner(video.PairingConfig(foreground_ratio=0.04)) as runner:
-    events = list(runner.run([({str(road_video)!r}, 0, 120)]))
-done = events[-1]
-assert done[0] == "done" and done[2]["status"] == "ok", done
-print("pairs", sum(e[0] == "pair" for e in events))
+isolation = importlib.import_module(name + ".dataset_tools.video_isolation")
+mining = importlib.import_module(name + ".dataset_tools.video_mining")
+path_before, modules_before, main_before = list(sys.path), set(sys.modules), sys.modules["__main__"]
+with isolation.VideoWorkerPool(mining.PairingConfig(foreground_ratio=0.04), workers=2) as pool:
+    events = list(pool.run([mining.VideoTask(0, {str(road_video)!r}, 0, 120), mining.VideoTask(1, {str(road_video)!r}, 0, 60)]))
+assert sys.path == path_before, (path_before, sys.path)
+assert not [m for m in set(sys.modules) - modules_before if "erasekit" in m.lower()], set(sys.modules) - modules_before
+assert sys.modules["__main__"] is main_before
+assert "erasekit" not in sys.modules
+finished = [e for e in events if isinstance(e, mining.VideoFinished)]
+assert sorted(e.report.status for e in finished) == ["ok", "ok"], finished
+print("pairs", sum(isinstance(e, mining.PairMined) for e in events))
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.split()[-1]) >= 1

@@ -1,10 +1,11 @@
 """The fast mask clean-ups (plain labelling, flood fill) that the video miner runs on every analysed frame give
-exactly what connected components with statistics give; and mask_box equals the pixel extent."""
+exactly what connected components with statistics give; the shadow rule and frame streaming."""
 import cv2
 import numpy as np
 import pytest
 
-from erasekit.dataset_tools import video as V
+from erasekit.dataset_tools import video_decode as D
+from erasekit.dataset_tools import video_mining as V
 from erasekit.erasers import masks as mask_ops
 
 
@@ -55,21 +56,6 @@ def test_fill_holes_matches_connected_component_stats():
     assert mask_ops.fill_holes(ring)[4, 4] and not mask_ops.fill_holes(ring)[0, 4]
 
 
-def test_mask_box_matches_pixel_extent():
-    for mask in blobby_masks(seed=2):
-        if not mask.any():
-            continue
-        ys, xs = np.nonzero(mask)
-        height, width = mask.shape
-        for pad in (0, 2):
-            expected = (max(0, xs.min() - pad), max(0, ys.min() - pad),
-                        min(width, xs.max() + pad + 1), min(height, ys.max() + pad + 1))
-            assert V.mask_box(mask, pad) == tuple(int(v) for v in expected)
-            assert V.mask_box(mask[::2, 1::3], pad)  # a strided view works too
-    with pytest.raises(ValueError):
-        V.mask_box(np.zeros((4, 4), bool))
-
-
 @pytest.mark.parametrize("shape", [(3, 5), (180, 301), (41, 9000)])
 def test_shadow_pixels_in_bands_matches_whole_image_rule(shape):
     rng = np.random.default_rng(shape[1])
@@ -89,9 +75,9 @@ def test_iter_frames_reports_where_decoding_stopped(shared_data):
         pytest.skip(f"{path} is missing")
     for prefetch in (0, 4):
         decoded = []
-        analysed = [i for i, _ in V.iter_frames(path, 0, 50, 3, prefetch=prefetch, decoded=decoded)]
+        analysed = [i for i, _ in D.iter_frames(path, 0, 50, 3, prefetch=prefetch, decoded=decoded)]
         assert analysed == list(range(0, 50, 3)) and decoded == [49]
         decoded = []
-        count = sum(1 for _ in V.iter_frames(path, 10, None, 7, prefetch=prefetch, decoded=decoded))
+        count = sum(1 for _ in D.iter_frames(path, 10, None, 7, prefetch=prefetch, decoded=decoded))
         total = int(cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FRAME_COUNT))
         assert count == len(range(10, total, 7)) and decoded == [total - 1]

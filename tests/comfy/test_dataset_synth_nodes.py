@@ -8,8 +8,8 @@ from harness import PromptError
 
 
 def synth_prompt(images, **overrides):
-    inputs = {"backgrounds_folder": str(images / "removal_pairs"), "instances_folder": str(images / "masked"),
-              "output_folder": "syn_node", "num_samples": 3, "size": 256, "blend": "feather", "seed": 0,
+    inputs = {"backgrounds": str(images / "removal_pairs"), "instances": str(images / "masked"),
+              "output": "syn_node", "num_samples": 3, "size": 256, "blend": "feather", "seed": 0,
               "area_filter": True, "class_filter": False, "preview_count": 2}
     inputs.update(overrides)
     return {
@@ -36,6 +36,6 @@ def test_synthesis_node_writes_and_previews(comfy, shared_data):
 
 def test_dataset_nodes_report_bad_folders(comfy, shared_data):
     with pytest.raises(PromptError, match="does not exist"):
-        comfy.run_prompt(synth_prompt(shared_data / "images", backgrounds_folder="/nonexistent/photos"))
+        comfy.run_prompt(synth_prompt(shared_data / "images", backgrounds="/nonexistent/photos"))
     with pytest.raises(PromptError, match="no instance passed the filters"):
-        comfy.run_prompt(synth_prompt(shared_data / "images", class_filter=True, output_folder="syn_node_2"))
+        comfy.run_prompt(synth_prompt(shared_data / "images", class_filter=True, output="syn_node_2"))

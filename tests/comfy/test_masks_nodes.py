@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from erasekit.erasers import masks as core
+from erasekit.erasers.layout import binarize
 from harness import PromptError
 
 
@@ -29,7 +30,7 @@ def mask_prompt(irregularize_inputs=None, clean_inputs=None, mask_file="dog_benc
 
 
 def input_mask(comfy, name):
-    return core.to_binary(np.asarray(Image.open(comfy.input_dir / name).convert("L")))
+    return binarize(np.asarray(Image.open(comfy.input_dir / name).convert("L")))
 
 
 @pytest.fixture

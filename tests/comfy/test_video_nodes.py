@@ -67,7 +67,7 @@ def test_mine_pairs_node_explains_a_busy_scene(comfy, videos):
 def test_dataset_node_writes_and_resumes(comfy, videos):
     prompt = {
         "1": {"class_type": "EraseKitVideo4RemovalDataset",
-              "inputs": {"videos": "videos", "output_folder": "video_dataset_test", "max_frames": 200,
+              "inputs": {"videos": "videos", "output": "video_dataset_test", "max_frames": 200,
                          "preview_count": 2, "workers": 2, **SETTINGS}},
         "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
     }

@@ -1,4 +1,5 @@
-"""Video4Removal: mine real removal pairs from static-camera video (OmniEraser, ../shared/METHODS.md §3).
+"""Video4Removal: mine real removal pairs from static-camera video (the OmniEraser paper's data recipe; the
+authors released no code for it, so every number below is ours unless it says "paper").
 
 One streaming pass per video. A MOG2 background model runs on a downscaled copy of ``analysis_fps``
 frames per second (the others are only decoded); a frame whose cleaned foreground covers more than
@@ -16,19 +17,16 @@ masks the object, not its shadow: the pair teaches the eraser to remove the shad
 Memory is bounded whatever the video's length: a thinned bank of recent background frames and a thinned
 queue of foreground frames waiting for a background frame after them; nothing else is kept.
 
-``mine_video`` does the work in the calling process; ``VideoJobRunner`` runs it in spawned child processes
-so a decoder that crashes takes down only its child, and the caller gets a reason instead of a dead run.
+This module is the algorithm only. ``mine_video`` mines one video in the calling process; ``mine_task`` is
+the unit of work a run hands out (one video range → typed events: ``VideoProgress``, ``PairMined``,
+``VideoFinished``), run in isolated processes by ``video_isolation.py`` and driven by ``video_job.py``.
+Frames come from ``video_decode.py``.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-import multiprocessing
-import os
-import queue
 import re
-import sys
-import types
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -37,9 +35,11 @@ import cv2
 import numpy as np
 
 from ..erasers import masks as mask_ops
+from ..erasers.layout import mask_box
+from .video_decode import VideoSkipped, iter_frames, open_video
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
 MASK_AUGMENTATIONS = ("none", "dilate", "erode", "bbox", "random")
+EMPTY_SCENE_RATIO = 0.002  # default share of cleaned foreground up to which a frame counts as empty
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,10 @@ class PairingConfig:
     """Every number that decides which pairs a video yields (stored in each sample's manifest record)."""
 
     foreground_ratio: float = 0.15  # paper: a frame is foreground when its foreground-pixel ratio > 0.15
-    background_ratio: float = 0.002  # at most this much cleaned foreground: the scene is empty
+    # At most this much cleaned foreground: the scene is empty. None (the default) derives it from
+    # foreground_ratio: min(EMPTY_SCENE_RATIO, foreground_ratio / 2), so a low foreground_ratio (small objects)
+    # keeps a band of in-between frames below it; the resolved number is what records and summaries store.
+    background_ratio: float | None = None
     window_seconds: float = 6.0  # a pair's two frames are at most this far apart
     lighting_mse: float = 20.0  # max MSE (0-255 scale) between the frames outside the dilated mask
     empty_fraction: float = 0.01  # max share of the object mask the background frame's foreground may cover
@@ -72,6 +75,8 @@ class PairingConfig:
     def __post_init__(self):
         if not 0 < self.foreground_ratio < 1:
             raise ValueError(f"foreground_ratio must be in (0, 1), got {self.foreground_ratio}")
+        if self.background_ratio is None:
+            object.__setattr__(self, "background_ratio", min(EMPTY_SCENE_RATIO, self.foreground_ratio / 2))
         if not 0 <= self.background_ratio < self.foreground_ratio:
             raise ValueError(
                 f"background_ratio must be in [0, foreground_ratio={self.foreground_ratio}), got {self.background_ratio}"
@@ -90,10 +95,6 @@ class PairingConfig:
         if unknown:
             raise ValueError(f"unknown pairing settings {sorted(unknown)}; known: {sorted(known)}")
         return cls(**values)
-
-
-class VideoSkipped(Exception):
-    """The clip cannot give pairs (unopenable, moving camera, ...); ``str(e)`` is the reason."""
 
 
 @dataclass
@@ -125,6 +126,48 @@ class VideoReport:
 
     def as_dict(self):
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class VideoTask:
+    """One unit of mining work: frames [start, stop) of one video; ``job`` is its index in the run."""
+
+    job: int
+    path: str
+    start: int = 0
+    stop: int | None = None
+
+
+@dataclass
+class VideoProgress:
+    """``done`` of ``total`` frames of task ``job`` decoded (``total`` is what the container declares)."""
+
+    job: int
+    done: int
+    total: int
+
+
+@dataclass
+class PairMined:
+    """One finished sample of task ``job``: RGB frames, the final (augmented) bool mask and its manifest record."""
+
+    job: int
+    sample_id: str
+    source: np.ndarray
+    mask: np.ndarray
+    target: np.ndarray
+    record: dict
+
+
+@dataclass
+class VideoFinished:
+    """Task ``job`` is over: mined, skipped for a reason, or crashed (its process died)."""
+
+    job: int
+    report: VideoReport
+
+
+EVENT_TYPES = (VideoProgress, PairMined, VideoFinished)
 
 
 # --- small pure helpers ---------------------------------------------------------------------------
@@ -170,15 +213,6 @@ def sharpness(gray, box):
     if crop.size < 9:
         return 0.0
     return float(cv2.Laplacian(crop, cv2.CV_32F).var())
-
-
-def mask_box(mask, pad=2):
-    """(x0, y0, x1, y1) of the non-empty ``mask``'s pixels, grown by ``pad`` within the image."""
-    x, y, w, h = cv2.boundingRect(np.ascontiguousarray(mask).view(np.uint8))
-    if not w:
-        raise ValueError("mask_box of an empty mask")
-    height, width = mask.shape
-    return (max(0, x - pad), max(0, y - pad), min(width, x + w + pad), min(height, y + h + pad))
 
 
 def masked_mse(a, b, where):
@@ -278,106 +312,6 @@ def sample_id(vid, frame):
     return f"{vid}-f{frame:06d}"
 
 
-# --- decoding --------------------------------------------------------------------------------------
-
-def open_video(path):
-    """cv2.VideoCapture of ``path`` with its (fps, frame count, width, height), or VideoSkipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise VideoSkipped(f"{path} does not exist or is not a file")
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise VideoSkipped(f"OpenCV cannot open {path.name} (not a video, or no decoder for its codec)")
-    fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
-    if not (fps > 0 and math.isfinite(fps)):
-        fps = 25.0  # some containers do not say; the window is then measured in 25-fps frames
-    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
-    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
-    return capture, float(fps), count, width, height
-
-
-def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=False, prepare=None, decoded=None):
-    """Yield (index, BGR uint8 frame) for every ``step``-th frame in [start, stop); the others are only
-    decoded (``grab``), not converted, and yielded as (index, None) if ``include_skipped``. The stream
-    ends at the first frame the decoder cannot give.
-
-    ``prefetch`` > 0 decodes in a thread up to that many frames ahead (OpenCV releases the GIL while
-    decoding, so decoding overlaps the caller's analysis; memory stays bounded by the queue).
-    ``prepare(frame)``, if given, runs in that thread too and the frame item becomes (frame, prepared).
-    ``decoded``, a list, gets the index of the last frame decoded appended when the stream ends: where
-    the decoder stopped, without passing every skipped frame through the queue.
-    """
-    capture, _, _, _, _ = open_video(path)
-    if start:
-        capture.set(cv2.CAP_PROP_POS_FRAMES, start)
-
-    def frames():
-        index = start
-        while stop is None or index < stop:
-            if (index - start) % step:
-                if not capture.grab():
-                    break
-                if include_skipped:
-                    yield index, None
-            else:
-                ok, frame = capture.read()
-                if not ok or frame is None:
-                    break
-                yield index, (frame if prepare is None else (frame, prepare(frame)))
-            index += 1
-        if decoded is not None:
-            decoded.append(index - 1)
-
-    if prefetch <= 0:
-        try:
-            yield from frames()
-        finally:
-            capture.release()
-        return
-    import threading
-
-    buffer = queue.Queue(maxsize=prefetch)
-    stopping = threading.Event()
-    failure = []
-
-    def decode():
-        try:
-            for item in frames():
-                while not stopping.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stopping.is_set():
-                    return
-        except BaseException as error:  # handed to the consumer
-            failure.append(error)
-        finally:
-            buffer.put(None)
-
-    thread = threading.Thread(target=decode, name="erasekit-video-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is None:
-                break
-            yield item
-        if failure:
-            raise failure[0]
-    finally:
-        stopping.set()
-        while thread.is_alive():
-            try:
-                buffer.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        thread.join()
-        capture.release()
-
-
 # --- the streaming miner ---------------------------------------------------------------------------
 
 @dataclass
@@ -428,7 +362,7 @@ def refine_mask(source, target, zone, threshold, min_island):
     """
     if not zone.any():
         return None
-    x0, y0, x1, y1 = mask_box(zone, pad=0)
+    x0, y0, x1, y1 = mask_box(zone)
     src, tgt, inside = source[y0:y1, x0:x1], target[y0:y1, x0:x1], zone[y0:y1, x0:x1]
     diff = cv2.absdiff(cv2.GaussianBlur(src, (3, 3), 0), cv2.GaussianBlur(tgt, (3, 3), 0))
     diff = np.maximum(np.maximum(diff[..., 0], diff[..., 1]), diff[..., 2])
@@ -550,7 +484,7 @@ class PairMiner:
         # than in the frames just before it (same object, half a second) is blurred. Older frames may show
         # another object, so they do not count.
         gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-        value = sharpness(gray, mask_box(mask))
+        value = sharpness(gray, mask_box(mask, pad=2))
         recent = sorted(v for i, v in self.recent_sharpness if index - i <= self.blur_horizon)
         self.recent_sharpness.append((index, value))
         median = recent[len(recent) // 2] if len(recent) >= 2 else 0.0
@@ -767,202 +701,25 @@ def finalize_pair(vid, pair, config):
     return sid, mask, augmentation
 
 
-# --- isolation: mining in spawned children ---------------------------------------------------------
+# --- the unit of work a run hands out -------------------------------------------------------------
 
-def _worker_main(connection, config_dict, segmenter_spec):
-    """Child process loop: receive (job, path, start, stop) or None; send ("pair", job, ...),
-    ("progress", job, done, total) and finally ("done", job, report dict) for each job."""
-    cv2.setNumThreads(1)
-    config = PairingConfig.from_dict(config_dict)
-    segmenter = None
-    if segmenter_spec:
-        from .segmenters import load_text_segmenter
-
-        segmenter = load_text_segmenter(**segmenter_spec)
-    while True:
-        task = connection.recv()
-        if task is None:
-            return
-        job, path, start, stop = task
-        vid = video_id(path)
-
-        def progress(done, total, job=job):
-            connection.send(("progress", job, done, total))
-
-        try:
-            generator = mine_video(path, config, segmenter, start, stop, progress)
-            while True:
-                try:
-                    pair = next(generator)
-                except StopIteration as finished:
-                    report = finished.value
-                    break
-                sid, mask, augmentation = finalize_pair(vid, pair, config)
-                record = pair_record(vid, path, pair, config, augmentation)
-                connection.send(("pair", job, sid, pair.source, mask, pair.target, record))
-        except Exception as error:  # a Python-level failure of one video must not stop the worker
-            report = VideoReport(video=str(path), status="skipped", reason=f"{type(error).__name__}: {error}")
-        connection.send(("done", job, report.as_dict()))
-
-
-def _importable_worker():
-    """``_worker_main`` from a module a spawned child can import by name.
-
-    ComfyUI imports this pack under a path-like module name that no other process can import; then the
-    same file is imported again as ``erasekit.dataset_tools.video`` (the pack folder reached through an
-    ``erasekit`` link in a private folder on sys.path, which the child inherits) and that copy's
-    function is handed to the child.
-    """
-    if __name__ == "erasekit.dataset_tools.video":
-        return _worker_main
-    import importlib
-
-    root = Path(__file__).resolve().parents[1]
+def mine_task(task, config, emit, segmenter=None, check_interrupt=None):
+    """Mine ``task`` (a ``VideoTask``) and hand each event to ``emit``: ``VideoProgress`` now and then, a
+    ``PairMined`` per sample (mask augmented, record made) and last a ``VideoFinished``. A Python error inside
+    one video ends that video with status "skipped" and the error as its reason; it never escapes."""
+    vid = video_id(task.path)
     try:
-        module = importlib.import_module("erasekit.dataset_tools.video")
-    except ImportError:
-        module = None
-    if module is None or Path(module.__file__).resolve().parents[1] != root:
-        import tempfile
-
-        link_dir = Path(tempfile.gettempdir()) / f"erasekit-pack-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
-        link_dir.mkdir(exist_ok=True)
-        link = link_dir / "erasekit"
-        if not link.exists():
-            link.symlink_to(root, target_is_directory=True)
-        if str(link_dir) not in sys.path:
-            sys.path.insert(0, str(link_dir))
-        for name in [n for n in sys.modules if n == "erasekit" or n.startswith("erasekit.")]:
-            del sys.modules[name]  # an installed erasekit from another checkout must not shadow this one
-        importlib.invalidate_caches()
-        module = importlib.import_module("erasekit.dataset_tools.video")
-    return module._worker_main
-
-
-class VideoJobRunner:
-    """Mine videos in ``workers`` spawned child processes; a child that dies fails only its current video.
-
-    ``run(jobs)`` with jobs = [(path, start, stop), ...] yields events as they arrive:
-    ("pair", job, sample_id, source, mask, target, record), ("progress", job, done, total) and
-    ("done", job, report dict). A child that dies (decoder segfault, out of memory) gives a "done" event
-    with status "crashed" and is replaced; so does one silent for ``timeout`` seconds (hung decoder).
-    Each child has its own pipe, so a child killed mid-message cannot corrupt another's messages.
-    """
-
-    def __init__(self, config=PairingConfig(), workers=1, segmenter_spec=None, timeout=600.0):
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        self.config_dict = asdict(config)
-        self.workers = workers
-        self.segmenter_spec = segmenter_spec
-        self.timeout = timeout
-        self._context = multiprocessing.get_context("spawn")
-        self._children = []
-
-    def _spawn(self):
-        parent_end, child_end = self._context.Pipe()
-        process = self._context.Process(
-            target=_importable_worker(), args=(child_end, self.config_dict, self.segmenter_spec), daemon=True
-        )
-        # A spawned child re-runs the parent's __main__ file unless told otherwise; inside ComfyUI that is
-        # main.py (argument parsing, prestartup scripts, torch). The worker needs none of it.
-        main = sys.modules.get("__main__")
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            process.start()
-        finally:
-            if main is not None:
-                sys.modules["__main__"] = main
-        child_end.close()
-        return {"process": process, "pipe": parent_end, "job": None, "since": 0.0}
-
-    def start(self):
-        while len(self._children) < self.workers:
-            self._children.append(self._spawn())
-        return self
-
-    def close(self):
-        for child in self._children:
-            try:
-                child["pipe"].send(None)
-            except (OSError, BrokenPipeError):
-                pass
-        for child in self._children:
-            child["process"].join(timeout=5)
-            if child["process"].is_alive():
-                child["process"].kill()
-                child["process"].join()
-            child["pipe"].close()
-        self._children = []
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _crashed(self, index, paths, hung):
-        child = self._children[index]
-        job = child["job"]
-        if child["process"].is_alive():
-            child["process"].kill()
-        child["process"].join()
-        child["pipe"].close()
-        code = child["process"].exitcode
-        reason = (f"no progress for {self.timeout:.0f} s (decoder hung); its process was killed" if hung
-                  else f"the decoding process died (exit code {code}): the file crashes the decoder")
-        self._children[index] = self._spawn()
-        return ("done", job, VideoReport(video=str(paths[job]), status="crashed", reason=reason).as_dict())
-
-    def run(self, jobs):
-        import time
-        from multiprocessing.connection import wait
-
-        self.start()
-        waiting = deque(enumerate(jobs))
-        paths = {job: spec[0] for job, spec in waiting}
+        generator = mine_video(task.path, config, segmenter, task.start, task.stop,
+                               lambda done, total: emit(VideoProgress(task.job, done, total)), check_interrupt)
         while True:
-            for child in self._children:
-                if child["job"] is None and waiting:
-                    job, (path, start, stop) = waiting.popleft()
-                    child["job"], child["since"] = job, time.monotonic()
-                    child["pipe"].send((job, str(path), start, stop))
-            busy = [c for c in self._children if c["job"] is not None]
-            if not busy:
-                return
-            ready = wait([c["pipe"] for c in busy], timeout=1.0)
-            for index, child in enumerate(self._children):
-                if child["job"] is None:
-                    continue
-                if child["pipe"] in ready:
-                    try:
-                        event = child["pipe"].recv()
-                    except (EOFError, OSError):
-                        yield self._crashed(index, paths, hung=False)
-                        continue
-                    child["since"] = time.monotonic()
-                    if event[0] == "done":
-                        child["job"] = None
-                    yield event
-                elif time.monotonic() - child["since"] > self.timeout:
-                    yield self._crashed(index, paths, hung=True)
-
-
-def find_videos(inputs):
-    """Video files named in ``inputs`` (files, or folders searched recursively), sorted, no duplicates."""
-    found = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS))
-        elif item.exists():
-            found.append(item)
-        else:
-            raise FileNotFoundError(f"{item} does not exist (expected a video file or a folder of videos)")
-    unique, seen = [], set()
-    for path in found:
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique
+            try:
+                pair = next(generator)
+            except StopIteration as finished:
+                report = finished.value
+                break
+            sample, mask, augmentation = finalize_pair(vid, pair, config)
+            record = pair_record(vid, task.path, pair, config, augmentation)
+            emit(PairMined(task.job, sample, pair.source, mask, pair.target, record))
+    except Exception as error:  # one video's failure is its report, not the run's end
+        report = VideoReport(video=str(task.path), status="skipped", reason=f"{type(error).__name__}: {error}")
+    emit(VideoFinished(task.job, report))

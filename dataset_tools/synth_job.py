@@ -1,0 +1,200 @@
+"""Syn4Removal synthesis as one job: the settings of a run and the one function that runs it, for every host.
+
+``run_synth_job(SynthJob, host)`` collects instances (COCO files, image + mask folders, SAM proposals), scores
+them with CLIP when a model is given, filters them, and pastes them onto the backgrounds into a triplet dataset
+(``synth.py`` holds the algorithm). The ``erasekit-synth`` command and the *Build Removal Dataset (Syn4Removal
+paste)* node both call it, so the same settings give the same dataset, byte for byte.
+
+The scored instance table is cached as ``<output>/instances.json`` under a key of its sources and models (a
+resumed or sharded run does not score a million instances again); the run summary is written as
+``summary.json`` (``summary-shard-i-of-N.json`` for a shard).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..jobs import Host, UsageError, fingerprint
+from . import instances as inst
+from . import synth
+from .triplets import manifest_name, parse_shard
+
+INSTANCE_CACHE = "instances.json"
+
+
+@dataclass
+class SynthJob:
+    """A synthesis run: what the ``erasekit-synth`` flags and the dataset node's inputs set (same names)."""
+
+    backgrounds: str  # folder of background photos (searched recursively)
+    output: str  # the triplet dataset folder to create or resume
+    instances: list = field(default_factory=list)  # folders of image + mask pairs (sub-folders are classes)
+    coco: list = field(default_factory=list)  # COCO instance annotation files (polygons or RLE)
+    coco_images: list = field(default_factory=list)  # the image folder of each COCO file, in the same order
+    background_annotations: str | None = None  # COCO file of the backgrounds: small objects are obstacles
+    sam_model: str | None = None  # SAM / SAM 2 weights proposing instance masks on ``sam_images``
+    sam_images: list = field(default_factory=list)  # folders of photos for SAM proposals
+    sam_points: int = 16  # SAM point grid per side
+    sam_score: float = 0.7  # minimum predicted IoU of a SAM proposal
+    class_name: str = "object"  # class of instances in a folder without class sub-folders
+    num_samples: int | None = None  # samples to make; None = one per background
+    size: int = 512  # crop size of the samples (official 512)
+    min_side: int | None = None  # skip backgrounds whose short side is smaller; None = size
+    blend: str = "matting"  # matting | feather | hard (official: matting)
+    feather_px: float = 3.0  # width of the feathered edge for blend="feather"
+    clip_model: str | None = None  # local transformers CLIP folder; without it the CLIP filter is off
+    clip_filter: bool = True  # filter by CLIP score (when a CLIP model is given)
+    area_filter: bool = True  # keep instances covering 5-95 % of their image
+    class_filter: bool = True  # keep classes with at least ``min_class_instances`` instances
+    min_class_instances: int = inst.MIN_CLASS_INSTANCES
+    min_area: float = inst.MIN_AREA
+    max_area: float = inst.MAX_AREA
+    seed: int = 0  # sample i depends only on the seed and i
+    workers: int = 1  # processes making samples
+    shard: str | None = None  # "i/N": only samples with index % N == i, into the shard's own manifest
+    resume: bool = True  # continue a folder that holds samples
+    device: str = "cpu"  # torch device of CLIP scoring and SAM
+
+    @property
+    def use_clip(self):
+        return bool(self.clip_model) and self.clip_filter
+
+    def check(self):
+        """UsageError for settings or inputs that cannot run, before any work (files or folders made)."""
+        if self.shard is not None:
+            try:
+                parse_shard(self.shard)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+        if self.workers < 1:
+            raise UsageError(f"workers must be >= 1, got {self.workers}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise UsageError(f"num_samples must be >= 1 (or unset: one per background), got {self.num_samples}")
+        if len(self.coco) != len(self.coco_images):
+            raise UsageError(f"{len(self.coco)} COCO annotation files but {len(self.coco_images)} image folders: "
+                             "give one image folder per file")
+        if self.sam_images and not self.sam_model:
+            raise UsageError("SAM images need a SAM model (a SAM or SAM 2 transformers folder or checkpoint)")
+        if not self.coco and not self.instances and not self.sam_images:
+            raise UsageError("no instance source: give COCO annotations with their images, instance folders "
+                             "(image + mask pairs), or a SAM model with SAM images")
+        if not Path(self.backgrounds).is_dir():
+            raise UsageError(f"background folder {self.backgrounds} does not exist or is not a folder")
+        for kind, paths in (("instance folder", self.instances), ("COCO image folder", self.coco_images),
+                            ("SAM image folder", self.sam_images)):
+            for path in paths:
+                if not Path(path).is_dir():
+                    raise UsageError(f"{kind} {path} does not exist or is not a folder")
+        for kind, path in (("COCO annotation file", p) for p in self.coco):
+            if not Path(path).is_file():
+                raise UsageError(f"{kind} {path} does not exist or is not a file")
+        for kind, path in (("background annotation file", self.background_annotations), ("CLIP model", self.clip_model),
+                           ("SAM model", self.sam_model)):
+            if path and not Path(path).exists():
+                raise UsageError(f"{kind} {path} does not exist")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            raise UsageError(f"output {self.output} is a file: give a folder for the dataset")
+        try:
+            synth.SynthConfig(size=self.size, min_side=self.min_side, blend=self.blend, feather_px=self.feather_px)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+
+    def filters(self):
+        """The official instance filters as this job switches and sets them."""
+        return {"use_clip": self.use_clip, "use_area": self.area_filter, "use_class_count": self.class_filter,
+                "min_area": self.min_area, "max_area": self.max_area, "min_class_instances": self.min_class_instances}
+
+
+def collect_instances(job, skips, host):
+    """Every instance of the job's sources (COCO files, folders, SAM proposals saved under the output)."""
+    found = []
+    for annotations, images in zip(job.coco, job.coco_images):
+        found += inst.coco_instances(annotations, images, skips)
+    for folder in job.instances:
+        found += inst.folder_instances(folder, job.class_name, skips)
+    if job.sam_images:
+        from .segmenters import load_sam
+
+        sam = load_sam(job.sam_model, job.device)
+        for k, folder in enumerate(job.sam_images):
+            found += inst.sam_instances(folder, sam, Path(job.output) / "sam_masks" / str(k), job.class_name,
+                                        job.sam_points, job.sam_score, skips,
+                                        lambda done, total: host.progress(done, total, "SAM images"),
+                                        host.check_interrupt)
+    return found
+
+
+def instance_key(job):
+    """What the instance table depends on: its sources and scoring models (contents by size and time)."""
+    return {
+        "coco": fingerprint(*job.coco, *job.coco_images), "instances": fingerprint(*job.instances),
+        "class_name": job.class_name,
+        "sam": [fingerprint(job.sam_model, *job.sam_images), job.sam_points, job.sam_score] if job.sam_images else None,
+        "clip": fingerprint(job.clip_model) if job.use_clip else None,
+    }
+
+
+def cached_instances(job, host):
+    """Collect (and CLIP-score) the instances, or reuse ``<output>/instances.json`` from an earlier run with the
+    same sources and models. Returns (instances, skip counts by reason)."""
+    cache = Path(job.output) / INSTANCE_CACHE
+    key = instance_key(job)
+    if job.resume and cache.is_file():
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+            if data.get("key") == key:
+                return [inst.Instance(**i) for i in data["instances"]], data["skips"]
+        except (ValueError, TypeError, KeyError):
+            pass  # a damaged cache is rebuilt
+    skips = {}
+    instances = collect_instances(job, skips, host)
+    if job.use_clip and instances:
+        from .clip_score import ClipScorer
+
+        scorer = ClipScorer.from_folder(job.clip_model, job.device)
+        instances = inst.score_instances(instances, scorer, skips=skips, check_interrupt=host.check_interrupt,
+                                         progress=lambda done, total: host.progress(done, total, "CLIP scores"))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".tmp-{os.getpid()}-{INSTANCE_CACHE}")
+    tmp.write_text(json.dumps({"key": key, "skips": skips, "instances": [i.to_json() for i in instances]}))
+    os.replace(tmp, cache)
+    return instances, skips
+
+
+def summary_path(job):
+    shard = parse_shard(job.shard) if job.shard else None
+    return Path(job.output) / manifest_name(shard).replace("manifest", "summary").replace(".jsonl", ".json")
+
+
+def run_synth_job(job, host=None):
+    """Make the job's samples in ``job.output``; returns the summary (also written as ``summary*.json``):
+    planned, existing, written, skipped (reason → count, instance and background files included), instances,
+    classes, filters."""
+    host = host or Host()
+    job.check()
+    instances, skips = cached_instances(job, host)
+    backgrounds, obstacles, background_skips = synth.collect_backgrounds(job.backgrounds, job.background_annotations)
+    for reason, count in background_skips.items():
+        skips[reason] = skips.get(reason, 0) + count
+    config = synth.SynthConfig(size=job.size, min_side=job.min_side, blend=job.blend, feather_px=job.feather_px)
+    try:
+        plan = synth.build_plan(backgrounds, obstacles, instances, config, job.seed, job.num_samples, job.filters())
+    except ValueError as error:  # nothing survives the filters, no backgrounds: the settings cannot make samples
+        raise UsageError(str(error)) from None
+    summary = synth.run_synthesis(plan, job.output, job.workers, job.shard, job.resume,
+                                  lambda done, total: host.progress(done, total, "samples"), host.check_interrupt)
+    for reason, count in skips.items():
+        summary["skipped"][reason] = summary["skipped"].get(reason, 0) + count
+    summary.update(instances=len(plan.instances), classes=len(plan.class_stats), filters=plan.filters)
+    path = summary_path(job)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, path)
+    return summary
+
+
+def failed_samples(summary):
+    """How many planned samples a run could not make (not written, not there before)."""
+    return summary["planned"] - summary["written"] - summary["existing"]

@@ -1,0 +1,164 @@
+"""Video decoding for the dataset tools: open a file, stream its frames, find the videos of a folder.
+
+Decoding is the fragile part of mining (a damaged file can abort OpenCV's decoder, taking its process down), so
+it is kept here, apart from the mining algorithm (``video_mining.py``) and from the process isolation that
+contains such crashes (``video_isolation.py``). Frames are BGR uint8 as OpenCV gives them.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+from pathlib import Path
+
+import cv2
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
+
+
+class VideoSkipped(Exception):
+    """The clip cannot give pairs (unopenable, moving camera, ...); ``str(e)`` is the reason."""
+
+
+def open_video(path):
+    """cv2.VideoCapture of ``path`` with its (fps, frame count, width, height), or VideoSkipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoSkipped(f"{path} does not exist or is not a file")
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise VideoSkipped(f"OpenCV cannot open {path.name} (not a video, or no decoder for its codec)")
+    fps = capture.get(cv2.CAP_PROP_FPS) or 0.0
+    if not (fps > 0 and math.isfinite(fps)):
+        fps = 25.0  # some containers do not say; the window is then measured in 25-fps frames
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0)
+    return capture, float(fps), count, width, height
+
+
+def iter_frames(path, start=0, stop=None, step=1, prefetch=0, include_skipped=False, prepare=None, decoded=None):
+    """Yield (index, BGR uint8 frame) for every ``step``-th frame in [start, stop); the others are only
+    decoded (``grab``), not converted, and yielded as (index, None) if ``include_skipped``. The stream
+    ends at the first frame the decoder cannot give.
+
+    ``prefetch`` > 0 decodes in a thread up to that many frames ahead (OpenCV releases the GIL while
+    decoding, so decoding overlaps the caller's analysis; memory stays bounded by the queue).
+    ``prepare(frame)``, if given, runs in that thread too and the frame item becomes (frame, prepared).
+    ``decoded``, a list, gets the index of the last frame decoded appended when the stream ends: where
+    the decoder stopped, without passing every skipped frame through the queue.
+    """
+    capture, _, _, _, _ = open_video(path)
+    if start:
+        capture.set(cv2.CAP_PROP_POS_FRAMES, start)
+
+    def frames():
+        index = start
+        while stop is None or index < stop:
+            if (index - start) % step:
+                if not capture.grab():
+                    break
+                if include_skipped:
+                    yield index, None
+            else:
+                ok, frame = capture.read()
+                if not ok or frame is None:
+                    break
+                yield index, (frame if prepare is None else (frame, prepare(frame)))
+            index += 1
+        if decoded is not None:
+            decoded.append(index - 1)
+
+    if prefetch <= 0:
+        try:
+            yield from frames()
+        finally:
+            capture.release()
+        return
+    import threading
+
+    buffer = queue.Queue(maxsize=prefetch)
+    stopping = threading.Event()
+    failure = []
+
+    def decode():
+        try:
+            for item in frames():
+                while not stopping.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stopping.is_set():
+                    return
+        except BaseException as error:  # handed to the consumer
+            failure.append(error)
+        finally:
+            buffer.put(None)
+
+    thread = threading.Thread(target=decode, name="erasekit-video-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is None:
+                break
+            yield item
+        if failure:
+            raise failure[0]
+    finally:
+        stopping.set()
+        while thread.is_alive():
+            try:
+                buffer.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+        capture.release()
+
+
+# --- the streaming miner ---------------------------------------------------------------------------
+
+
+def read_frames(path, start=0, count=16, step=1, host=None):
+    """Up to ``count`` RGB frames from ``start``, every ``step``-th: (frames, declared fps, declared frame count).
+
+    Raises ValueError naming the file when it cannot be opened or has no frame at or after ``start``."""
+    try:
+        capture, fps, total, _, _ = open_video(path)
+    except VideoSkipped as error:
+        raise ValueError(str(error)) from None
+    capture.release()
+    frames = []
+    for _, frame in iter_frames(path, start, None, step):
+        if host is not None:
+            host.check_interrupt()
+        frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        if host is not None:
+            host.progress(len(frames), count, "frames")
+        if len(frames) >= count:
+            break
+    if not frames:
+        raise ValueError(f"{path} has no decodable frame at or after frame {start} (it declares {total})")
+    return frames, fps, total
+
+
+def find_videos(inputs):
+    """Video files named in ``inputs`` (files, or folders searched recursively), sorted, no duplicates."""
+    found = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS))
+        elif item.exists():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"{item} does not exist (expected a video file or a folder of videos)")
+    unique, seen = [], set()
+    for path in found:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique

@@ -1,0 +1,223 @@
+"""Video4Removal as jobs: the settings of a run and the one function that runs it, for every host.
+
+``run_video_job(VideoJob, host)`` mines videos into a triplet dataset; the ``erasekit-video`` command and the
+*Build Removal Dataset from Videos* node both call it, so the same settings give the same dataset.
+``preview_video_pairs(PairPreview, host)`` mines one video range and returns its first pairs without writing
+(the *Mine Removal Pairs from Video* node). Mining runs in isolated processes (``video_isolation.py``); the
+job consumes their typed events and hands each one to ``host.event`` as well.
+
+The run summary (every video with its status, reason and counts, and the settings) is written next to the
+manifest as ``video-summary.json`` (``video-summary-shard-i-of-N.json`` for a shard) after every finished video,
+and once more when the run stops for any reason; ``resume`` skips the videos a previous summary lists as
+finished with the same settings, and the samples already written.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..jobs import Host, UsageError
+from .triplets import TripletWriter, parse_shard
+from .video_decode import VIDEO_EXTENSIONS, find_videos
+from .video_isolation import VideoWorkerPool
+from .video_mining import PairingConfig, PairMined, VideoFinished, VideoProgress, VideoTask
+
+SUMMARY = "video-summary"
+
+
+def segmenter_spec(grounding_dino, sam_model, prompt, device="cpu"):
+    """What the mining processes load for GroundingDINO + SAM object masks, or None for MOG masks.
+
+    The three settings go together (the text prompt picks the objects SAM cuts out); paths must exist."""
+    given = [bool(grounding_dino), bool(sam_model), bool((prompt or "").strip())]
+    if not any(given):
+        return None
+    if not all(given):
+        raise UsageError(
+            "object masks need all three: a GroundingDINO model, a SAM model and a prompt (got grounding_dino="
+            f"{grounding_dino!r}, sam_model={sam_model!r}, prompt={prompt!r}); give none of them for MOG masks")
+    for path in (grounding_dino, sam_model):
+        if not Path(path).exists():
+            raise UsageError(f"model {path} does not exist")
+    return {"grounding_dino": str(grounding_dino), "sam": str(sam_model), "text": prompt, "device": str(device)}
+
+
+@dataclass
+class VideoJob:
+    """A mining run: what the ``erasekit-video`` flags and the dataset node's inputs set (same names)."""
+
+    videos: list  # video files or folders of videos (searched recursively)
+    output: str  # the triplet dataset folder
+    pairing: PairingConfig = field(default_factory=PairingConfig)  # every number that decides the pairs
+    max_frames: int | None = None  # mine only the first N frames of each video; None = whole videos
+    workers: int = 1  # videos mined at once, each in its own process
+    shard: str | None = None  # "i/N": every N-th video from i, into the shard's own manifest
+    resume: bool = False  # continue a folder that holds samples (skip finished videos and written samples)
+    timeout: float = 600.0  # seconds without a message before a decoder counts as hung
+    grounding_dino: str | None = None  # GroundingDINO transformers folder (object masks; with sam_model, prompt)
+    sam_model: str | None = None  # SAM / SAM 2 transformers folder or checkpoint file
+    prompt: str | None = None  # object classes GroundingDINO looks for, e.g. "car"
+    device: str = "cpu"  # torch device of the segmenters
+
+    def check(self):
+        """UsageError for settings that cannot run; returns the segmenter spec (or None)."""
+        if self.workers < 1:
+            raise UsageError(f"workers must be >= 1, got {self.workers}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise UsageError(f"max_frames must be >= 1 (or unset for whole videos), got {self.max_frames}")
+        if self.shard is not None:
+            try:
+                parse_shard(self.shard)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+        return segmenter_spec(self.grounding_dino, self.sam_model, self.prompt, self.device)
+
+    def params(self, spec):
+        """The settings that decide which samples a video gives (a resumed run must match them)."""
+        return {**asdict(self.pairing), "segmenter": spec and {k: v for k, v in spec.items() if k != "device"},
+                "max_frames": self.max_frames}
+
+
+def summary_path(root, shard):
+    if shard is None:
+        return Path(root) / f"{SUMMARY}.json"
+    index, count = parse_shard(shard)
+    return Path(root) / f"{SUMMARY}-shard-{index}-of-{count}.json"
+
+
+def write_summary(path, summary):
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def finished_videos(path, params):
+    """Videos a previous run with the same settings finished (ok or skipped for a reason); crashed ones retry."""
+    if not path.is_file():
+        return {}
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if previous.get("params") != params:
+        return {}
+    return {v["video"]: v for v in previous.get("videos", []) if v.get("status") in ("ok", "skipped")}
+
+
+def failed_videos(summary):
+    """The videos of a summary that gave nothing on purpose or by accident: skipped or crashed."""
+    return [v for v in summary["videos"] if v["status"] != "ok"]
+
+
+def run_video_job(job, host=None):
+    """Mine ``job.videos`` into ``job.output``; returns the summary (also written as ``video-summary*.json``).
+
+    Raises UsageError before any work for settings or inputs that cannot run. Interruption (``host``) stops
+    the run with every finished sample kept and the summary written."""
+    host = host or Host()
+    spec = job.check()
+    shard = parse_shard(job.shard) if job.shard is not None else None
+    try:
+        videos = find_videos(job.videos)
+    except FileNotFoundError as error:
+        raise UsageError(str(error)) from None
+    if not videos:
+        raise UsageError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {', '.join(map(str, job.videos))}")
+    if shard is not None:
+        videos = videos[shard[0]::shard[1]]
+    if Path(job.output).exists() and not Path(job.output).is_dir():
+        raise UsageError(f"output {job.output} is a file: give a folder for the dataset")
+    # shards of one run share the folder, so a shard never refuses samples written by the others
+    writer = TripletWriter(job.output, resume=job.resume or shard is not None, shard=shard)
+
+    params = job.params(spec)
+    path = summary_path(job.output, shard)
+    done_before = finished_videos(path, params) if job.resume else {}
+    reports = {str(v): done_before[str(v)] for v in videos if str(v) in done_before}
+    todo = [v for v in videos if str(v) not in reports]
+    tasks = [VideoTask(index, str(v), 0, job.max_frames) for index, v in enumerate(todo)]
+    summary = {"params": params, "videos": [], "written": 0, "already_present": 0, "samples": 0}
+    written, fractions = Counter(), {}
+
+    def publish():
+        summary["videos"] = [reports[str(v)] for v in videos if str(v) in reports]
+        summary["samples"] = len(writer)
+        write_summary(path, summary)
+
+    def consume(event):
+        if isinstance(event, VideoProgress):
+            fractions[event.job] = event.done / max(1, event.total)
+        elif isinstance(event, PairMined):
+            if writer.has(event.sample_id):
+                summary["already_present"] += 1
+                return
+            writer.write(event.sample_id, event.source, event.mask, event.target, event.record)
+            summary["written"] += 1
+            written[event.job] += 1
+        elif isinstance(event, VideoFinished):
+            report = event.report.as_dict()
+            report["written"] = written.pop(event.job, 0)
+            reports[str(todo[event.job])] = report
+            fractions.pop(event.job, None)
+            host.log(f"{todo[event.job].name}: {report['status']}, {report['pairs']} pairs, {report['written']} "
+                     f"written" + (f" ({report['reason']})" if report["reason"] else ""))
+            publish()
+        finished = len(reports) + sum(fractions.values())
+        host.progress(round(finished, 2), len(videos), "videos")
+
+    with writer:
+        try:
+            host.progress(len(reports), len(videos), "videos")
+            if tasks:
+                with VideoWorkerPool(job.pairing, min(job.workers, len(tasks)), spec, job.timeout) as pool:
+                    for event in pool.run(tasks):
+                        host.check_interrupt()
+                        host.event(event)
+                        consume(event)
+        finally:
+            publish()  # whatever stops the run, the summary describes what was done
+    return summary
+
+
+@dataclass
+class PairPreview:
+    """Mine one video range and keep its first pairs: what the *Mine Removal Pairs from Video* node sets."""
+
+    video: str
+    start_frame: int = 0
+    end_frame: int | None = None  # frame to stop before; None = the end
+    max_pairs: int = 8  # most pairs to return (the first found)
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    grounding_dino: str | None = None
+    sam_model: str | None = None
+    prompt: str | None = None
+    device: str = "cpu"
+
+
+def preview_video_pairs(job, host=None):
+    """(the first ``max_pairs`` ``PairMined`` events, the video's report dict); writes nothing. The video is
+    mined in an isolated process, so a file that crashes the decoder raises ValueError with the reason."""
+    host = host or Host()
+    spec = segmenter_spec(job.grounding_dino, job.sam_model, job.prompt, job.device)
+    if job.end_frame is not None and job.end_frame <= job.start_frame:
+        raise UsageError(f"end_frame {job.end_frame} must be after start_frame {job.start_frame} (or unset: the end)")
+    if not Path(job.video).is_file():
+        raise UsageError(f"video {job.video} does not exist or is not a file")
+    chosen, report = [], None
+    with VideoWorkerPool(job.pairing, 1, spec) as pool:
+        for event in pool.run([VideoTask(0, str(job.video), job.start_frame, job.end_frame)]):
+            host.check_interrupt()
+            host.event(event)
+            if isinstance(event, VideoProgress):
+                host.progress(event.done, event.total, "frames")
+            elif isinstance(event, PairMined) and len(chosen) < job.max_pairs:
+                chosen.append(event)
+            elif isinstance(event, VideoFinished):
+                report = event.report.as_dict()
+    return chosen, report
