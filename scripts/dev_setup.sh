@@ -33,6 +33,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$py" -m pip install -q --no-deps -e "$root" 2>/dev/null
   echo "$want" > "$stamp"
 fi
+# The fresh-install check (tests/comfy/test_fresh_install.py) runs the pack in a venv holding only what a user's
+# ComfyUI install has: ComfyUI's requirements + requirements.txt. Built once (minutes), then reused.
+COMFYUI_PATH="$comfy" bash "$root/scripts/fresh_venv.sh" >/dev/null
 # The frontend check (tests/comfy/test_frontend.py) drives ComfyUI's real UI in headless Chromium.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 \

@@ -2,13 +2,17 @@
 # Builds, once, the venv of a user's fresh ComfyUI install with EraseKit dropped into custom_nodes: torch and
 # torchvision, ComfyUI's requirements.txt and EraseKit's requirements.txt, nothing else (no extras, no test
 # packages). tests/test_install.py runs the pack in it. Prints the venv's path.
-#   COMFYUI_PATH          the ComfyUI checkout whose requirements are installed (default ~/ComfyUI)
+#   COMFYUI_PATH          the ComfyUI whose requirements are installed (default ~/ComfyUI, else the shared snapshot)
 #   ERASEKIT_FRESH_VENV   where to build it (default ~/.cache/erasekit/fresh-venv-<hash of the requirement files>)
 # The venv is kept: a later call with the same requirement files installs nothing. With --path it only prints
 # where the venv is (or would be), building nothing; it exists when <path>/.erasekit-fresh-complete does.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-comfy="${COMFYUI_PATH:-$HOME/ComfyUI}"
+comfy="${COMFYUI_PATH:-}"
+if [ -z "$comfy" ]; then  # the order dev_setup.sh and tests/comfy use
+  comfy="$HOME/ComfyUI"
+  [ -f "$comfy/main.py" ] || comfy="${ERASEKIT_SHARED_COMFYUI:-$root/../shared/comfyui/ComfyUI}"
+fi
 if [ ! -f "$comfy/requirements.txt" ]; then
   echo "fresh_venv: no ComfyUI at $comfy (set COMFYUI_PATH)" >&2
   exit 2
