@@ -30,8 +30,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$py" -m pip install -q -r "$venv/comfy-reqs.txt" requests
   fi
   SAM2_BUILD_CUDA=0 "$py" -m pip install -q -r "$root/tests/requirements.txt"
-  "$py" -m pip install -q --no-deps -e "$root" 2>/dev/null
   echo "$want" > "$stamp"
+fi
+# The erasekit-* commands in the venv run this checkout (a few seconds when another checkout was installed last).
+if [ "$(cat "$venv/.erasekit-editable" 2>/dev/null)" != "$root" ]; then
+  "$py" -m pip install -q --no-deps -e "$root" 2>/dev/null
+  echo "$root" > "$venv/.erasekit-editable"
 fi
 # The fresh-install check (tests/comfy/test_fresh_install.py) runs the pack in a venv holding only what a user's
 # ComfyUI install has: ComfyUI's requirements + requirements.txt. Built once (minutes), then reused.
