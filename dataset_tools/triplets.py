@@ -443,6 +443,27 @@ class TripletWriter:
         self.close()
 
 
+def remove_unused_output(root):
+    """Undo a dataset folder a run created and then stopped in without writing a sample (an error exit leaves no
+    empty output behind): its bookkeeping files (locks, dataset.json, summaries, the instance table, empty
+    manifests) and empty folders go. Anything else (a sample, a non-empty manifest, a user's file) stays, and so
+    does the folder holding it."""
+    root = Path(root)
+    if not root.is_dir() or any(p.stat().st_size for p in manifest_paths(root)):
+        return
+    for path in root.iterdir():
+        bookkeeping = (path.name.startswith(".") and path.name.endswith(".lock")) or path.name in (
+            DATASET_INFO, "instances.json") or (path.suffix == ".json" and "summary" in path.name) or (
+            path.name.startswith("manifest") and path.suffix == ".jsonl")
+        if bookkeeping and path.is_file():
+            path.unlink()
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [root]:
+        try:
+            folder.rmdir()  # only empty folders: a sample or a user's file keeps its folder
+        except OSError:
+            pass
+
+
 def _ends_with_newline(path):
     size = path.stat().st_size
     if size == 0:

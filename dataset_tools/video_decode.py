@@ -105,7 +105,8 @@ def open_video(path, decoder="opencv"):
         except MissingExtra as error:
             raise VideoSkipped(str(error), CANNOT_DECODE) from None
         except Exception as error:
-            raise VideoSkipped(f"PyAV cannot open {path.name} ({type(error).__name__}: {error})", CANNOT_DECODE) from None
+            why = getattr(error, "strerror", None) or str(error)
+            raise VideoSkipped(f"PyAV cannot open {path.name} either ({why})", CANNOT_DECODE) from None
         fps, count, width, height = capture.properties()
     elif decoder == "opencv":
         capture = cv2.VideoCapture(str(path))

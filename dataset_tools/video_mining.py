@@ -504,8 +504,8 @@ class PairMiner:
         """Analyse one frame; ``small`` is its ``downscale`` to the analysis size if already made."""
         if frame.shape[:2] != (self.height, self.width):
             raise VideoSkipped(
-                f"frame {index} is {frame.shape[1]}×{frame.shape[0]} but the video says {self.width}×{self.height}"
-            )
+                f"frame {index} is {frame.shape[1]}×{frame.shape[0]} but the video says {self.width}×{self.height}",
+                "frame size changes")
         self.frames += 1
         if index - self.last_motion_check >= self.motion_every:
             self.last_motion_check = index
@@ -554,8 +554,7 @@ class PairMiner:
             seen = f"{shift:.0f} px" if math.isfinite(shift) else f"no match ({inliers} features agree)"
             raise VideoSkipped(
                 f"camera moves: frame {index} is displaced by {seen} against the first frame "
-                f"(limit {limit:.0f} px); Video4Removal needs a static camera"
-            )
+                f"(limit {limit:.0f} px); Video4Removal needs a static camera", "camera moves")
 
     def _add_background(self, index, frame, small, raw):
         self.counts["background"] += 1
@@ -764,20 +763,22 @@ def explain(counts, pairs):
     return f"no pairs: {reasons} [frames refused, of {foreground} foreground frames]"
 
 
-def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None, progress=None, check_interrupt=None):
+def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None, progress=None, check_interrupt=None,
+               decoder="opencv"):
     """Mine one video in this process. A generator of :class:`Pair` whose return value is the
     :class:`VideoReport` (see :func:`run_mining`). A skipped clip ends with ``status = "skipped"`` and the
-    reason; pairs already yielded stay valid (each is complete on its own)."""
-    report = VideoReport(video=str(path))
+    reason; pairs already yielded stay valid (each is complete on its own). ``decoder``: opencv or pyav."""
+    report = VideoReport(video=str(path), decoder=decoder)
     try:
-        capture, fps, count, width, height = open_video(path)
+        capture, fps, count, width, height = open_video(path, decoder)
         capture.release()
     except VideoSkipped as skip:
-        report.status, report.reason = "skipped", str(skip)
+        report.status, report.reason, report.problem = "skipped", str(skip), skip.problem
         return report
     report.fps, report.width, report.height = fps, width, height
     if width <= 0 or height <= 0:
         report.status, report.reason = "skipped", f"{Path(path).name} reports no frame size"
+        report.problem = CANNOT_DECODE
         return report
     end = min(count, stop) if (count and stop) else (stop or count)
     total = max(0, end - start)
@@ -787,7 +788,7 @@ def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None,
     try:
         # the decode thread also makes the small analysis copy: it overlaps the analysis on a second core
         for index, (frame, small) in iter_frames(path, start, stop, miner.step, prefetch=8, decoded=decoded,
-                                                 prepare=lambda f: downscale(f, miner.small_size)):
+                                                 prepare=lambda f: downscale(f, miner.small_size), decoder=decoder):
             last = index
             if check_interrupt is not None:
                 check_interrupt()
@@ -801,12 +802,12 @@ def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None,
             report.pairs += 1
             yield pair
     except VideoSkipped as skip:
-        report.status, report.reason = "skipped", str(skip)
+        report.status, report.reason, report.problem = "skipped", str(skip), skip.problem
     report.frames = last - start + 1
     report.counts = dict(miner.counts)
     if report.status == "ok":
         if miner.frames == 0:
-            report.status = "skipped"
+            report.status, report.problem = "skipped", CANNOT_DECODE
             report.reason = f"{Path(path).name} has no decodable frame (empty, truncated or damaged file)"
         else:
             report.reason = explain(miner.counts, report.pairs)
@@ -830,7 +831,7 @@ def run_mining(path, config=PairingConfig(), segmenter=None, start=0, stop=None,
             return pairs, done.value
 
 
-def pair_record(vid, video_path, pair, config, augmentation):
+def pair_record(vid, video_path, pair, config, augmentation, decoder="opencv"):
     """The manifest record of one pair (the triplet format's video origin plus how it was made)."""
     return {
         "origin": {
@@ -840,6 +841,7 @@ def pair_record(vid, video_path, pair, config, augmentation):
             "frame": pair.frame,
             "background_frame": pair.background_frame,
         },
+        "decoder": decoder,
         "mask_source": pair.stats["mask_source"],
         "mask_augment": augmentation,
         "stats": {k: v for k, v in pair.stats.items() if k != "mask_source"},
@@ -860,20 +862,42 @@ def finalize_pair(vid, pair, config):
 def mine_task(task, config, emit, segmenter=None, check_interrupt=None):
     """Mine ``task`` (a ``VideoTask``) and hand each event to ``emit``: ``VideoProgress`` now and then, a
     ``PairMined`` per sample (mask augmented, record made) and last a ``VideoFinished``. A Python error inside
-    one video ends that video with status "skipped" and the error as its reason; it never escapes."""
-    vid = video_id(task.path)
+    one video ends that video with status "skipped" and the error as its reason; it never escapes.
+
+    A file OpenCV cannot open or get a frame from is tried once more with PyAV (a file that crashes OpenCV's
+    decoder is retried by the process pool, which sees the crash); the report and every record name the decoder
+    that produced the pairs, and the report says why the first one was given up."""
+    vid = task.video_id or video_id(task.path)
+    decoder, fallback = task.decoder, task.fallback
+    while True:
+        report, mined = _mine_with(task, vid, decoder, config, emit, segmenter, check_interrupt)
+        if decoder == "opencv" and not mined and report.status == "skipped" and report.problem == CANNOT_DECODE:
+            fallback, decoder = report.reason, "pyav"
+            continue
+        break
+    if fallback and report.status == "skipped" and report.problem == CANNOT_DECODE:
+        report.reason = f"{fallback}; {report.reason}"
+    report.video_id, report.fallback = vid, fallback
+    emit(VideoFinished(task.job, report))
+
+
+def _mine_with(task, vid, decoder, config, emit, segmenter, check_interrupt):
+    """(report, pairs emitted) of one try of ``task`` with ``decoder``."""
+    mined = 0
     try:
         generator = mine_video(task.path, config, segmenter, task.start, task.stop,
-                               lambda done, total: emit(VideoProgress(task.job, done, total)), check_interrupt)
+                               lambda done, total: emit(VideoProgress(task.job, done, total)), check_interrupt,
+                               decoder)
         while True:
             try:
                 pair = next(generator)
             except StopIteration as finished:
-                report = finished.value
-                break
+                return finished.value, mined
             sample, mask, augmentation = finalize_pair(vid, pair, config)
-            record = pair_record(vid, task.path, pair, config, augmentation)
+            record = pair_record(vid, task.path, pair, config, augmentation, decoder)
             emit(PairMined(task.job, sample, pair.source, mask, pair.target, record))
+            mined += 1
     except Exception as error:  # one video's failure is its report, not the run's end
-        report = VideoReport(video=str(task.path), status="skipped", reason=f"{type(error).__name__}: {error}")
-    emit(VideoFinished(task.job, report))
+        report = VideoReport(video=str(task.path), status="skipped", reason=f"{type(error).__name__}: {error}",
+                             problem="error while mining", decoder=decoder, pairs=mined)
+        return report, mined

@@ -214,7 +214,7 @@ def test_a_crashing_child_fails_only_its_video(road_video, tmp_path):
                 killed = True
             elif isinstance(event, VideoFinished):
                 reports[event.job] = event.report
-    assert reports[0].status == "crashed" and "died" in reports[0].reason
+    assert reports[0].status == "crashed" and "killed (likely out of memory)" in reports[0].reason
     assert reports[1].status == "ok" and reports[1].pairs >= 1
 
 
