@@ -111,8 +111,8 @@ def cli_main(prog: str, run: Callable[[], int]) -> int:
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as error:  # a disk that filled up, a folder that vanished: finished work is kept
-        print(f"{prog}: error: {describe_os_error(error)}; finished work is kept", file=sys.stderr)
+    except OSError as error:  # a disk that filled up, a folder that vanished, a damaged file
+        print(f"{prog}: error: {describe_os_error(error)}", file=sys.stderr)
         return EXIT_FAILED
     except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)

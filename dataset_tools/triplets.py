@@ -331,8 +331,10 @@ class TripletWriter:
         clashing = all_ids if self.shard is None else set(self._done)
         if clashing and not resume:
             raise UsageError(
-                f"{self.manifest_path} already lists {len(clashing)} samples" if self.shard is not None else
-                f"{self.root} already holds {len(clashing)} samples; resume the run or choose an empty folder"
+                (f"{self.manifest_path} already lists {len(clashing)} samples" if self.shard is not None else
+                 f"{self.root} already holds {len(clashing)} samples")
+                + "; pass --resume (a node: resume) to continue it with the same settings, --append (append) to add "
+                "samples made with other settings, or choose an empty folder"
             )
         self._known = all_ids
 

@@ -59,15 +59,24 @@ def _synth_args(shared_data, out, *extra):
 def test_synth_exit_codes(shared_data, tmp_path, monkeypatch, capsys):
     assert synth_cli.main(_synth_args(shared_data, tmp_path / "ok")) == EXIT_OK
     capsys.readouterr()
-    # a background that is not an image: the samples drawn on it cannot be made
+    # a background that is not an image: the samples drawn on it are drawn again with another, the file is named
     backgrounds = tmp_path / "backgrounds"
     shutil.copytree(shared_data / "images" / "removal_pairs", backgrounds)
     (backgrounds / "000_broken.jpg").write_bytes(b"not a jpeg")
-    args = _synth_args(shared_data, tmp_path / "failed")
+    args = _synth_args(shared_data, tmp_path / "redrawn")
     args[1] = str(backgrounds)
+    assert synth_cli.main(args) == EXIT_OK
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped"]["unreadable image"]["first"] == ["000_broken.jpg"] and summary["written"] == 4
+    # only bad backgrounds: no sample can be made
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for index in range(3):
+        (junk / f"{index}.jpg").write_bytes(b"not a jpeg %d" % index)
+    args[1], args[args.index("--output") + 1] = str(junk), str(tmp_path / "failed")
     assert synth_cli.main(args) == EXIT_FAILED
     summary = json.loads(capsys.readouterr().out)
-    assert summary["skipped"]["unreadable image"] >= 1 and summary["written"] >= 1
+    assert summary["written"] == 0 and summary["failed"]["unreadable image"]["count"] == 4
     assert synth_cli.main(["--backgrounds", str(backgrounds), "--output", str(tmp_path / "x")]) == EXIT_USAGE
     assert synth_cli.main(_synth_args(shared_data, tmp_path / "y", "--shard", "3/2")) == EXIT_USAGE
     with pytest.raises(SystemExit) as exit_info:

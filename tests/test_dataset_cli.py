@@ -283,7 +283,7 @@ def test_converter_says_truncated_or_not_a_weights_file(tmp_path, capsys):
         (folder / "unet").mkdir(parents=True)
         (folder / "unet" / name).write_bytes(content)
         assert smarteraser_convert.main([str(folder), str(tmp_path / "out")]) == EXIT_FAILED
-        error = capsys.readouterr().err
+        error = capsys.readouterr().err.replace(str(tmp_path), "<tmp>")  # the test's folder name says "truncated"
         assert name in error and words in error, error
         other = {"truncated": "not a weights file", "not a weights file": "truncated"}[words]
         assert other not in error, error
