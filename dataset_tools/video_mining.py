@@ -668,6 +668,16 @@ class PairMiner:
                 labels, areas = outside_regions(changed, zone)
         return mask, int(areas.max()) if len(areas) else 0, grown
 
+    def _target_shows_object(self, bg, mask):
+        """Does the background frame show a moving object (MOG foreground, specks removed) under the mask? The
+        target would then teach the eraser to paint it in. (The choice of frames checks the zone's share only, which
+        a small object in a large zone passes.)"""
+        objects = mask_ops.remove_small_islands(bg.foreground, self.min_island)
+        if not objects.any():
+            return False
+        small = cv2.resize(mask.view(np.uint8), self.small_size, interpolation=cv2.INTER_AREA) > 0
+        return bool(np.count_nonzero(objects & small))
+
     def _object_mask(self, fg, source, zone_full):
         """(mask or None, mask source, reason when None) from the segmenter, independent of the background frame."""
         mask = self.segmenter(source, zone_full)
@@ -712,6 +722,9 @@ class PairMiner:
             mask, outside, grown = self._clean(fg, bg, source, target, mask)
             if outside >= cfg.outside_change_pixels:
                 first_failure = first_failure or "outside_changes"
+                continue
+            if self._target_shows_object(bg, mask):
+                first_failure = first_failure or "background_not_empty_there"
                 continue
             self.counts["pairs"] += 1
             stats = {
