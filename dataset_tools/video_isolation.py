@@ -145,8 +145,10 @@ class VideoWorkerPool:
                 else f"exit code {code}"
             decoder = "OpenCV" if task.decoder == "opencv" else "PyAV"
             reason = f"{decoder}'s decoder crashed on {name} ({what}): its process died"
-            if task.decoder == "opencv" and importlib.util.find_spec("av") is not None:
-                return None, replace(task, decoder="pyav", fallback=reason)
+            if task.decoder == "opencv":
+                if importlib.util.find_spec("av") is not None:
+                    return None, replace(task, decoder="pyav", fallback=reason)
+                reason += "; the PyAV fallback decoder would try it: pip install av"
         if task.fallback:
             reason = f"{task.fallback}; then {reason}"
         report = VideoReport(video=str(task.path), status="crashed", reason=reason, problem=problem, pairs=mined,
