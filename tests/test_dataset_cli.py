@@ -287,3 +287,25 @@ def test_converter_says_truncated_or_not_a_weights_file(tmp_path, capsys):
         assert name in error and words in error, error
         other = {"truncated": "not a weights file", "not a weights file": "truncated"}[words]
         assert other not in error, error
+
+
+def test_a_write_failure_mid_run_stops_synthesis_cleanly(shared_data, tmp_path, monkeypatch, capsys):
+    from erasekit.dataset_tools import triplets
+
+    calls = []
+    original = triplets.TripletWriter.write_encoded
+
+    def full_disk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device", str(self.root / "source" / "x.png"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(triplets.TripletWriter, "write_encoded", full_disk)
+    out = tmp_path / "syn"
+    assert synth_cli.main(synth_args(shared_data, out, samples=6)) == EXIT_FAILED
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and "No space left on device" in error and "x.png" in error
+    summary = json.loads((out / "summary.json").read_text())
+    assert "No space left on device" in summary["stopped"] and summary["written"] == 2
+    assert len(TripletDataset(out)) == 2
