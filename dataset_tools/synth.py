@@ -431,7 +431,7 @@ def make_sample(plan, index):
     instance ``index`` onto background ``index`` (modulo their counts) with an RNG seeded by (seed, index) only, so
     shards, workers and resumes make the same samples; a draw that meets a bad file or loses its instance is
     followed by another (``_redraw``), up to ``MAX_DRAWS``."""
-    problems = []
+    problems, failed = [], None
     background_index, instance_index = index % len(plan.backgrounds), index % len(plan.instances)
     for draw in range(MAX_DRAWS):
         if draw:

@@ -143,21 +143,25 @@ def skipped_videos(reports):
 
 
 def identify(videos, host):
-    """{video: video id} and {duplicate: the earlier video with the same content} (content hashes)."""
-    ids, first, duplicates = {}, {}, {}
+    """({video: video id}, reports of the videos not to mine: a copy of an earlier one, or a file that cannot be
+    read) from the videos' content hashes."""
+    ids, first, reports = {}, {}, {}
     for done, path in enumerate(videos, 1):
         host.check_interrupt()
         try:
             digest = content_hash(path)
         except OSError as error:
-            raise UsageError(f"video {path} cannot be read: {describe_os_error(error)}") from None
+            reports[path] = VideoReport(video=str(path), status="skipped", problem="cannot be read",
+                                        reason=f"{path} cannot be read: {describe_os_error(error)}").as_dict()
+            continue
         if digest in first:
-            duplicates[path] = first[digest]
+            reports[path] = VideoReport(video=str(path), status="duplicate", problem="duplicate",
+                                        reason=f"the same content as {first[digest]}: mined once").as_dict()
         else:
             first[digest] = path
             ids[path] = video_id(path, digest)
         host.progress(done, len(videos), "videos identified")
-    return ids, duplicates
+    return ids, reports
 
 
 def run_video_job(job, host=None):
@@ -178,7 +182,7 @@ def run_video_job(job, host=None):
     if shard is not None:
         videos = videos[shard[0]::shard[1]]
     check_output_folder(job.output)
-    ids, duplicates = identify(videos, host)
+    ids, unmined = identify(videos, host)
     created = not Path(job.output).exists()
     try:
         # shards of one run share the folder, so a shard never refuses samples written by the others
@@ -192,12 +196,9 @@ def run_video_job(job, host=None):
     params = job.params(spec)
     path = summary_path(job.output, shard)
     done_before = finished_videos(path, params) if job.resume or job.append else {}
-    reports = {}
+    reports = dict(unmined)
     for video in videos:
-        if video in duplicates:
-            reports[video] = VideoReport(video=str(video), status="duplicate", problem="duplicate",
-                                         reason=f"the same content as {duplicates[video]}: mined once").as_dict()
-        elif content_of(ids[video]) in done_before:
+        if video in ids and content_of(ids[video]) in done_before:
             reports[video] = {**done_before[content_of(ids[video])], "video": str(video)}
     todo = [v for v in videos if v not in reports]
     tasks = [VideoTask(index, str(v), 0, job.max_frames, video_id=ids[v]) for index, v in enumerate(todo)]
