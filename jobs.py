@@ -14,6 +14,8 @@ import hashlib
 import os
 import stat
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 EXIT_OK = 0  # everything asked for was done
@@ -89,6 +91,13 @@ class CliHost(Host):
         return False
 
 
+def describe_os_error(error: OSError) -> str:
+    """An OSError as a sentence naming the file: "could not write /d/x.png: No space left on device"."""
+    if error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    return error.strerror or str(error)
+
+
 def cli_main(prog: str, run: Callable[[], int]) -> int:
     """Run a command body and map what escapes it onto the shared exit codes, with one line on stderr."""
     try:
@@ -102,9 +111,96 @@ def cli_main(prog: str, run: Callable[[], int]) -> int:
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as error:
+    except OSError as error:  # a disk that filled up, a folder that vanished, a damaged file
+        print(f"{prog}: error: {describe_os_error(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
+
+
+# --- paths a job is given ------------------------------------------------------------------------------------------
+
+def check_input(path, what: str, kind: str = "folder") -> Path:
+    """``path`` as a Path, or UsageError in one sentence: "does not exist" only when nothing is there; a file where a
+    folder is needed (``kind`` "folder"), or a folder where a file is (``kind`` "file"), is called what it is."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} {path} does not exist")
+    if kind == "folder" and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file: give a folder")
+    if kind == "file" and path.is_dir():
+        raise UsageError(f"{what} {path} is a folder: give a file")
+    return path
+
+
+def check_output_folder(path, what: str = "output") -> Path:
+    """``path`` as a Path if a job can write its folder there, else UsageError in one sentence: a file in the way,
+    a parent folder that does not exist (nothing is created above the output), or a place nobody lets us write.
+    Checked before any work; writability is tried with a probe file that is removed at once."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} is a file: give a folder")
+    parent = path if path.is_dir() else path.parent
+    if not path.is_dir():
+        if not parent.exists():
+            raise UsageError(f"{what} {path} cannot be made: its parent folder {parent} does not exist "
+                             "(create it, or choose another place)")
+        if not parent.is_dir():
+            raise UsageError(f"{what} {path} cannot be made: {parent} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".erasekit-write-probe-", dir=parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise UsageError(f"{what} {path} is not writable: {parent} refuses new files "
+                         f"({error.strerror or error}); choose another place") from None
+    return path
+
+
+# --- what a run left out -------------------------------------------------------------------------------------------
+
+FIRST_NAMES = 5  # how many names a summary lists per reason
+
+
+class Skips:
+    """Items a run left out, by reason: how many and the first few names, each item counted once.
+
+    ``as_dict()`` is the summary form ``{reason: {"count": n, "first": [names]}}``; ``lines()`` the console
+    form ``"unreadable image (3): a.jpg, b.jpg, c.jpg"``."""
+
+    def __init__(self, items=None):
+        self._seen = {}
+        for reason, entry in (items or {}).items():
+            self._seen[reason] = {"count": int(entry["count"]), "first": list(entry["first"]), "names": set()}
+
+    def add(self, reason: str, name: str, count: int = 1) -> None:
+        """Count ``name`` under ``reason`` once, however often it is added."""
+        entry = self._seen.setdefault(reason, {"count": 0, "first": [], "names": set()})
+        if name in entry["names"] or name in entry["first"]:
+            return
+        entry["names"].add(name)
+        entry["count"] += count
+        if len(entry["first"]) < FIRST_NAMES:
+            entry["first"].append(name)
+
+    def update(self, other: "Skips") -> None:
+        for reason, entry in other._seen.items():
+            for name in entry["first"]:
+                self.add(reason, name)
+            extra = entry["count"] - len(entry["first"])
+            if extra > 0:
+                self._seen[reason]["count"] += extra
+
+    def __bool__(self):
+        return bool(self._seen)
+
+    def as_dict(self) -> dict:
+        return {reason: {"count": e["count"], "first": list(e["first"])} for reason, e in sorted(self._seen.items())}
+
+    def lines(self) -> list:
+        return [f"{reason} ({entry['count']}): {', '.join(entry['first'])}"
+                + (", ..." if entry["count"] > len(entry["first"]) else "") for reason, entry in self.as_dict().items()]
 
 
 class MissingExtra(ImportError):
@@ -188,6 +284,23 @@ def _listing(path, recursive):
             except OSError:
                 continue  # vanished while walking
             yield f"file {os.path.relpath(os.path.join(root, name), path)} {info.st_size} {info.st_mtime_ns}"
+
+
+def content_hash(path, chunk: int = 1 << 20) -> str:
+    """What a file holds, as 16 hex digits: a hash of its size, its first and its last ``chunk`` bytes (the whole
+    file when it is at most two chunks). Two different files of the same name and size get different hashes; a
+    copy or a renamed file the same one. Reading two MiB keeps it cheap on long videos."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(f"{size}:".encode())
+        if size <= 2 * chunk:
+            digest.update(handle.read())
+        else:
+            digest.update(handle.read(chunk))
+            handle.seek(size - chunk)
+            digest.update(handle.read(chunk))
+    return digest.hexdigest()[:16]
 
 
 def fingerprint(*paths, recursive=True) -> str:

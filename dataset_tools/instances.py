@@ -1,11 +1,16 @@
 """Instance sources and the Syn4Removal instance filters.
 
-An instance is one object mask in one photo, with a class name. Sources:
+An instance is one object mask in one photo, with a class name, and an id made from the content of its files
+(two different files never share an id, whatever their names; the same files always get the same one). Sources:
 - COCO-format instance annotations (polygons, compressed or uncompressed RLE; crowd regions skipped),
 - a folder of image + mask pairs (``x.jpg`` + ``x_mask.png`` side by side, or ``images|paste|source/`` next
   to ``masks|mask/`` with equal stems); a sub-folder name is the class, else ``class_name``.
 - masks proposed by SAM / SAM 2 (``segmenters.Sam.propose_masks``, transformers folders) for a folder of
   photos; the proposals are saved as PNG masks so workers and resumed runs reload them.
+
+Every instance is checked when it is collected: its mask is read and must be non-empty and of its photo's size
+(read from the photo's header), so a bad file is left out (and named) once, before any sample is planned on it.
+Skipped files go to a ``jobs.Skips`` (reason → count and the first names).
 
 Filters (Dataset_pipeline/Second_instances_filter.py): keep an instance when its CLIP score is
 ≥ min(0.2, best score of its class − 0.02), its mask covers [0.05, 0.95] of its image, and its class keeps
@@ -13,17 +18,20 @@ Filters (Dataset_pipeline/Second_instances_filter.py): keep an instance when its
 Each filter can be switched off; ``FilterReport`` says which ran.
 """
 import contextlib
+import hashlib
 import io
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..erasers.layout import mask_box
-from ..jobs import require
-from .imageio import IMAGE_EXTENSIONS, read_mask, read_rgb
+from ..jobs import content_hash, require
+from .imageio import IMAGE_EXTENSIONS, UNREADABLE, read_mask, read_rgb
 
 MIN_CLIP = 0.2
 CLIP_TOLERANCE = 0.02
@@ -37,6 +45,32 @@ BAD_ANNOTATIONS = "unreadable annotation file"
 MISSING_MASK = "image without a mask"
 EMPTY_MASK = "empty mask"
 SIZE_MISMATCH = "mask size differs from image"
+MISSING_IMAGE = "image missing"
+
+
+def image_size(path):
+    """(width, height) from an image file's header (nothing decoded), or None when it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def files_id(*paths):
+    """A short id of what some files hold together (their ``jobs.content_hash`` values)."""
+    digest = hashlib.sha256("".join(content_hash(p) for p in paths).encode()).hexdigest()
+    return digest[:10]
+
+
+def _name(path, root):
+    """``path`` relative to ``root`` (how skips name a file), or its file name."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
 
 
 @dataclass
@@ -114,30 +148,41 @@ def coco_mask(annotations, ann_id):
 
 
 def coco_instances(annotations, image_root, skips=None):
-    """Instances of a COCO annotation file; images are looked up under ``image_root``."""
+    """Instances of a COCO annotation file; images are looked up under ``image_root`` and must exist with the size
+    the file gives them (checked once per image, from its header)."""
     mask_utils = require("pycocotools.mask", "dataset", "COCO instance annotations", package="pycocotools")
 
     try:
         coco = load_coco(annotations)
     except ValueError as error:
-        _count(skips, str(error))
+        _count(skips, str(error), Path(annotations).name)
         return []
+    file_id = content_hash(annotations)[:8]  # ann ids are unique only within their file
     names = {c["id"]: c.get("name", str(c["id"])) for c in coco.dataset["categories"]}
+    checked = {}
     found = []
     for ann in sorted(coco.dataset["annotations"], key=lambda a: a["id"]):
         if ann.get("iscrowd", 0) or not ann.get("segmentation"):
             continue
         rle, height, width = _coco_rle(coco, ann)
         area = float(mask_utils.area(rle)) / float(height * width)
-        if area <= 0:
-            _count(skips, EMPTY_MASK)
-            continue
         info = coco.imgs[ann["image_id"]]
+        image = Path(image_root) / info["file_name"]
+        if area <= 0:
+            _count(skips, EMPTY_MASK, f"{info['file_name']} (annotation {ann['id']})")
+            continue
+        if image not in checked:
+            size = image_size(image) if image.is_file() else None
+            checked[image] = (MISSING_IMAGE if not image.is_file() else UNREADABLE if size is None else
+                              SIZE_MISMATCH if size != (width, height) else None)
+        if checked[image]:
+            _count(skips, checked[image], info["file_name"])
+            continue
         found.append(
             Instance(
-                id=f"coco-{ann['id']}",
+                id=f"coco-{file_id}-{ann['id']}",
                 class_name=names.get(ann.get("category_id"), "object"),
-                image=str(Path(image_root) / info["file_name"]),
+                image=str(image),
                 area=area,
                 coco={"annotations": str(annotations), "id": int(ann["id"])},
             )
@@ -186,7 +231,8 @@ def _pairs(folder):
 
 
 def folder_instances(folder, class_name="object", skips=None):
-    """Instances from image + mask pairs in ``folder`` and its class sub-folders (one instance per mask)."""
+    """Instances from image + mask pairs in ``folder`` and its class sub-folders (one instance per mask). A pair
+    whose mask is unreadable, empty or not of its photo's size is left out and named in ``skips``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"instance folder {folder} does not exist")
@@ -196,18 +242,26 @@ def folder_instances(folder, class_name="object", skips=None):
     for group, name in groups:
         for image_path, mask_path in _pairs(group):
             if mask_path is None:
-                _count(skips, MISSING_MASK)
+                _count(skips, MISSING_MASK, _name(image_path, folder))
                 continue
             mask, reason = read_mask(mask_path)
             if mask is None:
-                _count(skips, reason)
+                _count(skips, reason, _name(mask_path, folder))
                 continue
             if not mask.any():
-                _count(skips, EMPTY_MASK)
+                _count(skips, EMPTY_MASK, _name(mask_path, folder))
                 continue
+            size = image_size(image_path)
+            if size is None:
+                _count(skips, UNREADABLE, _name(image_path, folder))
+                continue
+            if size != (mask.shape[1], mask.shape[0]):
+                _count(skips, SIZE_MISMATCH, _name(mask_path, folder))
+                continue
+            stem = image_path.relative_to(folder).with_suffix("").as_posix().replace("/", "-")
             found.append(
                 Instance(
-                    id=f"file-{image_path.relative_to(folder).with_suffix('').as_posix().replace('/', '-')}",
+                    id=f"file-{stem}-{files_id(image_path, mask_path)}",
                     class_name=name,
                     image=str(image_path),
                     area=float(mask.mean()),
@@ -234,17 +288,18 @@ def sam_instances(folder, sam, mask_folder, class_name="object", points_per_side
             check_interrupt()
         rgb, reason = read_rgb(image_path)
         if rgb is None:
-            _count(skips, reason)
+            _count(skips, reason, _name(image_path, folder))
             continue
         masks, _ = sam.propose_masks(rgb, points_per_side=points_per_side, score_threshold=score_threshold)
         if len(masks) == 0:
-            _count(skips, "no SAM proposal")
+            _count(skips, "no SAM proposal", _name(image_path, folder))
+        key = f"{image_path.stem}-{content_hash(image_path)[:10]}"  # a.jpg and a.png are two photos
         for k, mask in enumerate(masks):
-            path = mask_folder / f"{image_path.stem}_sam{k:03d}.png"
+            path = mask_folder / f"{key}_sam{k:03d}.png"
             tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # shards may propose at once
             cv2.imwrite(str(tmp), mask.astype(np.uint8) * 255)
             os.replace(tmp, path)
-            found.append(Instance(id=f"sam-{image_path.stem}-{k:03d}", class_name=class_name, image=str(image_path),
+            found.append(Instance(id=f"sam-{key}-{k:03d}", class_name=class_name, image=str(image_path),
                                   area=float(mask.mean()), mask_file=str(path)))
         if progress:
             progress(done, len(images))
@@ -287,7 +342,7 @@ def score_instances(instances, scorer, batch_size=8, skips=None, progress=None, 
         for instance in instances[start : start + batch_size]:
             rgb, mask, reason = load_instance(instance)
             if rgb is None:
-                _count(skips, reason)
+                _count(skips, reason, Path(instance.mask_file or instance.image).name)
                 continue
             batch.append(instance)
             images.append(rgb)
@@ -371,6 +426,7 @@ def interleave_by_class(instances, stats):
     return result
 
 
-def _count(skips, reason):
+def _count(skips, reason, name):
+    """Name ``name`` under ``reason`` in ``skips`` (a ``jobs.Skips``, or None)."""
     if skips is not None:
-        skips[reason] = skips.get(reason, 0) + 1
+        skips.add(reason, name)

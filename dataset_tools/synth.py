@@ -16,6 +16,11 @@ change untouched pixels by one level).
 Blending: ``matting`` (pymatting closed-form alpha with the official trimap: mask eroded 3× by a 3×3 kernel
 is foreground, the eroded-away band is unknown = 128), ``feather`` (alpha rises linearly over
 ``feather_px`` inside the mask edge: fast), ``hard`` (binary alpha).
+
+A sample whose background or instance file turns out bad (unreadable, truncated, too small) is drawn again with
+another background (or another instance of the same class) instead of being lost, deterministically from
+(seed, index, draw), so N samples asked are N written whenever enough good files exist; each bad file is named
+once in the run summary.
 """
 import json
 import multiprocessing
@@ -29,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ..erasers.layout import mask_box, resize_image, resize_mask
-from ..jobs import require
+from ..jobs import Skips, content_hash, describe_os_error, require
 from . import instances as inst
 from .imageio import IMAGE_EXTENSIONS, read_rgb
 from .triplets import TripletWriter, encode_triplet, parse_shard
@@ -37,6 +42,7 @@ from .triplets import TripletWriter, encode_triplet, parse_shard
 BLEND_MODES = ("matting", "feather", "hard")
 TOO_SMALL = "background smaller than the crop"
 VANISHED = "instance vanished after placement"
+MAX_DRAWS = 8  # tries of one sample: the planned background and instance first, then others in place of bad ones
 
 
 @dataclass
@@ -316,6 +322,7 @@ class SynthesisPlan:
     seed: int = 0
     num_samples: int = 0
     filters: dict = field(default_factory=dict)
+    background_root: str = ""  # the background folder (skips name files relative to it)
 
 
 def sample_id(index):
@@ -326,24 +333,24 @@ def collect_backgrounds(folder, annotations=None):
     """Sorted background image paths under ``folder`` (recursive) and their obstacle boxes.
 
     ``annotations``: a COCO file whose ``file_name`` entries are relative to ``folder``; objects covering
-    less than 40 % of their image become obstacles (official rule). Returns (paths, obstacles, skips).
+    less than 40 % of their image become obstacles (official rule). Returns (paths, obstacles, ``Skips``).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"background folder {folder} does not exist")
     paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    obstacles, skips = {}, {}
+    obstacles, skips = {}, Skips()
     if annotations:
         try:
             inst.load_coco(annotations)
         except ValueError as error:
-            skips[str(error)] = 1
+            skips.add(str(error), Path(annotations).name)
         for name, boxes in inst.coco_obstacles(annotations).items():
             obstacles[str(folder / name)] = boxes
     return paths, obstacles, skips
 
 
-def build_plan(backgrounds, obstacles, instances, config, seed=0, num_samples=None, filters=None):
+def build_plan(backgrounds, obstacles, instances, config, seed=0, num_samples=None, filters=None, background_root=""):
     """Filter the instances (official rules; ``filters`` switches them: keys ``clip``, ``area``,
     ``class_count`` and thresholds of ``instances.filter_instances``) and fix the paste order."""
     options = {"use_clip": any(i.score is not None for i in instances), "use_area": True, "use_class_count": True}
@@ -366,6 +373,7 @@ def build_plan(backgrounds, obstacles, instances, config, seed=0, num_samples=No
         seed=int(seed),
         num_samples=int(num_samples if num_samples is not None else len(backgrounds)),
         filters=asdict(report),
+        background_root=str(background_root or os.path.commonpath([os.path.dirname(p) for p in backgrounds])),
     )
 
 
@@ -395,42 +403,73 @@ def _cut(instance):
 
 
 def _background(path, config):
+    """(crop, transform, content id, None) of a background file, or (None, None, None, why it cannot serve)."""
     rgb, reason = read_rgb(path)
     if rgb is None:
-        return None, None, reason
+        return None, None, None, reason
     crop, transform = prepare_background(rgb, config.size, config.min_side)
-    return (None, None, transform) if crop is None else (crop, transform, None)
+    return (None, None, None, transform) if crop is None else (crop, transform, content_hash(path), None)
+
+
+def _redraw(plan, index, draw, background, instance, failed):
+    """The (background, instance) indices of ``draw`` of sample ``index``, after the last draw's ``failed`` part
+    ("background", "instance" or "paste") failed: only that part is drawn again (an instance within its class)."""
+    rng = np.random.default_rng([plan.seed, index, draw, 1])
+    if failed == "background":
+        background = int(rng.integers(len(plan.backgrounds)))
+    elif failed == "instance":
+        name = plan.instances[instance].class_name
+        members = [k for k, other in enumerate(plan.instances) if other.class_name == name and k != instance]
+        instance = int(members[rng.integers(len(members))]) if members else int(rng.integers(len(plan.instances)))
+    return background, instance
 
 
 def make_sample(plan, index):
-    """Sample ``index`` of the plan → (sample_id, sample or None, record or None, skip reason or None).
+    """Sample ``index`` of the plan → (sample_id, sample or None, record or None, problems).
 
-    The RNG is seeded by (seed, index) only, so shards, workers and resumes make the same samples."""
-    rng = np.random.default_rng([plan.seed, index])
-    background_path = plan.backgrounds[index % len(plan.backgrounds)]
-    instance = plan.instances[index % len(plan.instances)]
-    # cache keys hold everything the value depends on: one process may serve plans of several runs
-    background_key = (_stamp(background_path), plan.config.size, plan.config.min_side)
-    background, transform, reason = _cached(_BACKGROUND_CACHE, background_key, lambda: _background(background_path, plan.config), 4)
-    if background is None:
-        return sample_id(index), None, None, reason
-    instance_key = (_stamp(instance.image), _stamp(instance.mask_file), json.dumps(instance.coco, sort_keys=True))
-    rgb, mask, reason = _cached(_INSTANCE_CACHE, instance_key, lambda: _cut(instance))
-    if rgb is None:
-        return sample_id(index), None, None, reason
-    obstacles = transform_boxes(plan.obstacles.get(background_path, []), transform, plan.config.size)
-    sample, reason = synthesize(background, obstacles, rgb, mask, plan.class_stats[instance.class_name], rng, plan.config)
-    if sample is None:
-        return sample_id(index), None, None, reason
-    record = {
-        "origin": {"kind": "image", "image": instance.image, "instance": instance.id},
-        "background": background_path,
-        "class": instance.class_name,
-        "params": {"seed": plan.seed, "index": index, **sample.pop("params")},
-        "config": plan.config.to_json(),
-        "filters": plan.filters,
-    }
-    return sample_id(index), sample, record, None
+    ``problems``: the (reason, file name or None) of every draw that failed on the way. The first draw pastes
+    instance ``index`` onto background ``index`` (modulo their counts) with an RNG seeded by (seed, index) only, so
+    shards, workers and resumes make the same samples; a draw that meets a bad file or loses its instance is
+    followed by another (``_redraw``), up to ``MAX_DRAWS``."""
+    problems, failed = [], None
+    background_index, instance_index = index % len(plan.backgrounds), index % len(plan.instances)
+    for draw in range(MAX_DRAWS):
+        if draw:
+            background_index, instance_index = _redraw(plan, index, draw, background_index, instance_index, failed)
+        rng = np.random.default_rng([plan.seed, index] if draw == 0 else [plan.seed, index, draw])
+        background_path, instance = plan.backgrounds[background_index], plan.instances[instance_index]
+        # cache keys hold everything the value depends on: one process may serve plans of several runs
+        background_key = (_stamp(background_path), plan.config.size, plan.config.min_side)
+        background, transform, background_id, reason = _cached(
+            _BACKGROUND_CACHE, background_key, lambda: _background(background_path, plan.config), 4)
+        if background is None:
+            failed = "background"
+            problems.append((reason, inst._name(background_path, plan.background_root)))
+            continue
+        instance_key = (_stamp(instance.image), _stamp(instance.mask_file), json.dumps(instance.coco, sort_keys=True))
+        rgb, mask, reason = _cached(_INSTANCE_CACHE, instance_key, lambda: _cut(instance))
+        if rgb is None:
+            failed = "instance"
+            problems.append((reason, Path(instance.mask_file or instance.image).name))
+            continue
+        obstacles = transform_boxes(plan.obstacles.get(background_path, []), transform, plan.config.size)
+        sample, reason = synthesize(background, obstacles, rgb, mask, plan.class_stats[instance.class_name], rng,
+                                    plan.config)
+        if sample is None:
+            failed = "paste"
+            problems.append((reason, None))
+            continue
+        record = {
+            "origin": {"kind": "image", "image": instance.image, "instance": instance.id},
+            "background": background_path,
+            "background_id": background_id,
+            "class": instance.class_name,
+            "params": {"seed": plan.seed, "index": index, **({"draw": draw} if draw else {}), **sample.pop("params")},
+            "config": plan.config.to_json(),
+            "filters": plan.filters,
+        }
+        return sample_id(index), sample, record, problems
+    return sample_id(index), None, None, problems
 
 
 _WORKER_PLAN = None
@@ -444,24 +483,32 @@ def _init_worker(plan):
 def _work(index):
     """make_sample + PNG encoding, so a worker process hands the writer only bytes to store."""
     try:
-        sid, sample, record, reason = make_sample(_WORKER_PLAN, index)
+        sid, sample, record, problems = make_sample(_WORKER_PLAN, index)
         if sample is not None:
             sample = encode_triplet(sample["source"], sample["mask"], sample["target"])
-        return sid, sample, record, reason
+        return sid, sample, record, problems
     except Exception as error:  # one bad item must not kill the run; the summary names it
-        return sample_id(index), None, None, f"error: {type(error).__name__}: {error}"
+        return sample_id(index), None, None, [(f"error: {type(error).__name__}: {error}", None)]
 
 
-def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=None, check_interrupt=None):
-    """Write the plan's samples (those of ``shard`` = "i/N" when given) to a triplet folder.
+def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=None, check_interrupt=None,
+                  summary=None):
+    """Write the plan's samples (those of ``shard`` = "i/N" when given) to a triplet folder (a path, or an open
+    ``TripletWriter``).
 
-    Returns a summary: {"planned", "existing", "written", "skipped": {reason: count}}. Samples already in
-    the folder are not redone (``resume``); a failing item is counted, never fatal.
+    Returns (and fills, when given) a summary: {"planned", "existing", "written", "redrawn" (samples made with
+    another draw), "failed" (samples not made in ``MAX_DRAWS`` draws, by reason), "skipped" (bad files met, by
+    reason)}; the last two as ``jobs.Skips`` dicts (count, first names). Samples already in the folder are not
+    redone (``resume``); a failing item is counted, never fatal. A write that fails (a full disk) stops the run:
+    the summary says so under "stopped" and the error is raised.
     """
     shard_index, shard_count = parse_shard(shard) if shard is not None else (0, 1)
     todo_all = [i for i in range(plan.num_samples) if i % shard_count == shard_index]
-    summary = {"planned": len(todo_all), "existing": 0, "written": 0, "skipped": {}}
-    with TripletWriter(output, resume=resume, shard=shard) as writer:
+    summary = {} if summary is None else summary
+    summary.update(planned=len(todo_all), existing=0, written=0, redrawn=0, failed={}, skipped={})
+    skipped, failed = Skips(), Skips()
+    writer = output if isinstance(output, TripletWriter) else TripletWriter(output, resume=resume, shard=shard)
+    with writer:
         todo = [i for i in todo_all if not writer.has(sample_id(i))]
         summary["existing"] = len(todo_all) - len(todo)
         done = summary["existing"]
@@ -470,12 +517,21 @@ def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=Non
 
         def consume(result):
             nonlocal done
-            sid, sample, record, reason = result
+            sid, sample, record, problems = result
+            for reason, name in problems:
+                if name is not None:
+                    skipped.add(reason, name)
             if sample is None:
-                summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
+                failed.add(problems[-1][0] if problems else "no draw succeeded", sid)
             else:
-                writer.write_encoded(sid, sample, record)
+                try:
+                    writer.write_encoded(sid, sample, record)
+                except OSError as error:
+                    summary["stopped"] = f"could not write sample {sid}: {describe_os_error(error)}"
+                    raise
                 summary["written"] += 1
+                summary["redrawn"] += bool(problems)
+            summary["skipped"], summary["failed"] = skipped.as_dict(), failed.as_dict()
             done += 1
             if progress:
                 progress(done, len(todo_all))

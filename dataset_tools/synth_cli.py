@@ -6,18 +6,21 @@ Example::
         --clip-model models/clip-vit-large-patch14 --output data/syn --workers 4 --shard 0/8
 
 Sample ``i`` depends only on ``--seed`` and ``i``; shards (``i % N``), workers and resumed runs make the
-same samples. A killed run is resumed by running the same command again. The work itself is
+same samples. A sample that meets a bad file is drawn again with another one, and the bad files are named. A
+killed run is resumed by the same command with ``--resume``; ``--append`` adds samples made with another recipe
+(seed, size, blend, filters, models) to a dataset, each recording its recipe. The work itself is
 ``dataset_tools.synth_job.run_synth_job``, which the ComfyUI node runs too.
 
 Exit codes (shared by every ``erasekit-*`` command): 0 every planned sample is in the dataset, 1 some samples
-could not be made (the summary says why) or the dataset is empty, 2 bad arguments, 130 interrupted (finished
-samples are kept).
+could not be made (the summary says why), nothing could be made, or a write failed, 2 bad arguments or an
+output folder that cannot be used (a file, no parent folder, not writable, holding another recipe's samples),
+130 interrupted (finished samples are kept).
 """
 import argparse
 import json
 import sys
 
-from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, cli_main
+from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, Skips, cli_main
 from . import instances as inst
 from . import synth
 from .synth_job import SynthJob, failed_samples, run_synth_job
@@ -52,8 +55,12 @@ def build_parser():
     parser.add_argument("--max-area", type=float, default=inst.MAX_AREA)
     parser.add_argument("--workers", type=int, default=1, help="processes making samples")
     parser.add_argument("--shard", help="i/N: make only samples with index %% N == i (independent jobs, one folder)")
-    parser.add_argument("--resume", dest="resume", action="store_true", default=True, help="continue a folder (default)")
-    parser.add_argument("--no-resume", dest="resume", action="store_false", help="refuse a folder that already has samples")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue a folder that holds samples made with the same recipe")
+    existing.add_argument("--append", action="store_true",
+                          help="add samples made with another recipe to a folder that holds samples (each new "
+                               "sample records its recipe)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -68,6 +75,11 @@ def job_from_args(args):
 
 def run(args, host):
     summary = run_synth_job(job_from_args(args), host)
+    host.close()
+    for line in Skips(summary["skipped"]).lines():
+        print(f"erasekit-synth: left out: {line}", file=sys.stderr)
+    for line in Skips(summary["failed"]).lines():
+        print(f"erasekit-synth: samples not made: {line}", file=sys.stderr)
     print(json.dumps(summary))
     return EXIT_FAILED if failed_samples(summary) or not summary["written"] + summary["existing"] else EXIT_OK
 

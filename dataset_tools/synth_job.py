@@ -7,7 +7,12 @@ paste)* node both call it, so the same settings give the same dataset, byte for 
 
 The scored instance table is cached as ``<output>/instances.json`` under a key of its sources and models (a
 resumed or sharded run does not score a million instances again); the run summary is written as
-``summary.json`` (``summary-shard-i-of-N.json`` for a shard).
+``summary.json`` (``summary-shard-i-of-N.json`` for a shard), also when an error stops the run.
+
+The recipe (seed, crop size, blend, filters, models: ``SynthJob.settings``) is the dataset's (``dataset.json``):
+a folder that holds samples is continued only with ``resume`` and the same recipe, or with ``append`` (each new
+sample then records its recipe). The settings are checked before any instance is collected, and a run that stops
+on an error before writing a sample leaves no output folder behind.
 """
 from __future__ import annotations
 
@@ -16,10 +21,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..jobs import Host, UsageError, fingerprint
+from ..jobs import Host, Skips, UsageError, check_input, check_output_folder, fingerprint
 from . import instances as inst
 from . import synth
-from .triplets import manifest_name, parse_shard
+from .triplets import TripletWriter, manifest_name, parse_shard, remove_unused_output
 
 INSTANCE_CACHE = "instances.json"
 
@@ -54,7 +59,8 @@ class SynthJob:
     seed: int = 0  # sample i depends only on the seed and i
     workers: int = 1  # processes making samples
     shard: str | None = None  # "i/N": only samples with index % N == i, into the shard's own manifest
-    resume: bool = True  # continue a folder that holds samples
+    resume: bool = False  # continue a folder that holds samples made with the same recipe
+    append: bool = False  # add samples made with another recipe to a folder that holds samples (recorded per sample)
     device: str = "cpu"  # torch device of CLIP scoring and SAM
 
     @property
@@ -80,22 +86,19 @@ class SynthJob:
         if not self.coco and not self.instances and not self.sam_images:
             raise UsageError("no instance source: give COCO annotations with their images, instance folders "
                              "(image + mask pairs), or a SAM model with SAM images")
-        if not Path(self.backgrounds).is_dir():
-            raise UsageError(f"background folder {self.backgrounds} does not exist or is not a folder")
+        check_input(self.backgrounds, "background folder")
         for kind, paths in (("instance folder", self.instances), ("COCO image folder", self.coco_images),
                             ("SAM image folder", self.sam_images)):
             for path in paths:
-                if not Path(path).is_dir():
-                    raise UsageError(f"{kind} {path} does not exist or is not a folder")
-        for kind, path in (("COCO annotation file", p) for p in self.coco):
-            if not Path(path).is_file():
-                raise UsageError(f"{kind} {path} does not exist or is not a file")
-        for kind, path in (("background annotation file", self.background_annotations), ("CLIP model", self.clip_model),
-                           ("SAM model", self.sam_model)):
-            if path and not Path(path).exists():
-                raise UsageError(f"{kind} {path} does not exist")
-        if Path(self.output).exists() and not Path(self.output).is_dir():
-            raise UsageError(f"output {self.output} is a file: give a folder for the dataset")
+                check_input(path, kind)
+        for path in self.coco:
+            check_input(path, "COCO annotation file", kind="file")
+        if self.background_annotations:
+            check_input(self.background_annotations, "background annotation file", kind="file")
+        for kind, path in (("CLIP model", self.clip_model), ("SAM model", self.sam_model)):
+            if path:
+                check_input(path, kind, kind="any")
+        check_output_folder(self.output)
         try:
             synth.SynthConfig(size=self.size, min_side=self.min_side, blend=self.blend, feather_px=self.feather_px)
         except ValueError as error:
@@ -106,9 +109,19 @@ class SynthJob:
         return {"use_clip": self.use_clip, "use_area": self.area_filter, "use_class_count": self.class_filter,
                 "min_area": self.min_area, "max_area": self.max_area, "min_class_instances": self.min_class_instances}
 
+    def settings(self):
+        """The dataset's recipe: what decides sample i besides the input files (a resumed run must match it).
+        Models are named by their file or folder name, so a moved model folder is the same model."""
+        config = synth.SynthConfig(size=self.size, min_side=self.min_side, blend=self.blend, feather_px=self.feather_px)
+        return {"job": "syn4removal", "seed": self.seed, "config": config.to_json(), "filters": self.filters(),
+                "class_name": self.class_name, "clip_model": self.clip_model and Path(self.clip_model).name,
+                "sam": {"model": Path(self.sam_model).name, "points": self.sam_points, "score": self.sam_score}
+                if self.sam_images else None}
+
 
 def collect_instances(job, skips, host):
-    """Every instance of the job's sources (COCO files, folders, SAM proposals saved under the output)."""
+    """Every instance of the job's sources (COCO files, folders, SAM proposals saved under the output); files
+    left out are named in ``skips`` (a ``jobs.Skips``)."""
     found = []
     for annotations, images in zip(job.coco, job.coco_images):
         found += inst.coco_instances(annotations, images, skips)
@@ -138,17 +151,18 @@ def instance_key(job):
 
 def cached_instances(job, host):
     """Collect (and CLIP-score) the instances, or reuse ``<output>/instances.json`` from an earlier run with the
-    same sources and models. Returns (instances, skip counts by reason)."""
+    same sources and models. Returns (instances, ``Skips`` of the files left out, save) where ``save()`` stores the
+    table (called once a plan is made: a run that cannot make one leaves no table behind)."""
     cache = Path(job.output) / INSTANCE_CACHE
     key = instance_key(job)
-    if job.resume and cache.is_file():
+    if (job.resume or job.append) and cache.is_file():
         try:
             data = json.loads(cache.read_text(encoding="utf-8"))
             if data.get("key") == key:
-                return [inst.Instance(**i) for i in data["instances"]], data["skips"]
+                return [inst.Instance(**i) for i in data["instances"]], Skips(data["skips"]), lambda: None
         except (ValueError, TypeError, KeyError):
-            pass  # a damaged cache is rebuilt
-    skips = {}
+            pass  # a damaged or older cache is rebuilt
+    skips = Skips()
     instances = collect_instances(job, skips, host)
     if job.use_clip and instances:
         from .clip_score import ClipScorer
@@ -156,11 +170,14 @@ def cached_instances(job, host):
         scorer = ClipScorer.from_folder(job.clip_model, job.device)
         instances = inst.score_instances(instances, scorer, skips=skips, check_interrupt=host.check_interrupt,
                                          progress=lambda done, total: host.progress(done, total, "CLIP scores"))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".tmp-{os.getpid()}-{INSTANCE_CACHE}")
-    tmp.write_text(json.dumps({"key": key, "skips": skips, "instances": [i.to_json() for i in instances]}))
-    os.replace(tmp, cache)
-    return instances, skips
+
+    def save():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".tmp-{os.getpid()}-{INSTANCE_CACHE}")
+        tmp.write_text(json.dumps({"key": key, "skips": skips.as_dict(), "instances": [i.to_json() for i in instances]}))
+        os.replace(tmp, cache)
+
+    return instances, skips, save
 
 
 def summary_path(job):
@@ -168,30 +185,68 @@ def summary_path(job):
     return Path(job.output) / manifest_name(shard).replace("manifest", "summary").replace(".jsonl", ".json")
 
 
-def run_synth_job(job, host=None):
-    """Make the job's samples in ``job.output``; returns the summary (also written as ``summary*.json``):
-    planned, existing, written, skipped (reason → count, instance and background files included), instances,
-    classes, filters."""
-    host = host or Host()
-    job.check()
-    instances, skips = cached_instances(job, host)
-    backgrounds, obstacles, background_skips = synth.collect_backgrounds(job.backgrounds, job.background_annotations)
-    for reason, count in background_skips.items():
-        skips[reason] = skips.get(reason, 0) + count
-    config = synth.SynthConfig(size=job.size, min_side=job.min_side, blend=job.blend, feather_px=job.feather_px)
-    try:
-        plan = synth.build_plan(backgrounds, obstacles, instances, config, job.seed, job.num_samples, job.filters())
-    except ValueError as error:  # nothing survives the filters, no backgrounds: the settings cannot make samples
-        raise UsageError(str(error)) from None
-    summary = synth.run_synthesis(plan, job.output, job.workers, job.shard, job.resume,
-                                  lambda done, total: host.progress(done, total, "samples"), host.check_interrupt)
-    for reason, count in skips.items():
-        summary["skipped"][reason] = summary["skipped"].get(reason, 0) + count
-    summary.update(instances=len(plan.instances), classes=len(plan.class_stats), filters=plan.filters)
+def write_summary(job, summary):
     path = summary_path(job)
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, path)
+
+
+def run_synth_job(job, host=None):
+    """Make the job's samples in ``job.output``; returns the summary (also written as ``summary*.json``):
+    planned, existing, written, redrawn, failed samples and skipped files (each by reason with the first names),
+    instances, classes, filters, the settings id; ``stopped`` when an error stopped the run.
+
+    UsageError before any work for settings or inputs that cannot run, including a folder made with another
+    recipe (unless ``append``). Nothing usable among the instance files (all left out) raises ValueError naming
+    them. An error before the first sample leaves no output folder behind."""
+    host = host or Host()
+    job.check()
+    created = not Path(job.output).exists()
+    shard = parse_shard(job.shard) if job.shard else None
+    summary = {}
+    try:
+        writer = TripletWriter(job.output, resume=job.resume or shard is not None, shard=shard,
+                               settings=job.settings(), append=job.append)
+    except BaseException:
+        if created:
+            remove_unused_output(job.output)
+        raise
+    try:
+        instances, skips, save_instances = cached_instances(job, host)
+        backgrounds, obstacles, background_skips = synth.collect_backgrounds(job.backgrounds, job.background_annotations)
+        skips.update(background_skips)
+        if not instances and skips:
+            raise ValueError("no usable instance: every instance file was left out ("
+                             + "; ".join(skips.lines()) + "); fix or replace those files")
+        config = synth.SynthConfig(size=job.size, min_side=job.min_side, blend=job.blend, feather_px=job.feather_px)
+        try:
+            plan = synth.build_plan(backgrounds, obstacles, instances, config, job.seed, job.num_samples,
+                                    job.filters(), job.backgrounds)
+        except ValueError as error:  # nothing survives the filters, no backgrounds: the settings cannot make samples
+            raise UsageError(str(error)) from None
+        save_instances()
+        summary.update(settings_id=writer.settings_id)
+        synth.run_synthesis(plan, writer, job.workers, job.shard, job.resume,
+                            lambda done, total: host.progress(done, total, "samples"), host.check_interrupt, summary)
+    except BaseException:
+        writer.close()
+        if created and not len(writer):
+            remove_unused_output(job.output)
+            raise
+        if summary:
+            try:
+                write_summary(job, summary)
+            except OSError:
+                pass  # the disk that refused the samples refuses the summary too: the error says so
+        raise
+    finally:
+        writer.close()
+    files = Skips(summary["skipped"])
+    files.update(skips)
+    summary.update(skipped=files.as_dict(), instances=len(plan.instances), classes=len(plan.class_stats),
+                   filters=plan.filters)
+    write_summary(job, summary)
     return summary
 
 

@@ -7,6 +7,7 @@ Layout of a dataset folder::
     target/<id>.png    RGB, the same photo without the object
     manifest.jsonl     one JSON record per finished sample (see ``TripletWriter.write``)
     manifest-shard-<i>-of-<N>.jsonl   the manifest of shard i when a run is split into N shards
+    dataset.json       the settings of the runs that made the samples (see ``TripletWriter``)
 
 Only samples named in a manifest exist. A writer renames its three finished files into place and only
 then appends the manifest line (flushed and fsynced), so a process killed at any moment leaves at worst
@@ -14,8 +15,20 @@ invisible orphan files, never a visible half sample. Each shard of a split run w
 into the same folder (no two processes ever append to the same file; a lock file enforces it) and the
 reader merges every ``manifest*.jsonl`` it finds, ordered by sample id, so a sharded run reads exactly
 like the same run done in one piece.
+
+Nothing is lost silently. The only damage a kill can do is a torn last line (a partial append), which readers
+skip and a resumed writer cuts off. Any other unreadable line, or a record whose files are gone, stops readers and
+writers with the line number and the repair command (``erasekit-dataset repair``, dataset_check.py). No code
+deletes sample files: orphans stay where they are (a resumed run overwrites them with the same sample) until
+``repair`` moves them aside.
+
+A run's settings are part of the dataset: ``dataset.json`` lists each distinct settings record (a job's
+``settings()``) under its id, and every record names the id of the settings that made it. A writer given
+settings that no earlier run of a non-empty folder used refuses to continue (the sentence lists the
+differences) unless told to append, and then every record it writes also carries the full settings.
 """
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -30,9 +43,20 @@ from ..jobs import Host, UsageError, fingerprint
 
 SUBDIRS = ("source", "mask", "target")
 MANIFEST = "manifest.jsonl"
-ORIGIN_KEYS = {"video": ("video", "frame", "background_frame"), "image": ("image", "instance")}
+DATASET_INFO = "dataset.json"
+# where a sample came from; "recovered" marks a record erasekit-dataset repair rebuilt from the files alone
+ORIGIN_KEYS = {"video": ("video", "frame", "background_frame"), "image": ("image", "instance"), "recovered": ()}
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TMP_PREFIX = ".tmp-"
+
+
+class ManifestDamaged(UsageError):
+    """A manifest line that is not a sample record, or a record whose files are gone: found before any work, so
+    nothing is changed; the message names the line and the repair command."""
+
+
+def repair_hint(root):
+    return f"nothing was changed; check and mend the dataset with: erasekit-dataset repair {root}"
 
 
 def manifest_name(shard=None):
@@ -142,23 +166,98 @@ def _write_durable(path, data):
         os.fsync(handle.fileno())
 
 
-def _read_manifest_lines(path):
-    """Records of one manifest; a torn last line (a kill while appending) is ignored."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
+def parse_manifest_line(text):
+    """The record of one manifest line, or (None, why it is not one)."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        return None, f"not JSON ({error.msg} at column {error.colno})"
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not _ID_PATTERN.match(record["id"]):
+        return None, "not a sample record (a JSON object with a usable 'id')"
+    missing = [key for key in SUBDIRS if record.get(key) != f"{key}/{record['id']}.png"]
+    if missing:
+        return None, f"its {', '.join(missing)} file names are not {'/'.join(missing)}/{record['id']}.png"
+    return record, None
+
+
+def manifest_lines(path):
+    """``(line number, record or None, why not, text)`` for every non-blank line of a manifest, and whether it ends
+    with a torn line (text after the last newline: a kill while appending; it may still parse)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = handle.read().split("\n")
+    torn = bool(lines[-1].strip())
+    return [(number, *parse_manifest_line(line), line) for number, line in enumerate(lines, 1) if line.strip()], torn
+
+
+def _read_manifest_lines(path, root=None):
+    """``[(line number, record)]`` of one manifest. A torn last line (a kill while appending) is left out; any other
+    line that is not a sample record, or one repeating an id, raises ManifestDamaged naming the line."""
+    found, torn = manifest_lines(path)
+    records, seen = [], {}
+    for index, (number, record, why, _) in enumerate(found):
+        if record is None:
+            if torn and index == len(found) - 1:
                 continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+            raise ManifestDamaged(f"{path} line {number} is {why}; {repair_hint(root or Path(path).parent)}")
+        if record["id"] in seen:
+            raise ManifestDamaged(f"{path} line {number} repeats sample {record['id']!r} of line {seen[record['id']]}; "
+                                  f"{repair_hint(root or Path(path).parent)}")
+        seen[record["id"]] = number
+        records.append((number, record))
     return records
 
 
 def manifest_paths(root):
     return sorted(Path(root).glob("manifest*.jsonl"))
+
+
+# --- the settings of a dataset ---------------------------------------------------------------------------------------
+
+def settings_id(settings):
+    """Short id of a settings record: a hash of its canonical JSON."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+
+
+def _flatten(settings, prefix=""):
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_differences(old, new):
+    """``["seed: 0 -> 5", ...]`` for every setting that differs (nested settings by dotted name)."""
+    old, new = _flatten(old or {}), _flatten(new or {})
+
+    def shown(flat, key):
+        return json.dumps(flat[key]) if key in flat else "unset"
+
+    return [f"{key}: {shown(old, key)} -> {shown(new, key)}"
+            for key in sorted(set(old) | set(new)) if shown(old, key) != shown(new, key)]
+
+
+def read_dataset_info(root):
+    """The parsed ``dataset.json`` of ``root`` ({"version", "runs": [{"settings_id", "settings", ...}]}), or None."""
+    path = Path(root) / DATASET_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ManifestDamaged(f"{path} is not readable JSON ({error}); {repair_hint(root)}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("runs"), list):
+        raise ManifestDamaged(f"{path} does not list the runs' settings; {repair_hint(root)}")
+    return info
+
+
+def write_dataset_info(root, runs):
+    path = Path(root) / DATASET_INFO
+    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{DATASET_INFO}")
+    _write_durable(tmp, (json.dumps({"version": 1, "runs": runs}, indent=1) + "\n").encode("utf-8"))
+    os.replace(tmp, path)
 
 
 class TripletWriter:
@@ -167,13 +266,20 @@ class TripletWriter:
     ``shard`` = ``"i/N"`` makes this writer append to its own ``manifest-shard-i-of-N.jsonl`` so N
     processes can fill one folder. ``has(id)`` sees samples of every manifest present when the writer
     opened (a resumed run with another shard count skips what is done). With ``resume=False`` a folder
-    that already holds samples (for a shard: samples in its own manifest) is an error, not silently mixed. On opening, stale temp files are
-    deleted, manifest lines whose files are gone are dropped, and (for an unsharded writer, the only one
-    that knows no other process writes here) files that no manifest names are deleted. Orphans left by
-    sharded writers are invisible to readers and are overwritten when their sample is written again.
+    that already holds samples (for a shard: samples in its own manifest) is an error, not silently mixed.
+
+    On opening, this writer's stale temp files (partial writes, never samples) are deleted and a torn last line
+    of its manifest is cut off; a damaged line or a record whose files are gone raises ManifestDamaged and
+    changes nothing. Orphan files (renamed into place by a run killed before its manifest line) are left where
+    they are: writing the sample again replaces them, ``erasekit-dataset repair`` moves the others aside.
+
+    ``settings`` (a JSON-able dict: what decides the samples) is checked against ``dataset.json``: a fresh folder
+    records it; a folder holding samples accepts it when an earlier run used the same settings, else raises
+    UsageError listing the differences, unless ``append`` (then it is recorded as an appended run and every
+    record this writer writes carries it in full). Every record gets ``settings_id``.
     """
 
-    def __init__(self, root, resume=True, shard=None):
+    def __init__(self, root, resume=True, shard=None, settings=None, append=False):
         self.root = Path(root)
         self.shard = None if shard is None else parse_shard(shard)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -190,8 +296,11 @@ class TripletWriter:
             ) from None
         self._tmp_tag = f"{_TMP_PREFIX}{self.manifest_path.stem}-"
         self._done = {}
+        self.settings_id, self._settings_in_records = None, None
         try:
-            self._recover(resume)
+            self._recover(resume or append)
+            if settings is not None:
+                self._adopt_settings(settings, append)
         except BaseException:
             self.close()
             raise
@@ -204,30 +313,63 @@ class TripletWriter:
     def _recover(self, resume):
         for sub in SUBDIRS:
             for stale in (self.root / sub).glob(f"{self._tmp_tag}*"):
-                stale.unlink(missing_ok=True)
+                stale.unlink(missing_ok=True)  # a partial write of this writer's own: never a sample
         all_ids = set()
         for path in manifest_paths(self.root):
-            records = _read_manifest_lines(path)
-            kept = [r for r in records if isinstance(r, dict) and "id" in r and all(p.exists() for p in self._files_of(r["id"]))]
-            if path == self.manifest_path and (len(kept) != len(records) or not _ends_with_newline(path)):
-                self._rewrite_manifest(kept)
-            for record in kept:
+            records = _read_manifest_lines(path, self.root)
+            for number, record in records:
+                for sub, file in zip(SUBDIRS, self._files_of(record["id"])):
+                    if not file.is_file():
+                        raise ManifestDamaged(f"{path} line {number} names {sub}/{file.name}, which is missing; "
+                                              f"{repair_hint(self.root)}")
                 all_ids.add(record["id"])
                 if path == self.manifest_path:
                     self._done[record["id"]] = record
+            if path == self.manifest_path and not _ends_with_newline(path):
+                self._rewrite_manifest([record for _, record in records])  # cut the torn last line
         # a shard only refuses its own earlier samples: the other shards of the run fill the same folder
         clashing = all_ids if self.shard is None else set(self._done)
         if clashing and not resume:
             raise UsageError(
-                f"{self.manifest_path} already lists {len(clashing)} samples" if self.shard is not None else
-                f"{self.root} already holds {len(clashing)} samples; resume the run or choose an empty folder"
+                (f"{self.manifest_path} already lists {len(clashing)} samples" if self.shard is not None else
+                 f"{self.root} already holds {len(clashing)} samples")
+                + "; pass --resume (a node: resume) to continue it with the same settings, --append (append) to add "
+                "samples made with other settings, or choose an empty folder"
             )
         self._known = all_ids
-        if self.shard is None:
-            for sub in SUBDIRS:
-                for path in (self.root / sub).iterdir():
-                    if path.name.startswith(_TMP_PREFIX) or (path.suffix == ".png" and path.stem not in all_ids):
-                        path.unlink(missing_ok=True)
+
+    def _adopt_settings(self, settings, append):
+        """Check ``settings`` against dataset.json (under a lock: shards open at once) and record them."""
+        sid = settings_id(settings)
+        with open(self.root / f".{DATASET_INFO}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            info = read_dataset_info(self.root)
+            runs = info["runs"] if info else []
+            same = next((run for run in runs if run.get("settings_id") == sid), None)
+            if same is not None:
+                self.settings_id = sid
+                self._settings_in_records = settings if same.get("appended") else None
+                return
+            if not self._known:  # nothing made yet: earlier settings (of a run that made nothing) are not kept
+                write_dataset_info(self.root, [{"settings_id": sid, "settings": settings}])
+                self.settings_id = sid
+                return
+            if not append:
+                raise UsageError(self._refusal(runs, settings))
+            write_dataset_info(self.root, runs + [{"settings_id": sid, "settings": settings, "appended": True}])
+            self.settings_id, self._settings_in_records = sid, settings
+
+    def _refusal(self, runs, settings):
+        """The sentence refusing to mix: what differs, and the three ways on."""
+        ways = ("run with the same settings to resume it, pass --append (a node: append) to add samples made with "
+                "these settings (each new sample then records them), or choose another folder")
+        if not runs:
+            return (f"{self.root} holds {len(self._known)} samples made before EraseKit recorded a dataset's settings "
+                    f"(no {DATASET_INFO}), so resuming could mix two recipes: {ways}")
+        closest = min(runs, key=lambda run: len(settings_differences(run.get("settings"), settings)))
+        differences = settings_differences(closest.get("settings"), settings)
+        return (f"{self.root} holds {len(self._known)} samples made with other settings ({'; '.join(differences)}): "
+                f"{ways}")
 
     def _rewrite_manifest(self, records):
         tmp = self.manifest_path.with_name(f"{self._tmp_tag}{self.manifest_path.name}")
@@ -270,6 +412,10 @@ class TripletWriter:
             "height": encoded.height,
             **{k: v for k, v in record.items() if k not in ("id", "source", "mask", "target", "width", "height")},
         }
+        if self.settings_id is not None:
+            full["settings_id"] = self.settings_id
+            if self._settings_in_records is not None:
+                full["settings"] = self._settings_in_records
         line = json.dumps(full) + "\n"  # serialise first: a record that is not JSON must not leave files
         finals = self._files_of(sample_id)
         temps = [p.with_name(f"{self._tmp_tag}{p.name}") for p in finals]
@@ -297,6 +443,27 @@ class TripletWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def remove_unused_output(root):
+    """Undo a dataset folder a run created and then stopped in without writing a sample (an error exit leaves no
+    empty output behind): its bookkeeping files (locks, dataset.json, summaries, the instance table, empty
+    manifests) and empty folders go. Anything else (a sample, a non-empty manifest, a user's file) stays, and so
+    does the folder holding it."""
+    root = Path(root)
+    if not root.is_dir() or any(p.stat().st_size for p in manifest_paths(root)):
+        return
+    for path in root.iterdir():
+        bookkeeping = (path.name.startswith(".") and path.name.endswith(".lock")) or path.name in (
+            DATASET_INFO, "instances.json") or (path.suffix == ".json" and "summary" in path.name) or (
+            path.name.startswith("manifest") and path.suffix == ".jsonl")
+        if bookkeeping and path.is_file():
+            path.unlink()
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [root]:
+        try:
+            folder.rmdir()  # only empty folders: a sample or a user's file keeps its folder
+        except OSError:
+            pass
 
 
 def _ends_with_newline(path):
@@ -346,17 +513,16 @@ class TripletDataset:
         seen = {}
         records = []
         for path in paths:
-            for record in _read_manifest_lines(path):
-                if not isinstance(record, dict) or "id" not in record:
-                    raise ValueError(f"{path} holds a record without an id: {record!r}")
+            for number, record in _read_manifest_lines(path, self.root):
                 if record["id"] in seen:
-                    raise ValueError(f"sample {record['id']!r} appears in both {seen[record['id']]} and {path}")
+                    raise ValueError(f"sample {record['id']!r} appears in both {seen[record['id']]} and {path} "
+                                     f"(line {number}); {repair_hint(self.root)}")
                 seen[record["id"]] = path
                 for key in SUBDIRS:
-                    if not (self.root / record.get(key, "")).is_file():
+                    if not (self.root / record[key]).is_file():
                         raise FileNotFoundError(
-                            f"{path} names {key} file {record.get(key)!r} for sample {record['id']!r}, "
-                            f"but it does not exist in {self.root}"
+                            f"{path} line {number} names {key} file {record[key]!r} for sample {record['id']!r}, "
+                            f"but it does not exist in {self.root}; {repair_hint(self.root)}"
                         )
                 records.append(record)
         self.records = sorted(records, key=lambda r: r["id"])

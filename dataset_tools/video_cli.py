@@ -1,16 +1,19 @@
 """``erasekit-video``: mine removal pairs from static-camera videos into a triplet dataset.
 
-    erasekit-video VIDEOS_OR_FOLDERS... -o DATASET [--workers N] [--shard i/N] [--resume]
-                   [--grounding-dino DIR --sam-model PATH --prompt "car"]
+    erasekit-video VIDEOS_OR_FOLDERS... -o DATASET [--workers N] [--shard i/N] [--resume | --append]
+                   [--outside-changes mask|reject] [--grounding-dino DIR --sam-model PATH --prompt "car"]
 
-Each video is mined in its own process (a file that crashes the decoder loses only itself). The run summary
-(every video with its status, reason and counts) is stored next to the manifest as ``video-summary.json``
-(``video-summary-shard-i-of-N.json`` for a shard); ``--resume`` skips the videos a previous summary lists as
-finished with the same settings and the samples already written. The work itself is
-``dataset_tools.video_job.run_video_job``, which the ComfyUI node runs too.
+Each video is mined in its own process (a file that crashes OpenCV's decoder loses only itself, and is tried
+once more with PyAV). The run summary (every video with its status, reason and counts; the videos left out by
+problem, with their first names) is stored next to the manifest as ``video-summary.json``
+(``video-summary-shard-i-of-N.json`` for a shard). The settings are the dataset's (``dataset.json``):
+``--resume`` continues a folder made with the same settings, skipping the videos a previous summary lists as
+finished and the samples already written; ``--append`` adds samples made with other settings, each recording
+them. The work itself is ``dataset_tools.video_job.run_video_job``, which the ComfyUI node runs too.
 
-Exit codes (shared by every ``erasekit-*`` command): 0 every video mined, 1 a video was skipped or crashed or
-the dataset holds no sample, 2 bad arguments, 130 interrupted (finished samples are kept; ``--resume``).
+Exit codes (shared by every ``erasekit-*`` command): 0 every video mined, 1 a video was skipped or crashed, the
+dataset holds no sample, or a write failed (the summary says what was done), 2 bad arguments or an output
+folder that cannot be used, 130 interrupted (finished samples are kept; ``--resume``).
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ import argparse
 import sys
 from dataclasses import fields
 
-from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, UsageError, cli_main
+from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, Skips, UsageError, cli_main
 from .video_job import VideoJob, failed_videos, run_video_job, summary_path
-from .video_mining import PairingConfig
+from .video_mining import MASK_AUGMENTATIONS, OUTSIDE_CHANGES, PairingConfig
+
+CHOICES = {"mask_augment": MASK_AUGMENTATIONS, "outside_changes": OUTSIDE_CHANGES}
 
 
 def build_parser():
@@ -33,7 +38,12 @@ def build_parser():
     parser.add_argument("-o", "--output", required=True, help="triplet dataset folder to write")
     parser.add_argument("--workers", type=int, default=1, help="videos mined at once, each in its own process")
     parser.add_argument("--shard", default=None, help="i/N: mine every N-th video starting at i, into its own manifest in the shared folder")
-    parser.add_argument("--resume", action="store_true", help="continue a run in a folder that holds samples")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue a folder that holds samples made with the same settings")
+    existing.add_argument("--append", action="store_true",
+                          help="add samples made with other settings to a folder that holds samples (each new "
+                               "sample records its settings)")
     parser.add_argument("--max-frames", type=int, default=None, help="mine only the first N frames of each video")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds without progress before a decoder counts as hung")
     defaults = PairingConfig()
@@ -41,7 +51,7 @@ def build_parser():
         default = getattr(defaults, item.name)
         note = " (default: min(0.002, foreground ratio / 2))" if item.name == "background_ratio" else f" (default {default})"
         parser.add_argument("--" + item.name.replace("_", "-"), type=type(default), default=None,
-                            help="pairing setting" + note)
+                            choices=CHOICES.get(item.name), help="pairing setting" + note)
     group = parser.add_argument_group("object masks from GroundingDINO + SAM / SAM 2 (else the MOG foreground)")
     group.add_argument("--grounding-dino", default=None, help="transformers GroundingDINO folder")
     group.add_argument("--sam-model", "--sam", dest="sam_model", default=None,
@@ -60,6 +70,7 @@ def job_from_args(args):
         raise UsageError(str(error)) from None
     return VideoJob(videos=args.videos, output=args.output, pairing=pairing,
                     max_frames=args.max_frames, workers=args.workers, shard=args.shard, resume=args.resume,
+                    append=args.append,
                     timeout=args.timeout, grounding_dino=args.grounding_dino, sam_model=args.sam_model,
                     prompt=args.prompt, device=args.device)
 
@@ -67,8 +78,12 @@ def job_from_args(args):
 def run(args, host):
     summary = run_video_job(job_from_args(args), host)
     statuses = [v["status"] for v in summary["videos"]]
+    for line in Skips(summary["skipped"]).lines():
+        host.log(f"left out: {line}")
     print(f"{len(statuses)} videos: {statuses.count('ok')} mined, {statuses.count('skipped')} skipped, "
-          f"{statuses.count('crashed')} crashed; {summary['written']} samples written"
+          f"{statuses.count('crashed')} crashed"
+          + (f", {statuses.count('duplicate')} duplicates" if "duplicate" in statuses else "")
+          + f"; {summary['written']} samples written"
           + (f", {summary['already_present']} already present" if summary["already_present"] else "")
           + f"; summary in {summary_path(args.output, args.shard)}")
     return EXIT_FAILED if failed_videos(summary) or not summary["samples"] else EXIT_OK

@@ -13,16 +13,22 @@ events again.
 """
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
+import signal
 import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from .video_mining import EVENT_TYPES, PairingConfig, VideoFinished, VideoReport, VideoTask, mine_task
+from .video_mining import EVENT_TYPES, PairingConfig, PairMined, VideoFinished, VideoReport, VideoTask, mine_task
+
+KILLED = "killed (likely out of memory)"
+CRASHED = "crashed the decoder"
+HUNG = "decoder hung"
 
 WORKER_SCRIPT = Path(__file__).with_name("_video_worker.py")
 _EVENTS_BY_NAME = {cls.__name__: cls for cls in EVENT_TYPES}
@@ -49,16 +55,19 @@ class _Worker:
 
     def __init__(self, process, connection):
         self.process, self.connection = process, connection
-        self.task, self.since = None, 0.0
+        self.task, self.since, self.mined = None, 0.0, 0
 
 
 class VideoWorkerPool:
     """Mine video tasks in ``workers`` isolated child processes; a child that dies fails only its current video.
 
     ``run(tasks)`` (a list of ``VideoTask``) yields typed events as they arrive: ``VideoProgress``, ``PairMined``
-    and one ``VideoFinished`` per task. A child that dies (decoder crash, out of memory) gives a ``VideoFinished``
-    with status "crashed" and is replaced; so does one silent for ``timeout`` seconds (hung decoder). Each child
-    has its own pipe, so a child killed mid-message cannot corrupt another's messages.
+    and one ``VideoFinished`` per task. A child that dies is replaced. When it crashed while OpenCV decoded (a
+    signal such as SIGSEGV or SIGABRT, a non-zero exit), its task is tried once more with PyAV; when that crashes
+    too, or the child was killed (SIGKILL: most often the kernel's out-of-memory killer) or stayed silent for
+    ``timeout`` seconds (hung decoder), the task ends with a ``VideoFinished`` of status "crashed" saying which,
+    with the pairs it had sent. Each child has its own pipe, so a child killed mid-message cannot corrupt
+    another's messages.
     """
 
     def __init__(self, config=PairingConfig(), workers=1, segmenter_spec=None, timeout=600.0):
@@ -113,17 +122,38 @@ class VideoWorkerPool:
         self.close()
 
     def _crashed(self, index, hung):
-        """Kill and replace worker ``index``; the ``VideoFinished`` of the task it was mining."""
+        """Kill and replace worker ``index``; (the ``VideoFinished`` of the task it was mining, or None when the
+        task is tried again with PyAV, that retry)."""
         worker = self._workers[index]
         if worker.process.poll() is None:
             worker.process.kill()
         code = worker.process.wait()
         worker.connection.close()
-        reason = (f"no progress for {self.timeout:.0f} s (decoder hung); its process was killed" if hung
-                  else f"the decoding process died (exit code {code}): the file crashes the decoder")
+        task, mined = worker.task, worker.mined
         self._workers[index] = self._spawn()
-        report = VideoReport(video=str(worker.task.path), status="crashed", reason=reason)
-        return VideoFinished(worker.task.job, report)
+        name = Path(task.path).name
+        if hung:
+            problem = HUNG
+            reason = f"no progress for {self.timeout:.0f} s while decoding {name} (decoder hung); its process was killed"
+        elif code == -signal.SIGKILL:
+            problem = KILLED
+            reason = (f"the mining process of {name} was {KILLED} (SIGKILL, exit code -9); mine it with fewer "
+                      "--workers, or a smaller --bank-size and --max-pending")
+        else:
+            problem = CRASHED
+            what = f"signal {signal.Signals(-code).name}" if code < 0 and -code in signal.Signals._value2member_map_ \
+                else f"exit code {code}"
+            decoder = "OpenCV" if task.decoder == "opencv" else "PyAV"
+            reason = f"{decoder}'s decoder crashed on {name} ({what}): its process died"
+            if task.decoder == "opencv":
+                if importlib.util.find_spec("av") is not None:
+                    return None, replace(task, decoder="pyav", fallback=reason)
+                reason += "; the PyAV fallback decoder would try it: pip install av"
+        if task.fallback:
+            reason = f"{task.fallback}; then {reason}"
+        report = VideoReport(video=str(task.path), status="crashed", reason=reason, problem=problem, pairs=mined,
+                             video_id=task.video_id, decoder=task.decoder, fallback=task.fallback)
+        return VideoFinished(task.job, report), None
 
     def run(self, tasks):
         self.start()
@@ -131,7 +161,7 @@ class VideoWorkerPool:
         while True:
             for worker in self._workers:
                 if worker.task is None and waiting:
-                    worker.task, worker.since = waiting.popleft(), time.monotonic()
+                    worker.task, worker.since, worker.mined = waiting.popleft(), time.monotonic(), 0
                     try:
                         worker.connection.send(asdict(worker.task))
                     except OSError:
@@ -147,14 +177,23 @@ class VideoWorkerPool:
                     try:
                         event = from_wire(worker.connection.recv())
                     except (EOFError, OSError):
-                        yield self._crashed(index, hung=False)
+                        finished, retry = self._crashed(index, hung=False)
+                    else:
+                        worker.since = time.monotonic()
+                        if isinstance(event, PairMined):
+                            worker.mined += 1
+                        elif isinstance(event, VideoFinished):
+                            worker.task = None
+                        yield event
                         continue
-                    worker.since = time.monotonic()
-                    if isinstance(event, VideoFinished):
-                        worker.task = None
-                    yield event
                 elif time.monotonic() - worker.since > self.timeout:
-                    yield self._crashed(index, hung=True)
+                    finished, retry = self._crashed(index, hung=True)
+                else:
+                    continue
+                if retry is not None:
+                    waiting.appendleft(retry)
+                else:
+                    yield finished
 
 
 def serve(fd):

@@ -6,10 +6,16 @@
 (the *Mine Removal Pairs from Video* node). Mining runs in isolated processes (``video_isolation.py``); the
 job consumes their typed events and hands each one to ``host.event`` as well.
 
-The run summary (every video with its status, reason and counts, and the settings) is written next to the
-manifest as ``video-summary.json`` (``video-summary-shard-i-of-N.json`` for a shard) after every finished video,
-and once more when the run stops for any reason; ``resume`` skips the videos a previous summary lists as
-finished with the same settings, and the samples already written.
+The run summary (every video with its status, reason and counts, the settings, and the videos left out by
+problem with their first names) is written next to the manifest as ``video-summary.json``
+(``video-summary-shard-i-of-N.json`` for a shard) after every finished video, and once more when the run stops
+for any reason (with ``stopped`` saying why, when an error stopped it); ``resume`` skips the videos a previous
+summary lists as finished with the same settings, and the samples already written.
+
+Videos are known by their content (``video_mining.video_id``): two different files of the same name and size are
+two videos, and a second copy of the same file (under any name) is mined once, the other reported as a duplicate.
+The pairing settings and the segmenter are the dataset's settings (``TripletWriter``): resuming with others is
+refused unless ``append``.
 """
 from __future__ import annotations
 
@@ -19,11 +25,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..jobs import Host, UsageError
-from .triplets import TripletWriter, parse_shard
+from ..jobs import Host, Skips, UsageError, check_input, check_output_folder, content_hash, describe_os_error
+from .triplets import TripletWriter, parse_shard, remove_unused_output
 from .video_decode import VIDEO_EXTENSIONS, find_videos
 from .video_isolation import VideoWorkerPool
-from .video_mining import PairingConfig, PairMined, VideoFinished, VideoProgress, VideoTask
+from .video_mining import PairingConfig, PairMined, VideoFinished, VideoProgress, VideoReport, VideoTask, video_id
 
 SUMMARY = "video-summary"
 
@@ -40,8 +46,7 @@ def segmenter_spec(grounding_dino, sam_model, prompt, device="cpu"):
             "object masks need all three: a GroundingDINO model, a SAM model and a prompt (got grounding_dino="
             f"{grounding_dino!r}, sam_model={sam_model!r}, prompt={prompt!r}); give none of them for MOG masks")
     for path in (grounding_dino, sam_model):
-        if not Path(path).exists():
-            raise UsageError(f"model {path} does not exist")
+        check_input(path, "model", kind="any")
     return {"grounding_dino": str(grounding_dino), "sam": str(sam_model), "text": prompt, "device": str(device)}
 
 
@@ -55,7 +60,8 @@ class VideoJob:
     max_frames: int | None = None  # mine only the first N frames of each video; None = whole videos
     workers: int = 1  # videos mined at once, each in its own process
     shard: str | None = None  # "i/N": every N-th video from i, into the shard's own manifest
-    resume: bool = False  # continue a folder that holds samples (skip finished videos and written samples)
+    resume: bool = False  # continue a folder that holds samples made with these settings (skip what is done)
+    append: bool = False  # add samples made with other settings to a folder that holds samples (recorded per sample)
     timeout: float = 600.0  # seconds without a message before a decoder counts as hung
     grounding_dino: str | None = None  # GroundingDINO transformers folder (object masks; with sam_model, prompt)
     sam_model: str | None = None  # SAM / SAM 2 transformers folder or checkpoint file
@@ -75,10 +81,15 @@ class VideoJob:
                 raise UsageError(str(error)) from None
         return segmenter_spec(self.grounding_dino, self.sam_model, self.prompt, self.device)
 
+    def settings(self, spec):
+        """The dataset's settings: what decides the pairs of a video (a resumed run must match them)."""
+        return {"job": "video4removal", **asdict(self.pairing),
+                "segmenter": spec and {k: (Path(v).name if k in ("grounding_dino", "sam") else v)
+                                       for k, v in spec.items() if k != "device"}}
+
     def params(self, spec):
-        """The settings that decide which samples a video gives (a resumed run must match them)."""
-        return {**asdict(self.pairing), "segmenter": spec and {k: v for k, v in spec.items() if k != "device"},
-                "max_frames": self.max_frames}
+        """The settings a finished video of the summary was mined with (the dataset's, and the frame range)."""
+        return {**self.settings(spec), "max_frames": self.max_frames}
 
 
 def summary_path(root, shard):
@@ -98,7 +109,8 @@ def write_summary(path, summary):
 
 
 def finished_videos(path, params):
-    """Videos a previous run with the same settings finished (ok or skipped for a reason); crashed ones retry."""
+    """Videos a previous run with the same settings finished (ok or skipped for a reason), by content hash;
+    crashed ones are tried again."""
     if not path.is_file():
         return {}
     try:
@@ -107,19 +119,57 @@ def finished_videos(path, params):
         return {}
     if previous.get("params") != params:
         return {}
-    return {v["video"]: v for v in previous.get("videos", []) if v.get("status") in ("ok", "skipped")}
+    return {content_of(v["video_id"]): v for v in previous.get("videos", [])
+            if v.get("status") in ("ok", "skipped") and v.get("video_id")}
+
+
+def content_of(vid):
+    """The content hash part of a video id (``stem-hash``)."""
+    return vid.rsplit("-", 1)[-1]
 
 
 def failed_videos(summary):
-    """The videos of a summary that gave nothing on purpose or by accident: skipped or crashed."""
-    return [v for v in summary["videos"] if v["status"] != "ok"]
+    """The videos of a summary that gave nothing by accident or for a reason: skipped or crashed."""
+    return [v for v in summary["videos"] if v["status"] in ("skipped", "crashed")]
+
+
+def skipped_videos(reports):
+    """``Skips`` of the skipped and crashed videos: by problem, the first few file names."""
+    skips = Skips()
+    for report in reports:
+        if report["status"] in ("skipped", "crashed"):
+            skips.add(report.get("problem") or report["status"], Path(report["video"]).name)
+    return skips
+
+
+def identify(videos, host):
+    """({video: video id}, reports of the videos not to mine: a copy of an earlier one, or a file that cannot be
+    read) from the videos' content hashes."""
+    ids, first, reports = {}, {}, {}
+    for done, path in enumerate(videos, 1):
+        host.check_interrupt()
+        try:
+            digest = content_hash(path)
+        except OSError as error:
+            reports[path] = VideoReport(video=str(path), status="skipped", problem="cannot be read",
+                                        reason=f"{path} cannot be read: {describe_os_error(error)}").as_dict()
+            continue
+        if digest in first:
+            reports[path] = VideoReport(video=str(path), status="duplicate", problem="duplicate",
+                                        reason=f"the same content as {first[digest]}: mined once").as_dict()
+        else:
+            first[digest] = path
+            ids[path] = video_id(path, digest)
+        host.progress(done, len(videos), "videos identified")
+    return ids, reports
 
 
 def run_video_job(job, host=None):
     """Mine ``job.videos`` into ``job.output``; returns the summary (also written as ``video-summary*.json``).
 
-    Raises UsageError before any work for settings or inputs that cannot run. Interruption (``host``) stops
-    the run with every finished sample kept and the summary written."""
+    Raises UsageError before any work for settings or inputs that cannot run (an output that is a file, cannot
+    be made or written, a damaged dataset, other settings than the dataset's without ``append``). Interruption
+    (``host``) or a failed write stops the run with every finished sample kept and the summary written."""
     host = host or Host()
     spec = job.check()
     shard = parse_shard(job.shard) if job.shard is not None else None
@@ -131,23 +181,35 @@ def run_video_job(job, host=None):
         raise UsageError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {', '.join(map(str, job.videos))}")
     if shard is not None:
         videos = videos[shard[0]::shard[1]]
-    if Path(job.output).exists() and not Path(job.output).is_dir():
-        raise UsageError(f"output {job.output} is a file: give a folder for the dataset")
-    # shards of one run share the folder, so a shard never refuses samples written by the others
-    writer = TripletWriter(job.output, resume=job.resume or shard is not None, shard=shard)
+    check_output_folder(job.output)
+    ids, unmined = identify(videos, host)
+    created = not Path(job.output).exists()
+    try:
+        # shards of one run share the folder, so a shard never refuses samples written by the others
+        writer = TripletWriter(job.output, resume=job.resume or shard is not None, shard=shard,
+                               settings=job.settings(spec), append=job.append)
+    except BaseException:
+        if created:
+            remove_unused_output(job.output)
+        raise
 
     params = job.params(spec)
     path = summary_path(job.output, shard)
-    done_before = finished_videos(path, params) if job.resume else {}
-    reports = {str(v): done_before[str(v)] for v in videos if str(v) in done_before}
-    todo = [v for v in videos if str(v) not in reports]
-    tasks = [VideoTask(index, str(v), 0, job.max_frames) for index, v in enumerate(todo)]
-    summary = {"params": params, "videos": [], "written": 0, "already_present": 0, "samples": 0}
+    done_before = finished_videos(path, params) if job.resume or job.append else {}
+    reports = dict(unmined)
+    for video in videos:
+        if video in ids and content_of(ids[video]) in done_before:
+            reports[video] = {**done_before[content_of(ids[video])], "video": str(video)}
+    todo = [v for v in videos if v not in reports]
+    tasks = [VideoTask(index, str(v), 0, job.max_frames, video_id=ids[v]) for index, v in enumerate(todo)]
+    summary = {"params": params, "settings_id": writer.settings_id, "videos": [], "written": 0, "already_present": 0,
+               "samples": 0, "skipped": {}}
     written, fractions = Counter(), {}
 
     def publish():
-        summary["videos"] = [reports[str(v)] for v in videos if str(v) in reports]
+        summary["videos"] = [reports[v] for v in videos if v in reports]
         summary["samples"] = len(writer)
+        summary["skipped"] = skipped_videos(summary["videos"]).as_dict()
         write_summary(path, summary)
 
     def consume(event):
@@ -157,13 +219,17 @@ def run_video_job(job, host=None):
             if writer.has(event.sample_id):
                 summary["already_present"] += 1
                 return
-            writer.write(event.sample_id, event.source, event.mask, event.target, event.record)
+            try:
+                writer.write(event.sample_id, event.source, event.mask, event.target, event.record)
+            except OSError as error:
+                summary["stopped"] = f"could not write sample {event.sample_id}: {describe_os_error(error)}"
+                raise
             summary["written"] += 1
             written[event.job] += 1
         elif isinstance(event, VideoFinished):
             report = event.report.as_dict()
             report["written"] = written.pop(event.job, 0)
-            reports[str(todo[event.job])] = report
+            reports[todo[event.job]] = report
             fractions.pop(event.job, None)
             host.log(f"{todo[event.job].name}: {report['status']}, {report['pairs']} pairs, {report['written']} "
                      f"written" + (f" ({report['reason']})" if report["reason"] else ""))
@@ -181,7 +247,10 @@ def run_video_job(job, host=None):
                         host.event(event)
                         consume(event)
         finally:
-            publish()  # whatever stops the run, the summary describes what was done
+            try:
+                publish()  # whatever stops the run, the summary describes what was done
+            except OSError:
+                pass  # the disk that refused the samples refuses the summary too: the error says so
     return summary
 
 
@@ -207,8 +276,7 @@ def preview_video_pairs(job, host=None):
     spec = segmenter_spec(job.grounding_dino, job.sam_model, job.prompt, job.device)
     if job.end_frame is not None and job.end_frame <= job.start_frame:
         raise UsageError(f"end_frame {job.end_frame} must be after start_frame {job.start_frame} (or unset: the end)")
-    if not Path(job.video).is_file():
-        raise UsageError(f"video {job.video} does not exist or is not a file")
+    check_input(job.video, "video", kind="file")
     chosen, report = [], None
     with VideoWorkerPool(job.pairing, 1, spec) as pool:
         for event in pool.run([VideoTask(0, str(job.video), job.start_frame, job.end_frame)]):

@@ -14,6 +14,17 @@ Masks: GroundingDINO + SAM / SAM 2 through a ``segmenter`` (dataset_tools/segmen
 foreground refined at full resolution against the paired background frame, shadows excluded (the paper
 masks the object, not its shadow: the pair teaches the eraser to remove the shadow too).
 
+Clean pairs: a pair may differ only where its object is. After pairing, the two frames are compared at full
+resolution outside the mask (grown by ~1 % of the frame's side) and outside the object's own shadow (changed
+pixels connected to the mask where the source is a darker copy of the target), as connected regions. With
+``outside_changes="mask"`` a region the source frame's moving objects explain (it touches the source's MOG
+foreground, or the mask itself: a part of the object the mask missed) is added to the mask, with the MOG blob
+around it; a region the background frame's objects explain cannot be masked (the target would show an object
+the source lacks). Then, in both modes, a pair whose largest remaining region reaches
+``outside_change_pixels`` is refused and the next-best background frame tried. The lighting test compares the
+frames only on pixels where neither has foreground (MOG's foreground and shadows, grown by a pixel), so other
+moving objects do not pass for a change of light.
+
 Memory is bounded whatever the video's length: a thinned bank of recent background frames and a thinned
 queue of foreground frames waiting for a background frame after them; nothing else is kept.
 
@@ -36,10 +47,14 @@ import numpy as np
 
 from ..erasers import masks as mask_ops
 from ..erasers.layout import mask_box
-from .video_decode import VideoSkipped, iter_frames, open_video
+from ..jobs import content_hash
+from .video_decode import CANNOT_DECODE, VideoSkipped, iter_frames, open_video
 
 MASK_AUGMENTATIONS = ("none", "dilate", "erode", "bbox", "random")
+OUTSIDE_CHANGES = ("mask", "reject")
 EMPTY_SCENE_RATIO = 0.002  # default share of cleaned foreground up to which a frame counts as empty
+OUTSIDE_MARGIN = 0.008  # changes this close to the mask (share of the frame's larger side) belong to its edge
+BACKGROUND_CANDIDATES = 3  # background frames tried, best first, before a foreground frame is given up
 
 
 @dataclass(frozen=True)
@@ -71,6 +86,11 @@ class PairingConfig:
     difference_threshold: float = 25.0  # full-resolution |source - target| that counts as object (0-255)
     mask_dilate_ratio: float = 1.10  # safety margin of the object mask (area ratio) before augmentation
     mask_augment: str = "none"  # none | dilate | erode | bbox | random (one per sample, seeded by its id)
+    # what to do with changes outside the mask: "mask" grows the mask over the source's moving objects that
+    # cause them (else the pair is refused), "reject" refuses the pair. "mask" keeps more clean pairs on every
+    # clip measured (benchmarks/pair_cleanliness.py)
+    outside_changes: str = "mask"
+    outside_change_pixels: int = 40  # a changed region this large (px, full resolution) outside the mask is one
 
     def __post_init__(self):
         if not 0 < self.foreground_ratio < 1:
@@ -87,6 +107,10 @@ class PairingConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.mask_augment not in MASK_AUGMENTATIONS:
             raise ValueError(f"mask_augment must be one of {MASK_AUGMENTATIONS}, got {self.mask_augment!r}")
+        if self.outside_changes not in OUTSIDE_CHANGES:
+            raise ValueError(f"outside_changes must be one of {OUTSIDE_CHANGES}, got {self.outside_changes!r}")
+        if not self.outside_change_pixels >= 1:
+            raise ValueError(f"outside_change_pixels must be >= 1, got {self.outside_change_pixels}")
 
     @classmethod
     def from_dict(cls, values):
@@ -114,8 +138,12 @@ class VideoReport:
     """What happened to one video (the run summary is a list of these)."""
 
     video: str
-    status: str = "ok"  # ok | skipped | crashed
+    status: str = "ok"  # ok | skipped | crashed | duplicate (the same content as another video of the run)
     reason: str = ""
+    problem: str = ""  # a short phrase grouping skipped and crashed videos in a run summary
+    video_id: str = ""
+    decoder: str = "opencv"  # the decoder that produced the pairs
+    fallback: str = ""  # why the first decoder was given up, when it was
     frames: int = 0
     fps: float = 0.0
     width: int = 0
@@ -136,6 +164,9 @@ class VideoTask:
     path: str
     start: int = 0
     stop: int | None = None
+    video_id: str = ""  # the id of the video (``video_id``); computed from the file when empty
+    decoder: str = "opencv"  # opencv | pyav
+    fallback: str = ""  # why an earlier try with another decoder failed (kept in the report)
 
 
 @dataclass
@@ -299,13 +330,15 @@ class CameraMotion:
         return float(np.abs(moved - corners).max()) * self.scale, int(inliers.sum())
 
 
-def video_id(path):
-    """Stable, file-name-safe id of a video: its stem plus a short hash of its name and size."""
+def video_id(path, digest=None):
+    """Stable, file-name-safe id of a video: its stem plus a hash of its content (``jobs.content_hash``: size,
+    first and last MiB), so two different files of the same name and size never share an id (and neither do
+    their samples), while a copy or a moved file keeps it. ``digest``: the content hash if already computed."""
     path = Path(path)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._-") or "video"
-    size = path.stat().st_size if path.exists() else 0
-    digest = hashlib.sha1(f"{path.name}:{size}".encode()).hexdigest()[:6]
-    return f"{stem}-{digest}"
+    stem = re.sub(r"[^A-Za-z0-9_.]+", "_", path.stem).strip("._-") or "video"
+    if digest is None:
+        digest = content_hash(path) if path.is_file() else "0" * 16
+    return f"{stem}-{digest[:12]}"
 
 
 def sample_id(vid, frame):
@@ -320,6 +353,7 @@ class _Background:
     full: np.ndarray  # BGR, full resolution
     small: np.ndarray  # float32 BGR at analysis size
     foreground: np.ndarray  # bool raw MOG foreground at analysis size (what is not empty)
+    moving: np.ndarray  # bool raw MOG foreground or shadow, grown by a pixel (what the lighting test leaves out)
 
 
 @dataclass
@@ -330,28 +364,87 @@ class _Foreground:
     mask: np.ndarray  # cleaned bool mask at analysis size
     ratio: float
     sharpness_ratio: float
+    foreground: np.ndarray  # bool raw MOG foreground at analysis size, specks included
+    moving: np.ndarray  # as _Background.moving
 
 
-def shadow_pixels(source, target):
-    """MOG2's shadow rule at full resolution: darker than the background by 8-50 % with the same colour."""
+def moving_pixels(raw):
+    """MOG2 output → bool: foreground or shadow, grown by one pixel (their blurred edges move too)."""
+    return cv2.dilate((raw > 0).view(np.uint8), _SQUARE_3).view(bool)
+
+
+SHADOW_RULE = (0.5, 0.92, 0.08)  # MOG2's: darker by 8-50 %, the channels' ratios within 0.08 of their mean
+# an object's shadow around its mask, penumbra and compression noise included: darker by 5-70 %, ratios within 0.15
+DARKER_RULE = (0.3, 0.95, 0.15)
+
+
+def shadow_pixels(source, target, rule=SHADOW_RULE):
+    """Where ``source`` is a darker copy of ``target`` (same colour): ``rule`` = (least, most brightness ratio,
+    largest spread of the channels' ratios); by default MOG2's shadow rule, at full resolution."""
     # In bands of rows: a dozen full-size float temporaries would each be fresh memory the kernel has to
     # fault in (most of the pairing's time); bands this small are recycled by the allocator instead.
     height, width = source.shape[:2]
     rows = max(1, 8192 // max(1, width))
     out = np.empty((height, width), bool)
     for y in range(0, height, rows):
-        out[y:y + rows] = _shadow_rule(source[y:y + rows], target[y:y + rows])
+        out[y:y + rows] = _shadow_rule(source[y:y + rows], target[y:y + rows], *rule)
     return out
 
 
-def _shadow_rule(source, target):
+def _shadow_rule(source, target, low, high, largest_spread):
     src = source.astype(np.float32) + 1.0
     tgt = target.astype(np.float32) + 1.0
     ratios = [src[..., c] / tgt[..., c] for c in range(3)]
     mean_ratio = (ratios[0] + ratios[1] + ratios[2]) / 3.0
     spread = np.maximum(np.maximum(np.abs(ratios[0] - mean_ratio), np.abs(ratios[1] - mean_ratio)),
                         np.abs(ratios[2] - mean_ratio))
-    return (mean_ratio > 0.5) & (mean_ratio < 0.92) & (spread < 0.08)
+    return (mean_ratio > low) & (mean_ratio < high) & (spread < largest_spread)
+
+
+# --- changes outside the mask ----------------------------------------------------------------------
+
+def largest_channel(image):
+    """The per-pixel maximum over the channels of an H×W×3 uint8 image (OpenCV: ~20× numpy's max over an axis)."""
+    return cv2.max(cv2.max(image[..., 0], image[..., 1]), image[..., 2])
+
+
+def changed_pixels(source, target, threshold):
+    """Where two RGB frames differ: |difference| > ``threshold`` (0-255) in their largest channel after a 3×3
+    blur (compression noise), specks of one or two pixels opened away."""
+    diff = largest_channel(cv2.absdiff(cv2.GaussianBlur(source, (3, 3), 0), cv2.GaussianBlur(target, (3, 3), 0)))
+    changed = (diff > threshold).view(np.uint8)
+    return cv2.morphologyEx(changed, cv2.MORPH_OPEN, _SQUARE_3).view(bool)
+
+
+def object_zone(source, target, mask, changed):
+    """What a pair may change besides nothing: the mask grown by ``OUTSIDE_MARGIN`` of the frame's larger side,
+    and the changed pixels where the source is a darker copy of the target connected to it (the object's shadow:
+    the eraser learns to remove it), grown by one pixel."""
+    margin = max(2, round(OUTSIDE_MARGIN * max(mask.shape)))
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * margin + 1, 2 * margin + 1))
+    zone = cv2.dilate(mask.view(np.uint8), disc)
+    darker = changed & ~mask
+    where = np.flatnonzero(darker)  # the rule on the changed pixels only: a fraction of the frame
+    darker.ravel()[where] = _shadow_rule(source.reshape(-1, 3)[where], target.reshape(-1, 3)[where], *DARKER_RULE)
+    count, labels = cv2.connectedComponents((darker.view(np.uint8) | zone), connectivity=8)
+    attached = np.unique(labels[mask])
+    attached = attached[attached > 0]
+    zone = np.isin(labels, attached).view(np.uint8) | zone
+    return cv2.dilate(zone, _SQUARE_3).view(bool)
+
+
+def outside_regions(changed, zone):
+    """Connected regions of ``changed`` outside ``zone``: (labels, areas) with areas[k] the size of label k + 1."""
+    # plain labelling and a pixel count: connectedComponentsWithStats costs several times more in OpenCV 5
+    count, labels = cv2.connectedComponents((changed & ~zone).view(np.uint8), connectivity=8)
+    return labels, np.bincount(labels.ravel(), minlength=count)[1:]
+
+
+def largest_outside_change(source, target, mask, threshold):
+    """Size (px) of the largest region where the pair differs outside its mask and its object's shadow."""
+    changed = changed_pixels(source, target, threshold)
+    _, areas = outside_regions(changed, object_zone(source, target, mask, changed))
+    return int(areas.max()) if len(areas) else 0
 
 
 def refine_mask(source, target, zone, threshold, min_island):
@@ -364,8 +457,7 @@ def refine_mask(source, target, zone, threshold, min_island):
         return None
     x0, y0, x1, y1 = mask_box(zone)
     src, tgt, inside = source[y0:y1, x0:x1], target[y0:y1, x0:x1], zone[y0:y1, x0:x1]
-    diff = cv2.absdiff(cv2.GaussianBlur(src, (3, 3), 0), cv2.GaussianBlur(tgt, (3, 3), 0))
-    diff = np.maximum(np.maximum(diff[..., 0], diff[..., 1]), diff[..., 2])
+    diff = largest_channel(cv2.absdiff(cv2.GaussianBlur(src, (3, 3), 0), cv2.GaussianBlur(tgt, (3, 3), 0)))
     crop = (diff > threshold) & inside & ~shadow_pixels(src, tgt)
     crop = cv2.morphologyEx(crop.view(np.uint8), cv2.MORPH_CLOSE, _ELLIPSE_9).view(bool) & inside
     crop = mask_ops.fill_holes(mask_ops.remove_small_islands(crop, min_island))
@@ -419,8 +511,8 @@ class PairMiner:
         """Analyse one frame; ``small`` is its ``downscale`` to the analysis size if already made."""
         if frame.shape[:2] != (self.height, self.width):
             raise VideoSkipped(
-                f"frame {index} is {frame.shape[1]}×{frame.shape[0]} but the video says {self.width}×{self.height}"
-            )
+                f"frame {index} is {frame.shape[1]}×{frame.shape[0]} but the video says {self.width}×{self.height}",
+                "frame size changes")
         self.frames += 1
         if index - self.last_motion_check >= self.motion_every:
             self.last_motion_check = index
@@ -445,7 +537,7 @@ class PairMiner:
             mask = mask_ops.fill_holes(mask)
             ratio = float(np.count_nonzero(mask)) / mask.size
         if ratio > self.config.foreground_ratio:
-            self._add_foreground(index, frame, small, mask, ratio)
+            self._add_foreground(index, frame, small, mask, ratio, raw)
         else:
             self.counts["in_between"] += 1
         return self._resolve(index)
@@ -469,16 +561,15 @@ class PairMiner:
             seen = f"{shift:.0f} px" if math.isfinite(shift) else f"no match ({inliers} features agree)"
             raise VideoSkipped(
                 f"camera moves: frame {index} is displaced by {seen} against the first frame "
-                f"(limit {limit:.0f} px); Video4Removal needs a static camera"
-            )
+                f"(limit {limit:.0f} px); Video4Removal needs a static camera", "camera moves")
 
     def _add_background(self, index, frame, small, raw):
         self.counts["background"] += 1
         if self.bank and index - self.bank[-1].index < self.bank_gap:
             return
-        self.bank.append(_Background(index, frame.copy(), small.astype(np.float32), raw == 255))
+        self.bank.append(_Background(index, frame.copy(), small.astype(np.float32), raw == 255, moving_pixels(raw)))
 
-    def _add_foreground(self, index, frame, small, mask, ratio):
+    def _add_foreground(self, index, frame, small, mask, ratio, raw):
         self.counts["foreground"] += 1
         # Fast motion smears the object: a frame whose object box is much less sharp (Laplacian variance)
         # than in the frames just before it (same object, half a second) is blurred. Older frames may show
@@ -496,7 +587,8 @@ class PairMiner:
             self.counts["near_duplicate"] += 1
             return
         self.last_kept = index
-        self.pending.append(_Foreground(index, frame.copy(), small.astype(np.float32), mask, ratio, sharp_ratio))
+        self.pending.append(_Foreground(index, frame.copy(), small.astype(np.float32), mask, ratio, sharp_ratio,
+                                        raw == 255, moving_pixels(raw)))
 
     def _resolve(self, now):
         pairs = []
@@ -508,13 +600,13 @@ class PairMiner:
         return pairs
 
     # pairing ---------------------------------------------------------------------------------------
-    def _choose_background(self, fg, zone):
-        """Best background frame for ``fg``: within the window, empty in ``zone``, same lighting outside it;
-        cost = MSE / lighting limit + time distance / window. Returns (frame or None, mse, reasons)."""
+    def _choose_backgrounds(self, fg, zone):
+        """Background frames for ``fg``, best first: within the window, empty in ``zone``, same lighting where
+        neither frame has foreground; cost = MSE / lighting limit + time distance / window. Returns
+        ([(mse, frame)], reasons the others were refused)."""
         cfg = self.config
-        outside = (~zone).astype(np.uint8)
         zone_pixels = max(1, int(np.count_nonzero(zone)))
-        best, best_cost, best_mse, reasons = None, math.inf, 0.0, Counter()
+        candidates, reasons = [], Counter()
         for bg in self.bank:
             dt = abs(bg.index - fg.index)
             if dt > self.window:
@@ -523,14 +615,21 @@ class PairMiner:
             if np.count_nonzero(bg.foreground & zone) / zone_pixels > cfg.empty_fraction:
                 reasons["background_not_empty_there"] += 1
                 continue
-            mse_out = masked_mse(fg.small, bg.small, outside)
+            mse_out = masked_mse(fg.small, bg.small, self._static(zone, fg, bg))
             if mse_out > cfg.lighting_mse:
                 reasons["lighting_differs"] += 1
                 continue
-            cost = mse_out / cfg.lighting_mse + dt / self.window
-            if cost < best_cost:
-                best, best_cost, best_mse = bg, cost, mse_out
-        return best, best_mse, reasons
+            candidates.append((mse_out / cfg.lighting_mse + dt / self.window, mse_out, bg))
+        candidates.sort(key=lambda c: (c[0], c[2].index))
+        return [(mse, bg) for _, mse, bg in candidates], reasons
+
+    @staticmethod
+    def _static(zone, fg, bg, least=0.1):
+        """Pixels where the lighting is compared: outside the object zone, where neither frame has foreground (other
+        moving objects are not light); outside the zone alone when fewer than ``least`` of the frame are left."""
+        outside = ~zone
+        static = outside & ~fg.moving & ~bg.moving
+        return static if np.count_nonzero(static) >= least * static.size else outside
 
     def _covers_motion(self, mask, motion, share=0.6):
         """Does ``mask`` (full size, grown a little) cover most of the MOG foreground (analysis size)?"""
@@ -538,46 +637,118 @@ class PairMiner:
         small = cv2.dilate(small.astype(np.uint8), _SQUARE_3) > 0
         return np.count_nonzero(small & motion) >= share * max(1, np.count_nonzero(motion))
 
+    def _upscale(self, small):
+        """A bool analysis-size mask at full size, grown by about one analysis pixel (its blurred edge)."""
+        full = cv2.resize(small.view(np.uint8), (self.width, self.height), interpolation=cv2.INTER_NEAREST)
+        radius = max(1, math.ceil(self.width / self.small_size[0]))
+        return cv2.dilate(full, np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)).view(bool)
+
+    def _clean(self, fg, bg, source, target, mask):
+        """The pair's changes outside its mask: (mask, largest remaining region in px, pixels the mask grew by).
+
+        With ``outside_changes="mask"`` the regions of at least a quarter of the limit that the source frame's
+        moving objects explain (the region touches the source's raw MOG foreground, or the object zone: a part of
+        the object the mask missed) and the background frame's do not are added to the mask, each with the MOG
+        blob it belongs to, holes filled."""
+        cfg = self.config
+        changed = changed_pixels(source, target, cfg.difference_threshold)
+        zone = object_zone(source, target, mask, changed)
+        labels, areas = outside_regions(changed, zone)
+        grown = 0
+        if cfg.outside_changes == "mask" and len(areas) and areas.max() >= cfg.outside_change_pixels:
+            source_moving, target_moving = self._upscale(fg.foreground), self._upscale(bg.foreground)
+            near_zone = cv2.dilate(zone.view(np.uint8), _SQUARE_3).view(bool)
+            add = np.zeros(mask.shape, bool)
+            for label in np.flatnonzero(areas >= max(4, cfg.outside_change_pixels // 4)) + 1:
+                region = labels == label
+                if not (region & target_moving).any() and (region & (source_moving | near_zone)).any():
+                    add |= region
+            if add.any():
+                count, blobs = cv2.connectedComponents(fg.foreground.view(np.uint8), connectivity=8)
+                hit = cv2.resize(add.view(np.uint8), self.small_size, interpolation=cv2.INTER_AREA) > 0
+                touched = np.unique(blobs[hit])
+                add |= self._upscale(np.isin(blobs, touched[touched > 0]))
+                add = mask_ops.fill_holes(cv2.morphologyEx(add.view(np.uint8), cv2.MORPH_CLOSE, _ELLIPSE_7).view(bool))
+                grown = int(np.count_nonzero(add & ~mask))
+                mask = mask | add
+                zone = object_zone(source, target, mask, changed)
+                labels, areas = outside_regions(changed, zone)
+        return mask, int(areas.max()) if len(areas) else 0, grown
+
+    def _target_shows_object(self, bg, mask):
+        """Does the background frame show a moving object (MOG foreground, specks removed) under the mask? The
+        target would then teach the eraser to paint it in. (The choice of frames checks the zone's share only, which
+        a small object in a large zone passes.)"""
+        objects = mask_ops.remove_small_islands(bg.foreground, self.min_island)
+        if not objects.any():
+            return False
+        small = cv2.resize(mask.view(np.uint8), self.small_size, interpolation=cv2.INTER_AREA) > 0
+        return bool(np.count_nonzero(objects & small))
+
+    def _object_mask(self, fg, source, zone_full):
+        """(mask or None, mask source, reason when None) from the segmenter, independent of the background frame."""
+        mask = self.segmenter(source, zone_full)
+        if mask is None or not mask.any():
+            return None, None, "segmenter"
+        if not self._covers_motion(mask, fg.mask):
+            # a moving thing outside the prompt's objects would stay in the source but not the target
+            return None, None, "mask_misses_motion"
+        return mask, getattr(self.segmenter, "name", "segmenter"), None
+
     def _pair(self, fg):
         cfg = self.config
         zone = mask_ops.resize_to_area(fg.mask, 1.5)  # the object plus a margin for its shadow and halo
-        best, mse_out, reasons = self._choose_background(fg, zone)
-        if best is None:
+        candidates, reasons = self._choose_backgrounds(fg, zone)
+        if not candidates:
             reason = reasons.most_common(1)[0][0] if reasons else "no_background_in_window"
             self.counts[f"rejected_{reason}"] += 1
             return []
-        mse_in = masked_mse(fg.small, best.small, fg.mask)
-        if mse_in < cfg.min_object_mse:
-            self.counts["rejected_no_object_in_mask"] += 1
-            return []
         source = cv2.cvtColor(fg.full, cv2.COLOR_BGR2RGB)
-        target = cv2.cvtColor(best.full, cv2.COLOR_BGR2RGB)
         zone_full = cv2.resize(zone.astype(np.uint8), (self.width, self.height), interpolation=cv2.INTER_NEAREST) > 0
         if self.segmenter is not None:
-            mask = self.segmenter(source, zone_full)
-            mask_source = getattr(self.segmenter, "name", "segmenter")
-            if mask is not None and not self._covers_motion(mask, fg.mask):
-                # a moving thing outside the prompt's objects would stay in the source but not the target
-                self.counts["rejected_mask_misses_motion"] += 1
+            segmented, mask_source, failure = self._object_mask(fg, source, zone_full)
+            if segmented is None:
+                self.counts[f"rejected_{failure}"] += 1
                 return []
-        else:
-            mask = refine_mask(source, target, zone_full, cfg.difference_threshold, self.min_island_full)
-            mask_source = "mog"
-        if mask is None or not mask.any():
-            self.counts["rejected_segmenter" if self.segmenter is not None else "rejected_no_object_in_mask"] += 1
-            return []
-        mask = mask_ops.resize_to_area(mask, cfg.mask_dilate_ratio)
-        self.counts["pairs"] += 1
-        stats = {
-            "time_s": round(fg.index / self.fps, 3),
-            "background_time_s": round(best.index / self.fps, 3),
-            "foreground_ratio": round(fg.ratio, 4),
-            "sharpness_ratio": round(fg.sharpness_ratio, 3),
-            "mse_outside": round(mse_out, 3),
-            "mse_inside": round(mse_in, 3),
-            "mask_source": mask_source,
-        }
-        return [Pair(fg.index, best.index, source, target, mask, stats)]
+        first_failure = None
+        for rank, (mse_out, bg) in enumerate(candidates[:BACKGROUND_CANDIDATES]):
+            mse_in = masked_mse(fg.small, bg.small, fg.mask)
+            if mse_in < cfg.min_object_mse:
+                first_failure = first_failure or "no_object_in_mask"
+                continue
+            target = cv2.cvtColor(bg.full, cv2.COLOR_BGR2RGB)
+            if self.segmenter is None:
+                mask = refine_mask(source, target, zone_full, cfg.difference_threshold, self.min_island_full)
+                mask_source = "mog"
+                if mask is None or not mask.any():
+                    first_failure = first_failure or "no_object_in_mask"
+                    continue
+            else:
+                mask = segmented
+            mask = mask_ops.resize_to_area(mask, cfg.mask_dilate_ratio)
+            mask, outside, grown = self._clean(fg, bg, source, target, mask)
+            if outside >= cfg.outside_change_pixels:
+                first_failure = first_failure or "outside_changes"
+                continue
+            if self._target_shows_object(bg, mask):
+                first_failure = first_failure or "background_not_empty_there"
+                continue
+            self.counts["pairs"] += 1
+            stats = {
+                "time_s": round(fg.index / self.fps, 3),
+                "background_time_s": round(bg.index / self.fps, 3),
+                "foreground_ratio": round(fg.ratio, 4),
+                "sharpness_ratio": round(fg.sharpness_ratio, 3),
+                "mse_outside": round(mse_out, 3),
+                "mse_inside": round(mse_in, 3),
+                "outside_change_px": outside,
+                "mask_grown_px": grown,
+                "background_rank": rank,
+                "mask_source": mask_source,
+            }
+            return [Pair(fg.index, bg.index, source, target, mask, stats)]
+        self.counts[f"rejected_{first_failure}"] += 1
+        return []
 
 
 REASON_WORDS = {
@@ -588,6 +759,8 @@ REASON_WORDS = {
     "blur": "the object is motion-blurred",
     "segmenter": "the segmenter found no object of the prompt",
     "mask_misses_motion": "the prompt's objects do not cover what moves",
+    "outside_changes": "the frames also differ outside the mask (other moving objects, or the object only partly "
+                       "masked)",
 }
 
 
@@ -610,20 +783,22 @@ def explain(counts, pairs):
     return f"no pairs: {reasons} [frames refused, of {foreground} foreground frames]"
 
 
-def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None, progress=None, check_interrupt=None):
+def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None, progress=None, check_interrupt=None,
+               decoder="opencv"):
     """Mine one video in this process. A generator of :class:`Pair` whose return value is the
     :class:`VideoReport` (see :func:`run_mining`). A skipped clip ends with ``status = "skipped"`` and the
-    reason; pairs already yielded stay valid (each is complete on its own)."""
-    report = VideoReport(video=str(path))
+    reason; pairs already yielded stay valid (each is complete on its own). ``decoder``: opencv or pyav."""
+    report = VideoReport(video=str(path), decoder=decoder)
     try:
-        capture, fps, count, width, height = open_video(path)
+        capture, fps, count, width, height = open_video(path, decoder)
         capture.release()
     except VideoSkipped as skip:
-        report.status, report.reason = "skipped", str(skip)
+        report.status, report.reason, report.problem = "skipped", str(skip), skip.problem
         return report
     report.fps, report.width, report.height = fps, width, height
     if width <= 0 or height <= 0:
         report.status, report.reason = "skipped", f"{Path(path).name} reports no frame size"
+        report.problem = CANNOT_DECODE
         return report
     end = min(count, stop) if (count and stop) else (stop or count)
     total = max(0, end - start)
@@ -633,7 +808,7 @@ def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None,
     try:
         # the decode thread also makes the small analysis copy: it overlaps the analysis on a second core
         for index, (frame, small) in iter_frames(path, start, stop, miner.step, prefetch=8, decoded=decoded,
-                                                 prepare=lambda f: downscale(f, miner.small_size)):
+                                                 prepare=lambda f: downscale(f, miner.small_size), decoder=decoder):
             last = index
             if check_interrupt is not None:
                 check_interrupt()
@@ -647,12 +822,12 @@ def mine_video(path, config=PairingConfig(), segmenter=None, start=0, stop=None,
             report.pairs += 1
             yield pair
     except VideoSkipped as skip:
-        report.status, report.reason = "skipped", str(skip)
+        report.status, report.reason, report.problem = "skipped", str(skip), skip.problem
     report.frames = last - start + 1
     report.counts = dict(miner.counts)
     if report.status == "ok":
         if miner.frames == 0:
-            report.status = "skipped"
+            report.status, report.problem = "skipped", CANNOT_DECODE
             report.reason = f"{Path(path).name} has no decodable frame (empty, truncated or damaged file)"
         else:
             report.reason = explain(miner.counts, report.pairs)
@@ -676,7 +851,7 @@ def run_mining(path, config=PairingConfig(), segmenter=None, start=0, stop=None,
             return pairs, done.value
 
 
-def pair_record(vid, video_path, pair, config, augmentation):
+def pair_record(vid, video_path, pair, config, augmentation, decoder="opencv"):
     """The manifest record of one pair (the triplet format's video origin plus how it was made)."""
     return {
         "origin": {
@@ -686,6 +861,7 @@ def pair_record(vid, video_path, pair, config, augmentation):
             "frame": pair.frame,
             "background_frame": pair.background_frame,
         },
+        "decoder": decoder,
         "mask_source": pair.stats["mask_source"],
         "mask_augment": augmentation,
         "stats": {k: v for k, v in pair.stats.items() if k != "mask_source"},
@@ -706,20 +882,42 @@ def finalize_pair(vid, pair, config):
 def mine_task(task, config, emit, segmenter=None, check_interrupt=None):
     """Mine ``task`` (a ``VideoTask``) and hand each event to ``emit``: ``VideoProgress`` now and then, a
     ``PairMined`` per sample (mask augmented, record made) and last a ``VideoFinished``. A Python error inside
-    one video ends that video with status "skipped" and the error as its reason; it never escapes."""
-    vid = video_id(task.path)
+    one video ends that video with status "skipped" and the error as its reason; it never escapes.
+
+    A file OpenCV cannot open or get a frame from is tried once more with PyAV (a file that crashes OpenCV's
+    decoder is retried by the process pool, which sees the crash); the report and every record name the decoder
+    that produced the pairs, and the report says why the first one was given up."""
+    vid = task.video_id or video_id(task.path)
+    decoder, fallback = task.decoder, task.fallback
+    while True:
+        report, mined = _mine_with(task, vid, decoder, config, emit, segmenter, check_interrupt)
+        if decoder == "opencv" and not mined and report.status == "skipped" and report.problem == CANNOT_DECODE:
+            fallback, decoder = report.reason, "pyav"
+            continue
+        break
+    if fallback and report.status == "skipped" and report.problem == CANNOT_DECODE:
+        report.reason = f"{fallback}; {report.reason}"
+    report.video_id, report.fallback = vid, fallback
+    emit(VideoFinished(task.job, report))
+
+
+def _mine_with(task, vid, decoder, config, emit, segmenter, check_interrupt):
+    """(report, pairs emitted) of one try of ``task`` with ``decoder``."""
+    mined = 0
     try:
         generator = mine_video(task.path, config, segmenter, task.start, task.stop,
-                               lambda done, total: emit(VideoProgress(task.job, done, total)), check_interrupt)
+                               lambda done, total: emit(VideoProgress(task.job, done, total)), check_interrupt,
+                               decoder)
         while True:
             try:
                 pair = next(generator)
             except StopIteration as finished:
-                report = finished.value
-                break
+                return finished.value, mined
             sample, mask, augmentation = finalize_pair(vid, pair, config)
-            record = pair_record(vid, task.path, pair, config, augmentation)
+            record = pair_record(vid, task.path, pair, config, augmentation, decoder)
             emit(PairMined(task.job, sample, pair.source, mask, pair.target, record))
+            mined += 1
     except Exception as error:  # one video's failure is its report, not the run's end
-        report = VideoReport(video=str(task.path), status="skipped", reason=f"{type(error).__name__}: {error}")
-    emit(VideoFinished(task.job, report))
+        report = VideoReport(video=str(task.path), status="skipped", reason=f"{type(error).__name__}: {error}",
+                             problem="error while mining", decoder=decoder, pairs=mined)
+        return report, mined

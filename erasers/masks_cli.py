@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..dataset_tools.imageio import IMAGE_EXTENSIONS, read_mask
-from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, UsageError, cli_main
+from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, UsageError, check_input, check_output_folder, cli_main
 from . import masks
 
 
@@ -88,9 +88,7 @@ def main(argv=None) -> int:
 
 def run(args, host=None) -> int:
     host = host or CliHost(enabled=False)
-    if not args.masks_dir.is_dir():
-        raise UsageError(f"mask folder {args.masks_dir} does not exist" if not args.masks_dir.exists() else
-                         f"{args.masks_dir} is a file: give a folder of mask images")
+    check_input(args.masks_dir, "mask folder")
     files = sorted(p for p in args.masks_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UsageError(f"no mask images ({', '.join(IMAGE_EXTENSIONS)}) in {args.masks_dir}")
@@ -98,9 +96,8 @@ def run(args, host=None) -> int:
     clashing = sorted(s for s, n in stems.items() if n > 1)
     if clashing:
         raise UsageError(f"files in {args.masks_dir} share a stem, so their outputs would collide: {clashing}")
-    if args.out_dir.exists() and not args.out_dir.is_dir():
-        raise UsageError(f"output folder {args.out_dir} is a file: give a folder for the new masks")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(args.out_dir, "output folder")
+    args.out_dir.mkdir(exist_ok=True)
 
     summary, failures = Counter(), []
     for done, path in enumerate(files):

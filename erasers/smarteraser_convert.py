@@ -14,13 +14,16 @@ every ``erasekit-*`` command): 0 written, 1 a weights file could not be read or 
 SmartEraser release, 130 interrupted.
 """
 import argparse
+import json
 import os
 import re
+import struct
 import sys
+import zipfile
 
 import torch
 
-from ..jobs import EXIT_OK, UsageError, cli_main
+from ..jobs import EXIT_OK, UsageError, check_output_folder, cli_main
 from .smarteraser import read_projector_state_dict
 
 WEIGHT_NAMES = {
@@ -70,9 +73,48 @@ class UnreadableWeights(OSError):
     """A weights file exists but cannot be read (truncated, damaged, or not a weights file)."""
 
 
+def diagnose_weights(path):
+    """Why a weights file that failed to load cannot be read, judged from its bytes: "is truncated: ..." (its
+    header or its zip directory promises more bytes than the file has) or "is not a weights file: ..."."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if size == 0:
+        return "is empty (0 bytes): the download or copy did not finish"
+    if path.lower().endswith(".safetensors"):
+        if size < 8:
+            return f"is truncated: {size} bytes, shorter than a safetensors header"
+        length = struct.unpack("<Q", head[:8])[0]
+        if not head[8:9] == b"{" or length > 100 << 20:
+            return f"is not a weights file: it does not start with a safetensors header (it starts with {head[:16]!r})"
+        if 8 + length > size:
+            return f"is truncated: its header alone needs {8 + length} bytes but the file has {size}"
+        with open(path, "rb") as handle:
+            handle.seek(8)
+            try:
+                header = json.loads(handle.read(length))
+            except ValueError:
+                return "is not a weights file: its safetensors header is not JSON"
+        end = max((entry["data_offsets"][1] for key, entry in header.items()
+                   if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry), default=0)
+        if 8 + length + end > size:
+            return f"is truncated: its tensors need {8 + length + end} bytes but the file has {size}"
+        return "is damaged: its safetensors header and size agree but the tensors cannot be read"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError):
+            return f"is truncated: the end of its zip archive is missing ({size} bytes)"
+        return f"is damaged: {damaged} inside it fails its checksum" if damaged else "is damaged"
+    if head[:1] == b"\x80":  # a legacy pickle (protocol 2+)
+        return f"is truncated or damaged: its pickle ends early or breaks ({size} bytes)"
+    return f"is not a weights file: it is neither safetensors nor a PyTorch file (it starts with {head[:16]!r})"
+
+
 def read_weights(path):
     """A state dict from safetensors, or from a pickle loaded with weights_only=True; UnreadableWeights naming the
-    file when it cannot be read."""
+    file and saying whether it is truncated or not a weights file at all when it cannot be read."""
     try:
         if path.lower().endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -80,8 +122,8 @@ def read_weights(path):
             return load_file(path)
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UnreadableWeights(f"{path} cannot be read as weights ({type(error).__name__}: {error}): the file is "
-                                "truncated or damaged, or not a weights file; download it again") from error
+        raise UnreadableWeights(f"{path} {diagnose_weights(path)}; download it again "
+                                f"(the loader said: {type(error).__name__}: {error})") from error
     return state_dict.get("state_dict", state_dict)
 
 
@@ -212,6 +254,7 @@ def run(args):
     if not os.path.isdir(args.folder):
         raise UsageError(f"{args.folder} is not a folder: give the released SmartEraser folder (unet/, vae/, "
                          "text_encoder/, clip_mlp_weight.pth)")
+    check_output_folder(args.out_dir, "output folder")
     try:
         checkpoint, projector = convert(args.folder, args.out_dir, args.name, args.half)
     except (FileNotFoundError, ValueError) as error:  # parts missing, or another model than SmartEraser's

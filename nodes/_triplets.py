@@ -4,6 +4,12 @@ import torch
 
 from ..dataset_tools.triplets import TripletPreview, preview_triplets
 
+RESUME_TOOLTIP = ("Continue a folder that already holds samples made with the same settings (what is there is kept "
+                  "and not made again). Off: such a folder is an error. Other settings than the folder's are refused "
+                  "with the differences listed, unless append is on.")
+APPEND_TOOLTIP = ("Add samples made with other settings to a folder that holds samples; each new sample records its "
+                  "settings in manifest.jsonl and dataset.json lists every run's settings.")
+
 
 def to_image(arrays):
     """uint8 HxWx3 arrays of one size → IMAGE [B,H,W,3] in [0, 1]."""

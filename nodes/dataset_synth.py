@@ -32,7 +32,7 @@ def _output_path(value):
 
 
 def _job(backgrounds, instances, output, num_samples, size, blend, seed, area_filter, class_filter, coco, coco_images,
-         background_annotations, clip_model, sam_model, sam_images):
+         background_annotations, clip_model, sam_model, sam_images, resume=True, append=False):
     """The ``SynthJob`` of the node's inputs: folders resolved, empty inputs unset, one value per list setting."""
     paths = {name: _input_path(value, name) for name, value in (
         ("backgrounds", backgrounds), ("instances", instances), ("coco", coco), ("coco_images", coco_images),
@@ -43,7 +43,8 @@ def _job(backgrounds, instances, output, num_samples, size, blend, seed, area_fi
     return SynthJob(backgrounds=paths["backgrounds"], output=_output_path(output), num_samples=num_samples or None,
                     size=size, blend=blend, seed=seed, area_filter=area_filter, class_filter=class_filter,
                     background_annotations=paths["background_annotations"], clip_model=paths["clip_model"],
-                    sam_model=sam_path(sam_model), device=str(comfy.model_management.get_torch_device()), **listed)
+                    sam_model=sam_path(sam_model), device=str(comfy.model_management.get_torch_device()),
+                    resume=resume, append=append, **listed)
 
 
 class Syn4RemovalDataset(io.ComfyNode):
@@ -56,9 +57,10 @@ class Syn4RemovalDataset(io.ComfyNode):
             description=(
                 "SmartEraser's Syn4Removal recipe: cuts instances out of photos with masks, filters them, and "
                 "pastes each onto a background (resize + centre crop, placement away from the edges and "
-                "existing objects, random rotation, alpha blending). Writes source/mask/target PNGs and "
-                "manifest.jsonl; running again resumes. Outputs a preview of the written samples. The "
-                "erasekit-synth command runs the same job."),
+                "existing objects, random rotation, alpha blending); a sample that meets a bad file is drawn again. "
+                "Writes source/mask/target PNGs, manifest.jsonl and dataset.json (the settings); running again "
+                "resumes when the settings are the same (other settings need append). Outputs a preview of the "
+                "written samples. The erasekit-synth command runs the same job."),
             is_output_node=True,
             inputs=[
                 io.String.Input("backgrounds", default="", tooltip="Folder of background photos (searched "
@@ -94,12 +96,15 @@ class Syn4RemovalDataset(io.ComfyNode):
                                        "instance masks on the photos of sam_images."),
                 io.String.Input("sam_images", default="", optional=True, tooltip="Folder of photos for SAM "
                                 "proposals (with sam_model); absolute or relative to ComfyUI's input folder."),
+                io.Boolean.Input("resume", default=True, optional=True, tooltip=_triplets.RESUME_TOOLTIP),
+                io.Boolean.Input("append", default=False, optional=True, tooltip=_triplets.APPEND_TOOLTIP),
             ],
             outputs=[
                 io.Image.Output("source", tooltip="Preview: composites with the pasted object."),
                 io.Mask.Output("mask", tooltip="Preview: masks of the pasted objects (1 = remove)."),
                 io.Image.Output("target", tooltip="Preview: the untouched backgrounds."),
-                io.String.Output("summary", tooltip="Run summary as JSON: written, existing, skipped reasons, filters."),
+                io.String.Output("summary", tooltip="Run summary as JSON: written, existing, redrawn; samples not made "
+                                 "and files left out, by reason with the first names; filters."),
                 io.String.Output("dataset_folder", tooltip="The dataset's absolute folder: link it to a trainer's "
                                  "dataset input so training runs after synthesis."),
             ],
@@ -115,9 +120,9 @@ class Syn4RemovalDataset(io.ComfyNode):
     @classmethod
     def execute(cls, backgrounds, instances, output, num_samples, size, blend, seed, area_filter, class_filter,
                 coco="", coco_images="", background_annotations="", clip_model="", preview_count=4,
-                sam_model=NONE, sam_images="") -> io.NodeOutput:
+                sam_model=NONE, sam_images="", resume=True, append=False) -> io.NodeOutput:
         job = _job(backgrounds, instances, output, num_samples, size, blend, seed, area_filter, class_filter, coco,
-                   coco_images, background_annotations, clip_model, sam_model, sam_images)
+                   coco_images, background_annotations, clip_model, sam_model, sam_images, resume, append)
         host = _host.ComfyHost()
         summary = run_synth_job(job, host)
         source, mask, target, _ = _triplets.preview(job.output, 0, preview_count, host)

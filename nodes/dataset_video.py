@@ -14,15 +14,15 @@ from comfy_api.latest import io
 from ..dataset_tools.triplets import dataset_fingerprint
 from ..dataset_tools.video_decode import read_frames
 from ..dataset_tools.video_job import PairPreview, VideoJob, preview_video_pairs, run_video_job
-from ..dataset_tools.video_mining import MASK_AUGMENTATIONS, PairingConfig
+from ..dataset_tools.video_mining import MASK_AUGMENTATIONS, OUTSIDE_CHANGES, PairingConfig
 from ..jobs import fingerprint
 from . import _host
 from ._paths import user_path
 from ._segmenter_models import NONE, dino_choices, dino_path, sam_choices, sam_path
-from ._triplets import preview, to_image, to_mask
+from ._triplets import APPEND_TOOLTIP, RESUME_TOOLTIP, preview, to_image, to_mask
 
 CATEGORY = "erasekit/dataset"
-PAIRING_INPUTS = ("foreground_ratio", "window_seconds", "lighting_mse", "mask_augment")
+PAIRING_INPUTS = ("foreground_ratio", "window_seconds", "lighting_mse", "mask_augment", "outside_changes")
 
 
 def _pairing_inputs():
@@ -35,11 +35,17 @@ def _pairing_inputs():
         io.Float.Input("window_seconds", default=d.window_seconds, min=0.1, max=600.0, step=0.1,
                        tooltip="A pair's two frames are at most this far apart in time."),
         io.Float.Input("lighting_mse", default=d.lighting_mse, min=0.1, max=1000.0, step=0.5,
-                       tooltip="Largest mean squared difference (0-255 scale) allowed between the two frames "
-                               "outside the object: larger means the light changed and the pair is refused."),
+                       tooltip="Largest mean squared difference (0-255 scale) allowed between the two frames where "
+                               "neither has a moving object: larger means the light changed and the pair is refused."),
         io.Combo.Input("mask_augment", options=list(MASK_AUGMENTATIONS), default=d.mask_augment,
                        tooltip="Mask augmentation of the paper: dilate, erode, per-object bounding box, or a "
                                "random one of these per sample (seeded by the sample id)."),
+        io.Combo.Input("outside_changes", options=list(OUTSIDE_CHANGES), default=d.outside_changes,
+                       tooltip=f"When the two frames also differ outside the mask by {d.outside_change_pixels} px or "
+                               "more (other moving objects, or an object only partly masked): mask = grow the mask "
+                               "over the source frame's moving objects that cause it, refusing the pair when the "
+                               "background frame's objects do; reject = refuse the pair. Either way the next-best "
+                               "empty frame is tried."),
     ]
 
 
@@ -162,10 +168,12 @@ class Video4RemovalDataset(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Mines every video of a folder (or one file) with Video4Removal and writes the pairs as a triplet "
-                "dataset (source/, mask/, target/, manifest.jsonl, video-summary.json; atomic). Running again "
-                "resumes: finished videos and written samples are kept. Videos that cannot be opened, are "
-                "truncated, have a moving camera or a never-empty scene are reported with the reason in the "
-                "summary. Outputs a preview of the written samples. The erasekit-video command runs the same job."),
+                "dataset (source/, mask/, target/, manifest.jsonl, dataset.json, video-summary.json; atomic). "
+                "Running again resumes when the settings are the same: finished videos and written samples are "
+                "kept (other settings need append). Videos are told apart by content (copies are mined once); a "
+                "file OpenCV cannot decode is tried with PyAV. Videos that cannot be opened, are truncated, have a "
+                "moving camera or a never-empty scene are reported with the reason in the summary. Outputs a "
+                "preview of the written samples. The erasekit-video command runs the same job."),
             is_output_node=True,
             inputs=[
                 io.String.Input("videos", default="", tooltip="Video file or folder of videos (searched "
@@ -179,6 +187,8 @@ class Video4RemovalDataset(io.ComfyNode):
                              "as a preview batch."),
                 io.Int.Input("workers", default=1, min=1, max=64, tooltip="Videos mined at once, each in its own "
                              "process (a file that crashes the decoder loses only itself)."),
+                io.Boolean.Input("resume", default=True, optional=True, tooltip=RESUME_TOOLTIP),
+                io.Boolean.Input("append", default=False, optional=True, tooltip=APPEND_TOOLTIP),
                 *_segmenter_inputs(),
             ],
             outputs=[
@@ -193,11 +203,11 @@ class Video4RemovalDataset(io.ComfyNode):
         )
 
     @classmethod
-    def _job(cls, videos, output, max_frames, workers, grounding_dino, sam_model, prompt, pairing):
+    def _job(cls, videos, output, max_frames, workers, resume, append, grounding_dino, sam_model, prompt, pairing):
         return VideoJob(videos=[user_path(videos, folder_paths.get_input_directory(), "videos")],
                         output=user_path(output, folder_paths.get_output_directory(), "output", must_exist=False),
-                        pairing=_pairing(pairing), max_frames=max_frames or None, workers=workers, resume=True,
-                        **_segmenter(grounding_dino, sam_model, prompt))
+                        pairing=_pairing(pairing), max_frames=max_frames or None, workers=workers, resume=resume,
+                        append=append, **_segmenter(grounding_dino, sam_model, prompt))
 
     @classmethod
     def fingerprint_inputs(cls, videos, output, grounding_dino=NONE, sam_model=NONE, **_):
@@ -208,9 +218,9 @@ class Video4RemovalDataset(io.ComfyNode):
         return _host.fingerprint(compute)
 
     @classmethod
-    def execute(cls, videos, output, max_frames, preview_count, workers=1, grounding_dino=NONE, sam_model=NONE,
-                prompt="", **pairing) -> io.NodeOutput:
-        job = cls._job(videos, output, max_frames, workers, grounding_dino, sam_model, prompt, pairing)
+    def execute(cls, videos, output, max_frames, preview_count, workers=1, resume=True, append=False,
+                grounding_dino=NONE, sam_model=NONE, prompt="", **pairing) -> io.NodeOutput:
+        job = cls._job(videos, output, max_frames, workers, resume, append, grounding_dino, sam_model, prompt, pairing)
         host = _host.ComfyHost()
         summary = run_video_job(job, host)
         if not summary["samples"]:

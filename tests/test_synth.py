@@ -1,11 +1,13 @@
 """Syn4Removal: instance sources, filters, CLIP scoring, placement rules and pasting on real photos."""
 import json
+import re
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from erasekit.jobs import Skips
 from erasekit.dataset_tools import imageio
 from erasekit.dataset_tools import instances as inst
 from erasekit.dataset_tools import synth
@@ -39,7 +41,7 @@ def build_tiny_clip(folder):
 
 
 def real_instances(shared_data):
-    skips = {}
+    skips = Skips()
     found = inst.folder_instances(shared_data / "images" / "masked", skips=skips)
     found += inst.folder_instances(shared_data / "images" / "syn_triplets", skips=skips)
     return found, skips
@@ -76,12 +78,13 @@ def test_imageio_handles_odd_formats(tmp_path):
 # ---- instance sources ----------------------------------------------------------------------------------
 def test_folder_instances_from_shared_data(shared_data):
     found, skips = real_instances(shared_data)
-    assert sorted(i.id for i in found) == [
+    assert all(re.fullmatch(r".+-[0-9a-f]{10}", i.id) for i in found)  # each id ends with its files' content hash
+    assert sorted(i.id[:-11] for i in found) == [
         "file-dog_bench", "file-paste-000000006818", "file-paste-55_000000138891",
         "file-paste-I-210614_O04019_W01_F0109", "file-room",
     ]
-    assert skips == {}
-    room = next(i for i in found if i.id == "file-room")
+    assert not skips
+    room = next(i for i in found if i.id.startswith("file-room-"))
     rgb, mask, reason = inst.load_instance(room)
     assert reason is None and rgb.shape == (256, 256, 3) and abs(mask.mean() - room.area) < 1e-9
     crop_rgb, crop_mask = inst.cut_instance(rgb, mask)
@@ -115,23 +118,26 @@ def test_coco_polygons_and_rle_match_the_masks(shared_data, tmp_path):
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(coco))
     found = inst.coco_instances(path, masked)
-    assert [(i.id, i.class_name) for i in found] == [("coco-10", "dog"), ("coco-11", "thing"), ("coco-12", "thing")]
+    file_id = found[0].id.split("-")[1]  # annotation ids are unique only within their file: the file's hash is kept
+    assert [(i.id, i.class_name) for i in found] == [(f"coco-{file_id}-10", "dog"), (f"coco-{file_id}-11", "thing"),
+                                                     (f"coco-{file_id}-12", "thing")]
     for instance, expected in zip(found, (dog, room, room)):
         rgb, mask, reason = inst.load_instance(instance)
         assert reason is None and mask.shape == expected.shape
-        if instance.id == "coco-10":  # a polygon traced from the mask covers it up to its outline
+        if instance.id.endswith("-10"):  # a polygon traced from the mask covers it up to its outline
             assert (mask & expected).sum() / (mask | expected).sum() > 0.97
         else:
             assert np.array_equal(mask, expected) and instance.area == pytest.approx(expected.mean())
     assert inst.coco_obstacles(path) == {"dog_bench.png": [[0.0, 0.0, 10.0, 10.0]], "room.png": [[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 1.0, 1.0]]}
 
-    skips = {}
+    skips = Skips()
     (tmp_path / "empty.json").write_text("")
     (tmp_path / "none.json").write_text('{"images": [], "annotations": []}')
     (tmp_path / "bad.json").write_text("{oops")
     for name in ("empty.json", "none.json", "bad.json"):
         assert inst.coco_instances(tmp_path / name, masked, skips) == []
-    assert skips == {inst.EMPTY_ANNOTATIONS: 2, inst.BAD_ANNOTATIONS: 1}
+    assert skips.as_dict() == {inst.EMPTY_ANNOTATIONS: {"count": 2, "first": ["empty.json", "none.json"]},
+                               inst.BAD_ANNOTATIONS: {"count": 1, "first": ["bad.json"]}}
 
 
 # ---- filters and CLIP ----------------------------------------------------------------------------------
@@ -306,9 +312,13 @@ def test_bad_files_are_skipped_and_counted(shared_data, tmp_path):
     plan = synth.build_plan(backgrounds, obstacles, found, synth.SynthConfig(size=256, blend="hard"), num_samples=7,
                             filters={"use_class_count": False})
     summary = synth.run_synthesis(plan, tmp_path / "out")
-    assert summary["written"] == 4
-    assert summary["skipped"] == {imageio.TRUNCATED: 1, synth.TOO_SMALL: 1, imageio.UNREADABLE: 1}
-    assert len(TripletDataset(tmp_path / "out")) == 4
+    assert summary["written"] == 7 and summary["redrawn"] == 3 and summary["failed"] == {}  # drawn again
+    assert summary["skipped"] == {imageio.TRUNCATED: {"count": 1, "first": ["e_cut.jpg"]},
+                                  synth.TOO_SMALL: {"count": 1, "first": ["f_small.jpg"]},
+                                  imageio.UNREADABLE: {"count": 1, "first": ["g_junk.jpg"]}}
+    records = TripletDataset(tmp_path / "out").records
+    assert len(records) == 7 and sorted(r["params"].get("draw", 0) > 0 for r in records) == [False] * 4 + [True] * 3
+    assert not {"e_cut.jpg", "f_small.jpg", "g_junk.jpg"} & {r["background"].rsplit("/", 1)[-1] for r in records}
 
 
 def test_background_annotations_become_obstacles_in_crop_coordinates(shared_data, tmp_path):
@@ -324,13 +334,13 @@ def test_background_annotations_become_obstacles_in_crop_coordinates(shared_data
     (tmp_path / "bg.json").write_text(json.dumps(coco))
     paths, obstacles, skips = synth.collect_backgrounds(pairs, tmp_path / "bg.json")
     person = str(pairs / "unwant_person.jpg")
-    assert person in paths and obstacles == {person: [[100.0, 200.0, 160.0, 80.0]]} and skips == {}
+    assert person in paths and obstacles == {person: [[100.0, 200.0, 160.0, 80.0]]} and not skips
     found, _ = real_instances(shared_data)
     plan = synth.build_plan([person], obstacles, found, synth.SynthConfig(size=400, blend="hard"), num_samples=5,
                             filters={"use_class_count": False})
     for index in range(5):
-        _, sample, record, reason = synth.make_sample(plan, index)
-        assert reason is None
+        _, sample, record, problems = synth.make_sample(plan, index)
+        assert problems == []
         assert record["params"]["obstacles"] == [[50.0, 100.0, 80.0, 40.0]]  # 800 → 400: scale 0.5, no crop offset
         if not record["params"]["fallback"]:
             assert synth.obstacle_overlap_ok(record["params"]["box"], [[50.0, 100.0, 80.0, 40.0]], 0.5)

@@ -63,7 +63,8 @@ def reference(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     assert synth_cli.main(_args(shared_data, out)) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["written"] == 30 and summary["skipped"] == {} and summary["filters"]["clip"] is False
+    assert summary["written"] == 30 and summary["skipped"] == {} and summary["failed"] == {}
+    assert summary["filters"]["clip"] is False
     return _contents(out)
 
 
@@ -80,7 +81,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(shared_data, tmp_path, 
     assert 6 <= lines < 30, "the run was not killed halfway"
     halfway = TripletDataset(out)  # a killed folder is already a valid dataset
     assert halfway.validate() == len(halfway)
-    done = subprocess.run(_cli(_args(shared_data, out)), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cli(_args(shared_data, out, "--resume")), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["existing"] >= 6 and summary["existing"] + summary["written"] == 30
@@ -119,10 +120,10 @@ def test_resumed_runs_reuse_the_scored_instance_table(shared_data, tmp_path, mon
     calls = []
     original = clip_score.ClipScorer.from_folder
     monkeypatch.setattr(clip_score.ClipScorer, "from_folder", classmethod(lambda cls, *a: calls.append(a) or original(*a)))
-    assert synth_cli.main(_args(shared_data, out, "--clip-model", str(clip), "--num-samples", "4")) == 0
+    assert synth_cli.main(_args(shared_data, out, "--clip-model", str(clip), "--num-samples", "4", "--resume")) == 0
     assert calls == [] and len(TripletDataset(out)) == 4  # resumed: no CLIP model loaded again
     (clip / "config.json").touch()  # another model (newer file) → scored again
-    assert synth_cli.main(_args(shared_data, out, "--clip-model", str(clip), "--num-samples", "4")) == 0
+    assert synth_cli.main(_args(shared_data, out, "--clip-model", str(clip), "--num-samples", "4", "--resume")) == 0
     assert len(calls) == 1
 
 
@@ -158,7 +159,7 @@ def test_sam_proposals_are_an_instance_source(shared_data, tmp_path):
         "--size", "256", "--blend", "hard", "--num-samples", "3", "--no-class-filter", "--no-area-filter", "--no-progress",
     ]
     assert synth_cli.main(args) == 0
-    masks = sorted((out / "sam_masks" / "0").glob("dog_bench_sam*.png"))
+    masks = sorted((out / "sam_masks" / "0").glob("dog_bench-*_sam*.png"))  # the photo's content hash in the name
     assert masks and not list((out / "sam_masks" / "0").glob(".tmp-*"))
     records = list(TripletDataset(out).iter_records())
     assert len(records) == 3

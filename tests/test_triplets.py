@@ -64,23 +64,22 @@ def test_write_rejects_bad_input_without_leaving_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "source").iterdir()) == ["a.png"]
 
 
-def test_resume_drops_lines_without_files_torn_lines_and_orphans(tmp_path):
+def test_resume_cuts_a_torn_line_and_temp_files_and_keeps_orphans(tmp_path):
     with TripletWriter(tmp_path) as writer:
         for i in range(3):
             writer.write(f"s{i}", *_sample(i), {"origin": ORIGIN})
-    (tmp_path / "target" / "s1.png").unlink()  # a line whose files are gone
     cv2.imwrite(str(tmp_path / "source" / "orphan.png"), np.zeros((4, 4, 3), np.uint8))  # killed before its line
     (tmp_path / "mask" / ".tmp-manifest-x.png").write_bytes(b"partial")
     with open(tmp_path / "manifest.jsonl", "a") as handle:
         handle.write('{"id": "s9", "sou')  # killed while appending
     with TripletWriter(tmp_path, resume=True) as writer:
-        assert writer.has("s0") and writer.has("s2") and not writer.has("s1") and not writer.has("s9")
-        writer.write("s1", *_sample(1), {"origin": ORIGIN})
-    assert not (tmp_path / "source" / "orphan.png").exists()
-    assert not (tmp_path / "mask" / ".tmp-manifest-x.png").exists()
+        assert writer.has("s0") and writer.has("s2") and not writer.has("s9")
+        writer.write("s3", *_sample(3), {"origin": ORIGIN})
+    assert (tmp_path / "source" / "orphan.png").exists()  # never deleted: erasekit-dataset repair moves it aside
+    assert not (tmp_path / "mask" / ".tmp-manifest-x.png").exists()  # a partial write is not a sample
     lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == ["s0", "s2", "s1"]
-    assert len(TripletDataset(tmp_path)) == 3
+    assert [json.loads(line)["id"] for line in lines] == ["s0", "s1", "s2", "s3"]
+    assert len(TripletDataset(tmp_path)) == 4
 
 
 def test_no_resume_refuses_a_filled_folder(tmp_path):

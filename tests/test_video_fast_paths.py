@@ -65,7 +65,8 @@ def test_shadow_pixels_in_bands_matches_whole_image_rule(shape):
                       rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
     banded = V.shadow_pixels(source, target)
     assert banded.shape == shape and banded.dtype == bool
-    assert np.array_equal(banded, V._shadow_rule(source, target))
+    assert np.array_equal(banded, V._shadow_rule(source, target, *V.SHADOW_RULE))
+    assert np.array_equal(V.shadow_pixels(source, target, V.DARKER_RULE), V._shadow_rule(source, target, *V.DARKER_RULE))
     assert banded.any() and not banded.all()
 
 

@@ -14,7 +14,8 @@ from erasekit.dataset_tools import synth_cli, video_cli
 from erasekit.dataset_tools.triplets import TripletWriter
 from harness import PromptError
 
-PAIRING = {"foreground_ratio": 0.04, "window_seconds": 6.0, "lighting_mse": 20.0, "mask_augment": "random"}
+PAIRING = {"foreground_ratio": 0.04, "window_seconds": 6.0, "lighting_mse": 20.0, "mask_augment": "random",
+           "outside_changes": "mask"}
 
 
 def dataset_files(folder):

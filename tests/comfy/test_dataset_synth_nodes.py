@@ -39,3 +39,21 @@ def test_dataset_nodes_report_bad_folders(comfy, shared_data):
         comfy.run_prompt(synth_prompt(shared_data / "images", backgrounds="/nonexistent/photos"))
     with pytest.raises(PromptError, match="no instance passed the filters"):
         comfy.run_prompt(synth_prompt(shared_data / "images", class_filter=True, output="syn_node_2"))
+
+
+def test_synthesis_node_resumes_only_the_same_recipe_and_appends_on_request(comfy, shared_data):
+    """The node's resume and append inputs mean what the command's --resume and --append mean."""
+    images = shared_data / "images"
+    folder = comfy.output_dir / "syn_recipes"
+    comfy.run_prompt(synth_prompt(images, output="syn_recipes", num_samples=2, seed=0))
+    with pytest.raises(PromptError, match=r"seed: 0 -> 5.*append"):
+        comfy.run_prompt(synth_prompt(images, output="syn_recipes", num_samples=3, seed=5))
+    with pytest.raises(PromptError, match="already holds 2 samples"):
+        comfy.run_prompt(synth_prompt(images, output="syn_recipes", num_samples=3, seed=0, resume=False))
+    summary = json.loads(comfy.run_prompt(
+        synth_prompt(images, output="syn_recipes", num_samples=3, seed=5, append=True)).outputs("1")[3])
+    assert summary["written"] == 1
+    runs = json.loads((folder / "dataset.json").read_text())["runs"]
+    assert [run["settings"]["seed"] for run in runs] == [0, 5]
+    records = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert [r.get("settings", {}).get("seed") for r in records] == [None, None, 5]

@@ -9,7 +9,8 @@ import pytest
 from erasekit.dataset_tools.triplets import TripletDataset
 from harness import PromptError
 
-SETTINGS = {"foreground_ratio": 0.04, "window_seconds": 6.0, "lighting_mse": 20.0, "mask_augment": "none"}
+SETTINGS = {"foreground_ratio": 0.04, "window_seconds": 6.0, "lighting_mse": 20.0, "mask_augment": "none",
+            "outside_changes": "mask"}
 
 
 @pytest.fixture
@@ -82,6 +83,10 @@ def test_dataset_node_writes_and_resumes(comfy, videos):
     assert source.shape[0] == 2 and np.isin(mask.numpy(), [0.0, 1.0]).all()
     again = json.loads(comfy.run_prompt(prompt).outputs("1")[3])
     assert again["written"] == 0  # resumed: every sample already there
+    assert len(TripletDataset(comfy.output_dir / "video_dataset_test")) == len(dataset)
+    prompt["1"]["inputs"]["outside_changes"] = "reject"  # another recipe: refused, as the command refuses it
+    with pytest.raises(PromptError, match=r"outside_changes: \"mask\" -> \"reject\".*append"):
+        comfy.run_prompt(prompt)
     assert len(TripletDataset(comfy.output_dir / "video_dataset_test")) == len(dataset)
 
 
