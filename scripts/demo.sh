@@ -11,6 +11,7 @@ inputs=("$@")
 for f in "${inputs[@]}"; do
   [ -e "$f" ] || { echo "demo: input not found: $f (pass a video or a folder of videos)" >&2; exit 2; }
 done
+mkdir -p "$out"
 # Cars cover 4-14 % of road_cars.avi's frame, so the paper's foreground ratio of 0.15 keeps one frame; 0.04 mines ~10.
 "$venv/bin/erasekit-video" "${inputs[@]}" -o "$out/video_pairs" --resume --foreground-ratio "${ERASEKIT_DEMO_FG_RATIO:-0.04}"
 "$venv/bin/erasekit-masks" "$out/video_pairs/mask" "$out/irregular_masks" --choice random --seed 0

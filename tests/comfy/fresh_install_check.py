@@ -48,7 +48,7 @@ def optional_features(pack, workdir):
 def run_workflow(harness, path):
     """The workflow at its defaults, making one sample where it would make several (the defaults are what is
     under test here; tests/comfy/test_workflows.py runs the whole graphs)."""
-    prompt = harness.workflow_prompt(json.loads(Path(path).read_text()), max_steps=3)
+    prompt = harness.workflow_prompt(json.loads(Path(path).read_text()), caps={"steps": 3})
     for entry in prompt.values():
         if entry["inputs"].get("num_samples"):
             entry["inputs"]["num_samples"] = 1
