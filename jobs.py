@@ -93,7 +93,7 @@ def cli_main(prog: str, run: Callable[[], int]) -> int:
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as error:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError, MissingExtra) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
 
