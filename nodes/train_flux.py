@@ -113,7 +113,6 @@ def stored_copy(model, dtype, compute_dtype):
 class ComfyFlux(FluxAdapter):
     """ComfyUI's FLUX (``model_base.Flux``) + ComfyUI's VAE + a FLUX conditioning, for the one trainer."""
 
-    kind = "comfy"
     encode_ahead = True  # the VAE runs before FLUX is loaded, never between steps
 
     def __init__(self, model, vae, positive, device=None):

@@ -109,7 +109,6 @@ class FluxAdapter:
     """What one FLUX implementation supplies to the trainer. Subclasses: ``train.flux.DiffusersFlux`` and the
     ComfyUI node's ``ComfyFlux``. All tensors are on ``device``; images are ComfyUI IMAGEs ``[B,H,W,3]`` in [0, 1]."""
 
-    kind = "diffusers"  # the ACTIVATION_UNITS column of train.memory
     device = torch.device("cpu")
     module: torch.nn.Module  # the transformer (registered in EraserModel: DDP, checkpointing)
     cache_tag = ""  # names the model in disk caches
@@ -160,8 +159,8 @@ class MemoryFacts:
     offload_order: list = field(default_factory=list)  # [[Linear names of one block], ...]
 
 
-def plan_memory(facts: MemoryFacts, plan: memory.MemoryPlan, lora_params, resolution, kind, compute_bytes,
-                batch=1, optimizer="adamw"):
+def plan_memory(facts: MemoryFacts, plan: memory.MemoryPlan, lora_params, resolution, compute_bytes, batch=1,
+                optimizer="adamw"):
     """(estimate, offloaded Linear names): the plan's estimate, offloading whole blocks until it fits the budget."""
     storage_bytes = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -175,14 +174,14 @@ def plan_memory(facts: MemoryFacts, plan: memory.MemoryPlan, lora_params, resolu
     def estimate_with(offloaded):
         weights = facts.other_bytes + sum(layer_bytes(n) for n in facts.linears if n not in offloaded)
         return memory.estimate(weights, lora_params, tokens, facts.hidden, facts.double_blocks, facts.single_blocks,
-                               plan.gradient_checkpointing, kind, compute_bytes, largest, batch,
+                               plan.gradient_checkpointing, compute_bytes, largest, batch,
                                optimizer_states=1 if optimizer == "adamw8bit" else 2)
 
     offloaded = set()
     found = estimate_with(offloaded)
     if plan.budget_gib is not None:
         for block in facts.offload_order:
-            if found.total <= plan.budget_gib * memory.GIB:
+            if found.total <= memory.FIT * plan.budget_gib * memory.GIB:
                 break
             offloaded.update(block)
             found = estimate_with(offloaded)
@@ -399,17 +398,49 @@ class EraserResult:
 def choose_plan(job: EraserJob, adapter: FluxAdapter, lora_params, compute_bytes):
     """The memory plan of the run (``auto`` picks the fastest that fits the device), its estimate and offload set."""
     facts = adapter.memory_facts()
-    kind = adapter.kind
 
     def estimate_for(plan):
-        return plan_memory(facts, plan, lora_params, job.resolution, kind, compute_bytes, job.batch_size,
-                           job.optimizer)[0]
+        return plan_memory(facts, plan, lora_params, job.resolution, compute_bytes, job.batch_size, job.optimizer)[0]
 
     plan = job.memory_plan if isinstance(job.memory_plan, memory.MemoryPlan) else \
         memory.resolve_plan(job.memory_plan, adapter.device, estimate_for)
-    estimate, offloaded = plan_memory(facts, plan, lora_params, job.resolution, kind, compute_bytes, job.batch_size,
+    estimate, offloaded = plan_memory(facts, plan, lora_params, job.resolution, compute_bytes, job.batch_size,
                                       job.optimizer)
     return plan, estimate, offloaded
+
+
+@dataclass
+class RunPlan:
+    """What a run will hold in memory, decided before any weight moves."""
+
+    plan: memory.MemoryPlan
+    estimate: memory.MemoryEstimate
+    offloaded: set
+    precision: str  # the loop's resolved mixed precision ("bf16", "fp16", "no")
+    targets: dict
+
+
+def plan_run(job: EraserJob, adapter: FluxAdapter, check_memory=None) -> RunPlan:
+    """Resolve the mixed precision and the memory plan; ``check_memory(estimate, plan)`` may refuse the run."""
+    precision = loop.resolve_mixed_precision(job.mixed_precision, adapter.device)
+    compute_dtype = loop.COMPUTE_DTYPES[precision]
+    targets = adapter.lora_targets()
+    lora_params = sum(job.rank * (t.in_features + (t.rows[1] if t.rows else t.out_features)) for t in targets.values())
+    plan, estimate, offloaded = choose_plan(job, adapter, lora_params, torch.finfo(compute_dtype).bits // 8)
+    log.info("memory plan %s: %s%s", plan.name, estimate.describe(),
+             f", {len(offloaded)} frozen layers in CPU memory" if offloaded else "")
+    if check_memory is not None:
+        check_memory(estimate, plan)
+    return RunPlan(plan, estimate, offloaded, precision, targets)
+
+
+def build_model(job: EraserJob, adapter: FluxAdapter, run: RunPlan):
+    """Put the plan into effect and add the LoRA: returns (slots, ``EraserModel``), ready for ``loop.train``."""
+    adapter.apply_plan(run.plan, loop.COMPUTE_DTYPES[run.precision], run.offloaded, run.estimate)
+    adapter.module.requires_grad_(False)  # only the LoRA slots train
+    targets = adapter.lora_targets()  # the plan may have replaced the modules that compute them
+    slots = lora.LoraSlots(targets, job.rank, job.lora_alpha, job.seed).to(adapter.device).attach()
+    return slots, EraserModel(adapter, slots)
 
 
 def train_eraser(job: EraserJob, adapter: FluxAdapter, host: Host | None = None, data: TrainingData | None = None,
@@ -427,18 +458,10 @@ def train_eraser(job: EraserJob, adapter: FluxAdapter, host: Host | None = None,
     accelerator = accelerator or loop.SingleProcess(adapter.device)
     device = adapter.device
     config = job.loop_config()
-    precision = loop.resolve_mixed_precision(job.mixed_precision, device)
-    compute_dtype = loop.COMPUTE_DTYPES[precision]
+    run = plan_run(job, adapter, check_memory)
+    plan, estimate, precision = run.plan, run.estimate, run.precision
     config.mixed_precision = precision
-
-    targets = adapter.lora_targets()
-    lora_params = sum(job.rank * (t.in_features + (t.rows[1] if t.rows else t.out_features)) for t in targets.values())
-    plan, estimate, offloaded = choose_plan(job, adapter, lora_params, torch.finfo(compute_dtype).bits // 8)
     config.gradient_checkpointing = plan.gradient_checkpointing
-    log.info("memory plan %s: %s%s", plan.name, estimate.describe(),
-             f", {len(offloaded)} frozen layers in CPU memory" if offloaded else "")
-    if check_memory is not None:
-        check_memory(estimate, plan)
 
     cache = None
     if job.crop_variants:
@@ -455,11 +478,7 @@ def train_eraser(job: EraserJob, adapter: FluxAdapter, host: Host | None = None,
     held_moments = encode_moments(adapter, held["source"], held["mask"], held["target"])
     held_mask = held["mask"].to(device)
 
-    adapter.apply_plan(plan, compute_dtype, offloaded, estimate)
-    adapter.module.requires_grad_(False)  # only the LoRA slots train
-    targets = adapter.lora_targets()  # the plan may have replaced the modules that compute them
-    slots = lora.LoraSlots(targets, job.rank, job.lora_alpha, job.seed).to(device).attach()
-    model = EraserModel(adapter, slots)
+    slots, model = build_model(job, adapter, run)
     params = slots.parameters_by_name()
     objective = job.objective()
     progress_state = {"step": 0}

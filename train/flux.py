@@ -92,8 +92,6 @@ class DiffusersFlux(FluxAdapter):
     the frozen layer reads the first 64, which is what the official zero-padded widening computes) or already
     widened (e.g. diffusers' ``load_lora_weights`` of an OmniEraser file)."""
 
-    kind = "diffusers"
-
     def __init__(self, transformer, vae, text, device, cache_tag=""):
         self.module, self.vae, self.text = transformer, vae, text
         self.device = torch.device(device)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 GIB = 2 ** 30
+FIT = 0.92  # share of a budget or a card an estimate may fill: the rest is the CUDA context and fragmentation
 STORAGE_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -138,15 +139,16 @@ class MemoryPlan:
 
 PLANS = {
     "16gb": MemoryPlan("16gb", "fp8", True, 16.0,
-                       "frozen FLUX weights in fp8 (e4m3fn, up-cast per layer), gradient checkpointing: FLUX.1-dev "
-                       "at 1024 px in about 15 GiB (estimated from parameter counts; to be measured on a GPU)"),
+                       "frozen FLUX weights stored in fp8 (e4m3fn, up-cast per layer), gradient checkpointing: "
+                       "FLUX.1-dev LoRA at 1024 px in about 14.6 GiB (estimated from parameter counts and the "
+                       "CPU-measured activation table; to be measured on a GPU)"),
     "24gb": MemoryPlan("24gb", "bf16", True, 24.0,
                        "frozen FLUX weights in bf16, gradient checkpointing, and as many frozen blocks kept in CPU "
-                       "memory (streamed per layer) as it takes to stay under 24 GiB at 1024 px (estimated from "
-                       "parameter counts; to be measured on a GPU)"),
+                       "memory (streamed per layer) as it takes to stay under 24 GiB: at 1024 px about 22 GiB with "
+                       "3.7 GiB of blocks in CPU memory (estimated; to be measured on a GPU)"),
     "full": MemoryPlan("full", None, False, None,
                        "weights as loaded, no checkpointing: the fastest; FLUX.1-dev in bf16 at 1024 px peaked at "
-                       "50.6 GiB on an H200 (benchmarks/train.py, issue 17)"),
+                       "50.6 GiB on an H200 (issue 17's first run; estimate 46 GiB)"),
 }
 PLAN_NAMES = ("auto",) + tuple(PLANS)
 
@@ -168,22 +170,20 @@ def resolve_plan(name, device, estimate_for=None):
         return PLANS["full"]
     total = torch.cuda.get_device_properties(device).total_memory
     for plan in (PLANS["full"], PLANS["24gb"], PLANS["16gb"]):
-        if estimate_for(plan).total <= 0.92 * total:  # the rest: CUDA context, allocator fragmentation
+        if estimate_for(plan).total <= FIT * total:
             return plan
     return PLANS["16gb"]
 
 
 # ------------------------------------------------------------------------------------------------ the memory model
 
-# Activations saved for backward by one FLUX block, in units of tokens × hidden size × bytes per compute element,
-# measured on CPU in fp32 by ``saved_activation_units`` on the tiny FLUX of tests/test_train_memory.py (hidden 128,
-# 4 heads, 32 text + 64 image tokens, every LoRA target adapted, SDPA attention). Attention's score matrix is never
-# saved (SDPA keeps log-sum-exp rows), so the figure is per token. ``checkpointed``: what one block keeps when its
-# forward is recomputed in backward (its inputs). Re-measured by tests/test_train_memory.py (within 15 %).
-ACTIVATION_UNITS = {
-    "diffusers": {"double": 50.0, "single": 31.0, "checkpointed": 2.0},
-    "comfy": {"double": 45.0, "single": 30.0, "checkpointed": 2.0},
-}
+# Activations autograd saves per FLUX block, in units of tokens × hidden size × bytes per compute element: the
+# slope over 96 → 288 tokens, measured on CPU in fp32 by ``saved_activation_units`` on a FLUX of hidden 128 with a
+# LoRA slot on every official target (tests/test_train_memory.py and tests/comfy/test_train_flux_nodes.py measure it
+# again, within 15 %). diffusers' FLUX and ComfyUI's FLUX (with the trainer's SDPA attention) save the same: double
+# block 19.8, single block 12.3, outside the blocks 3.1. SDPA keeps log-sum-exp rows, never the score matrix, so the
+# figure is per token. A checkpointed block keeps only its input stream (1 unit) and recomputes the rest in backward.
+ACTIVATION_UNITS = {"double": 20.0, "single": 12.5, "outside": 3.0, "checkpointed": 1.0}
 # Peak device memory (GiB) of FLUX.1-dev-shaped LoRA training at 1024 px, batch 1, rank 32, from
 # ``benchmarks/train.py`` on a GPU; None = still to be measured. Keyed by (trainer, plan).
 MEASURED_PEAK_GIB = {
@@ -213,15 +213,16 @@ class MemoryEstimate:
 
 
 def estimate(weight_bytes, lora_params, tokens, hidden, double_blocks, single_blocks, checkpointing,
-             kind="diffusers", compute_bytes=2, largest_weight=0, batch=1, optimizer_states=2):
+             compute_bytes=2, largest_weight=0, batch=1, optimizer_states=2):
     """The memory model: exact weights and LoRA state, activations from ``ACTIVATION_UNITS``."""
-    units = ACTIVATION_UNITS[kind]
+    units = ACTIVATION_UNITS
     per_token = batch * tokens * hidden * compute_bytes
     if checkpointing:
-        activations = per_token * units["checkpointed"] * (double_blocks + single_blocks)
+        activations = per_token * (units["checkpointed"] * (double_blocks + single_blocks) + units["outside"])
         workspace = per_token * max(units["double"], units["single"])
     else:
-        activations = per_token * (units["double"] * double_blocks + units["single"] * single_blocks)
+        activations = per_token * (units["double"] * double_blocks + units["single"] * single_blocks
+                                   + units["outside"])
         workspace = 0
     workspace += largest_weight * compute_bytes
     lora_state = lora_params * 4 * (2 + optimizer_states)
@@ -233,13 +234,18 @@ def flux_tokens(resolution, text_tokens=512):
     return math.ceil(resolution / 16) ** 2 + text_tokens
 
 
-def saved_activation_units(run_block, tokens, hidden):
-    """Bytes autograd saves while ``run_block()`` runs, in units of ``tokens × hidden × element size`` of the
-    saved float tensors (parameters and tensors saved twice are counted once)."""
+def saved_activation_units(run, tokens, hidden, model=None):
+    """Bytes autograd saves while ``run()`` runs, in units of ``tokens × hidden × element size`` of the saved float
+    tensors. Tensors sharing storage with ``model``'s weights (a frozen weight saved for backward costs nothing)
+    and tensors saved twice are counted once or not at all."""
+    weights = set()
+    if model is not None:
+        weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+        weights |= {m.stored.untyped_storage().data_ptr() for m in model.modules() if isinstance(m, FrozenLinear)}
     seen, total = set(), [0, 0]
 
     def pack(tensor):
-        if tensor.is_floating_point() and not isinstance(tensor, torch.nn.Parameter):
+        if tensor.is_floating_point() and tensor.untyped_storage().data_ptr() not in weights:
             key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
             if key not in seen:
                 seen.add(key)
@@ -248,5 +254,5 @@ def saved_activation_units(run_block, tokens, hidden):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run_block()
+        run()
     return total[0] / (tokens * hidden * max(1, total[1]))
