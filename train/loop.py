@@ -404,7 +404,8 @@ class SingleProcess:
         return model
 
 
-def _default_accelerator():
+def default_accelerator():
+    """accelerate's Accelerator where accelerate is installed, else ``SingleProcess`` on the best device."""
     try:
         from accelerate import Accelerator
     except ImportError:
@@ -436,7 +437,7 @@ def train(step_fn: Callable, params: dict, dataset, config: LoopConfig, *, model
     """
     config.check()
     started = time.perf_counter()
-    accelerator = accelerator or _default_accelerator()
+    accelerator = accelerator or default_accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     device = torch.device(device) if device is not None else accelerator.device
     trainable = list(params.values())
