@@ -27,8 +27,17 @@ def test_fp8_storage_keeps_one_byte_per_weight_and_up_casts_per_layer():
     error = (frozen(x) - reference).abs().max() / reference.abs().max()
     assert 0 < error < 0.04  # e4m3fn with a per-tensor scale: ~2-3 significant bits lost, not the function
     exact = torch.nn.functional.linear(x, frozen.weight_for(x.device, torch.float32), layer.bias)
-    assert torch.equal(frozen(x), exact)
+    assert torch.allclose(frozen(x), exact, rtol=1e-6, atol=1e-7)  # the scale applied in the matmul
     assert frozen(x.double()).dtype == torch.float64  # computes in the input's dtype
+
+
+def test_the_cpu_fp8_up_cast_is_torchs_cast_for_every_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    exact = codes.to(torch.float32)
+    finite = ~exact.isnan()
+    for dtype in (torch.float32, torch.float64):
+        values, factor = memory.upcast_fp8(codes, dtype)
+        assert torch.equal((values * factor)[finite], exact.to(dtype)[finite])
 
 
 def test_frozen_linear_keeps_no_weight_copy_or_activation_for_backward():

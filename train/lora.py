@@ -44,10 +44,12 @@ class LoraSlot(torch.nn.Module):
         self.lora_B = torch.nn.Parameter(torch.zeros(out_features, rank))
 
     def delta(self, x, scale):
-        """``scale · B·A·x`` in ``x``'s compute dtype."""
-        dtype = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
-        x = x.to(dtype)
-        return F.linear(F.linear(x, self.lora_A.to(dtype)), self.lora_B.to(dtype)) * scale
+        """``scale · B·A·x`` in ``x``'s compute dtype (autocast casts for itself)."""
+        a, b = self.lora_A, self.lora_B
+        if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        out = F.linear(F.linear(x, a), b)
+        return out * scale if scale != 1.0 else out
 
 
 class LoraSlots(torch.nn.Module):
@@ -91,8 +93,9 @@ class LoraSlots(torch.nn.Module):
             by_module.setdefault(id(target.module), (target.module, []))[1].append((target, slot))
         for module, parts in by_module.values():
             narrow_input = min((t.base_in_features for t, _ in parts if t.base_in_features), default=None)
-            self._handles.append(module.register_forward_pre_hook(_keep_input(narrow_input)))
-            self._handles.append(module.register_forward_hook(_add_deltas(parts, self.scale)))
+            if narrow_input is not None:
+                self._handles.append(module.register_forward_pre_hook(_narrow_input(narrow_input)))
+            self._handles.append(module.register_forward_hook(_add_deltas(parts, self.scale, narrow_input is not None)))
         return self
 
     def detach(self):
@@ -101,23 +104,25 @@ class LoraSlots(torch.nn.Module):
         self._handles = []
 
 
-def _keep_input(narrow_to):
+def _narrow_input(narrow_to):
     """Pre-hook: remember the full input for the LoRA, hand the module only its first ``narrow_to`` features."""
     def hook(module, args):
-        module._erasekit_lora_input = args[0]
-        if narrow_to is not None and args[0].shape[-1] > narrow_to:
+        module.__dict__["_erasekit_lora_input"] = args[0]  # not Module.__setattr__: this runs every call
+        if args[0].shape[-1] > narrow_to:
             return (args[0][..., :narrow_to],) + tuple(args[1:])
         return None
     return hook
 
 
-def _add_deltas(parts, scale):
+def _add_deltas(parts, scale, narrowed):
     """Forward hook: add each slot's delta to its output rows."""
+    whole = len(parts) == 1 and parts[0][0].rows is None
+
     def hook(module, args, output):
-        x = module._erasekit_lora_input
-        module._erasekit_lora_input = None
-        if len(parts) == 1 and parts[0][0].rows is None:
-            return output + parts[0][1].delta(x, scale).to(output.dtype)
+        x = module.__dict__.pop("_erasekit_lora_input") if narrowed else args[0]
+        if whole:
+            delta = parts[0][1].delta(x, scale)
+            return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
         for target, slot in parts:
             start, size = target.rows
             output.narrow(-1, start, size).add_(slot.delta(x, scale).to(output.dtype))
