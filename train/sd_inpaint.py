@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..erasers import smarteraser
-from ..jobs import require
+from ..jobs import CliHost, require
 from . import caching, cro, epsilon, loop
 from .datasets import PairedCropDataset, collate, smarteraser_mask_augmenter
 
@@ -576,17 +576,18 @@ def run(args):
     from accelerate import Accelerator
 
     accelerator = Accelerator(device_placement=False)
-
-    def progress(step_number, total, loss):
-        if accelerator.is_main_process and (step_number == total or step_number % 10 == 0):
-            print(f"step {step_number}/{total} loss {loss:.5f}", flush=True)
-
     os.makedirs(args.output, exist_ok=True)
-    out = train_sd_inpaint(args.model, args.data, args.output, loop.loop_config_from_args(args), options_from_args(args),
-                           clip_vision=args.clip_vision, projector_path=args.projector, resolution=args.resolution,
-                           mask_augmentation=not args.no_mask_augmentation, resume=args.resume, progress=progress,
-                           comfy_name=args.comfy_name, accelerator=accelerator, cache_latents=args.cache_latents,
-                           cache_dir=args.cache_dir)
+    with CliHost("erasekit-train sd-inpaint", enabled=accelerator.is_main_process, unit="steps") as host:
+        def progress(step_number, total, loss):
+            host.progress(step_number, total, "steps")
+            if step_number == total or step_number % 10 == 0:
+                host.log(f"step {step_number}/{total} loss {loss:.5f}")
+
+        out = train_sd_inpaint(args.model, args.data, args.output, loop.loop_config_from_args(args),
+                               options_from_args(args), clip_vision=args.clip_vision, projector_path=args.projector,
+                               resolution=args.resolution, mask_augmentation=not args.no_mask_augmentation,
+                               resume=args.resume, progress=progress, comfy_name=args.comfy_name,
+                               accelerator=accelerator, cache_latents=args.cache_latents, cache_dir=args.cache_dir)
     result = out["result"]
     summary = {"steps": result.step, "final_loss": result.history[-1][1] if result.history else None,
                "export": out["export"], "loss_curve": out["loss_curve"]}

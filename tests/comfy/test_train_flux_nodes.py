@@ -186,6 +186,45 @@ def test_parity_the_same_loss_curve_through_either_adapter(comfy, triplets):
         assert torch.allclose(cli.lora_state[key], node.lora_state[key], atol=1e-4), key
 
 
+def test_the_activation_table_holds_for_comfyuis_flux(comfy):
+    """train.memory.ACTIVATION_UNITS re-measured through the node's adapter (ComfyUI's FLUX, hidden 128, LoRA slots
+    on every official target, the training attention, the LayerNorm input copies); diffusers' side: tests/."""
+    from comfy import model_patcher, supported_models
+
+    nodes = pack_module(comfy, "nodes.train_flux")
+    memory = pack_module(comfy, "train.memory")
+    lora = pack_module(comfy, "train.lora")
+    generator = torch.Generator().manual_seed(0)
+    positive = [[torch.randn(1, 32, 32, generator=generator), {"pooled_output": torch.randn(1, 32, generator=generator)}]]
+    noisy, condition = torch.randn(1, 16, 32, 32, generator=generator), torch.randn(1, 48, 32, 32, generator=generator)
+
+    def saved(depth, depth_single):
+        torch.manual_seed(0)
+        config = supported_models.Flux(dict(TINY, vec_in_dim=32, context_in_dim=32, hidden_size=128, num_heads=4,
+                                            axes_dim=[8, 12, 12], depth=depth, depth_single_blocks=depth_single))
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model({})
+        with torch.no_grad():
+            for p in model.diffusion_model.parameters():
+                p.normal_(0, 0.02)
+        patcher = model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        adapter = nodes.ComfyFlux(patcher, None, positive, "cpu")
+        with torch.inference_mode(False), torch.enable_grad():
+            adapter.apply_plan(memory.PLANS["full"], torch.float32)
+            slots = lora.LoraSlots(adapter.lora_targets(), 4, 4).attach()
+            try:
+                return memory.saved_activation_units(
+                    lambda: adapter.velocity(noisy, condition, torch.tensor([0.5]), 3.5), 16 * 16 + 32, 128, adapter.module)
+            finally:
+                slots.detach()
+                adapter.close()
+
+    one = saved(1, 1)
+    double, single = saved(2, 1) - one, saved(1, 2) - one
+    assert double == pytest.approx(memory.ACTIVATION_UNITS["double"], rel=0.15)
+    assert single == pytest.approx(memory.ACTIVATION_UNITS["single"], rel=0.15)
+
+
 def test_training_steps_run_with_the_attention_guard(comfy, triplets, parts, monkeypatch):
     """Inside every training step cuDNN attention is off and ComfyUI's attention goes through the training override;
     afterwards the setting is what it was."""
