@@ -262,8 +262,7 @@ class SDInpaintModel(torch.nn.Module):
         batch, device = source.shape[0], source.device
         drop = draws_unconditional(generator, self.options.condition_dropout)
         prompt = "" if drop else self.options.prompt
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.options.train_text_encoder):
-            hidden = self.text_encoder(self.token_ids(prompt, device).expand(batch, -1)).last_hidden_state
+        hidden = self.text_encoder(self.token_ids(prompt, device).expand(batch, -1)).last_hidden_state
         if not self.options.visual_guidance:
             return hidden
         if drop:
