@@ -123,6 +123,25 @@ def test_the_activation_table_is_what_the_cpu_measures():
     assert one - double - single == pytest.approx(table["outside"], rel=0.3)
 
 
+def test_the_16gb_plan_leaves_no_full_precision_weight_alive():
+    """After the plan is applied, nothing holds the replaced layers (their weights would stay on the GPU)."""
+    import gc
+    import weakref
+
+    from erasekit.train.flux import DiffusersFlux
+
+    text = {"prompt_embeds": torch.randn(1, 8, 32), "pooled_prompt_embeds": torch.randn(1, 32),
+            "text_ids": torch.zeros(8, 3)}
+    adapter = DiffusersFlux(_tiny_flux(1, 1), None, text, "cpu")
+    originals = [weakref.ref(m) for m in adapter.module.modules() if isinstance(m, torch.nn.Linear)]
+    job = core.EraserJob(rank=4, memory_plan="16gb", mixed_precision="no", resolution=64)
+    run = core.plan_run(job, adapter)
+    slots, model = core.build_model(job, adapter, run)
+    gc.collect()
+    assert originals and not [r for r in originals if r() is not None]
+    assert all(isinstance(t.module, memory.FrozenLinear) for t in slots.targets.values())
+
+
 def test_fp8_plan_gives_the_same_training_numbers_within_fp8_error():
     """The DiffusersFlux adapter under the 16gb plan (fp8 storage, checkpointing) against full precision: the same
     loss to within fp8's rounding on one step, and every LoRA gradient reaches the slots."""

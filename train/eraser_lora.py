@@ -417,21 +417,21 @@ class RunPlan:
     estimate: memory.MemoryEstimate
     offloaded: set
     precision: str  # the loop's resolved mixed precision ("bf16", "fp16", "no")
-    targets: dict
 
 
 def plan_run(job: EraserJob, adapter: FluxAdapter, check_memory=None) -> RunPlan:
     """Resolve the mixed precision and the memory plan; ``check_memory(estimate, plan)`` may refuse the run."""
     precision = loop.resolve_mixed_precision(job.mixed_precision, adapter.device)
     compute_dtype = loop.COMPUTE_DTYPES[precision]
-    targets = adapter.lora_targets()
-    lora_params = sum(job.rank * (t.in_features + (t.rows[1] if t.rows else t.out_features)) for t in targets.values())
+    # counted, not kept: the plan may replace these modules, and a reference would keep their weights alive
+    lora_params = sum(job.rank * (t.in_features + (t.rows[1] if t.rows else t.out_features))
+                      for t in adapter.lora_targets().values())
     plan, estimate, offloaded = choose_plan(job, adapter, lora_params, torch.finfo(compute_dtype).bits // 8)
     log.info("memory plan %s: %s%s", plan.name, estimate.describe(),
              f", {len(offloaded)} frozen layers in CPU memory" if offloaded else "")
     if check_memory is not None:
         check_memory(estimate, plan)
-    return RunPlan(plan, estimate, offloaded, precision, targets)
+    return RunPlan(plan, estimate, offloaded, precision)
 
 
 def build_model(job: EraserJob, adapter: FluxAdapter, run: RunPlan):
