@@ -1,8 +1,13 @@
 """Speed and memory of EraseKit's trainers, as ratios and figures printed in one run.
 
     python benchmarks/train.py                    # CPU rows; the GPU rows too when CUDA is there
-    python benchmarks/train.py --gpu-only --comfyui ComfyUI      # a GPU machine (../shared/bench/stage_gpu.sh layout)
     python benchmarks/train.py --dry-run --comfyui PATH          # the GPU rows' code on CPU, tiny FLUX / tiny SD, fp32
+
+On a GPU machine without internet, staged by ../shared/bench/stage_gpu.sh .gpu (ComfyUI/, erasekit/ = git HEAD,
+whl/ with diffusers), about 5 minutes:
+
+    cd .gpu && python3 -m pip install -q --no-index --no-deps --target /tmp/site whl/*.whl &&
+    PYTHONPATH=/tmp/site python3 erasekit/benchmarks/train.py --gpu-only --comfyui ComfyUI --json $OUT/train.json
 
 CPU (tiny FLUX in the diffusers layout, hidden 128, fp32, a triplet folder from ../shared/data):
 1. EraseKit's OmniEraser trainer (``train.eraser_lora.train_eraser``, latents cached) against a minimal diffusers +
@@ -291,8 +296,18 @@ def time_trainer(adapter, job, plan, resolution, steps, warmup=1, ballast=0):
 
 
 def flux_plans(device):
+    """The rows, the targets first (a run cut short still has them)."""
     checkpointed = memory.MemoryPlan("full+checkpointing", None, True, None, "")
-    return [memory.PLANS["full"], checkpointed, memory.PLANS["24gb"], memory.PLANS["16gb"]]
+    return [memory.PLANS["16gb"], memory.PLANS["24gb"], checkpointed, memory.PLANS["full"]]
+
+
+def failed(section, error, **row):
+    """Report a row that raised, and go on with the next (a GPU run is too scarce to stop at one failure)."""
+    import traceback
+
+    traceback.print_exc()
+    report(section, **row, s_per_step="out of memory" if isinstance(error, torch.cuda.OutOfMemoryError) else
+           f"failed: {type(error).__name__}: {str(error)[:300]}")
 
 
 def cli_rows(device, tiny, resolution, steps):
@@ -328,8 +343,8 @@ def cli_rows(device, tiny, resolution, steps):
                 report("gpu cli (diffusers FLUX)", plan=plan.name, optimizer=optimizer, s_per_step=round(seconds, 3),
                        peak_gib=round(peak, 1), estimate_gib=round(run.estimate.total / GIB, 1),
                        offloaded_layers=len(run.offloaded))
-            except torch.cuda.OutOfMemoryError:
-                report("gpu cli (diffusers FLUX)", plan=plan.name, optimizer=optimizer, s_per_step="out of memory")
+            except Exception as error:  # noqa: BLE001 - reported, then the next row
+                failed("gpu cli (diffusers FLUX)", error, plan=plan.name, optimizer=optimizer)
             del adapter, transformer
             free_device()
 
@@ -376,8 +391,8 @@ def node_rows(device, tiny, resolution, steps):
                     seconds, peak, run = time_trainer(adapter, job, plan, resolution, steps, ballast=ballast)
                 report("gpu node (ComfyUI FLUX)", plan=plan.name, card_gib=card, s_per_step=round(seconds, 3),
                        peak_gib=round(peak, 1), estimate_gib=round(run.estimate.total / GIB, 1))
-            except torch.cuda.OutOfMemoryError:
-                report("gpu node (ComfyUI FLUX)", plan=plan.name, card_gib=card, s_per_step="out of memory")
+            except Exception as error:  # noqa: BLE001 - reported, then the next row
+                failed("gpu node (ComfyUI FLUX)", error, plan=plan.name, card_gib=card)
             del adapter
             model_management.unload_all_models()
     del model, base
@@ -441,9 +456,9 @@ def sd_rows(device, tiny, steps):
                 report("gpu sd-inpaint (SD1.5, 512 px, batch 4)", precision=precision, text_encoder_trained=train_text,
                        trainable_m=round(sum(p.numel() for p in params.values()) / 1e6), s_per_step=round(seconds, 3),
                        peak_gib=round(peak, 1))
-            except torch.cuda.OutOfMemoryError:
-                report("gpu sd-inpaint (SD1.5, 512 px, batch 4)", precision=precision,
-                       text_encoder_trained=train_text, s_per_step="out of memory")
+            except Exception as error:  # noqa: BLE001 - reported, then the next row
+                failed("gpu sd-inpaint (SD1.5, 512 px, batch 4)", error, precision=precision,
+                       text_encoder_trained=train_text)
             del model, params
             free_device()
     del unet, vae, text, vision
@@ -480,13 +495,20 @@ def gpu_rows(args):
     else:
         print("dry run on CPU: tiny FLUX and tiny SD, fp32, no peak memory")
     started = time.perf_counter()
-    cli_rows(device, tiny, resolution, steps)
-    if args.comfyui:
-        import_comfyui(args.comfyui, device.type == "cpu")
-        node_rows(device, tiny, resolution, steps)
-    else:
-        print("--comfyui not given: node trainer rows skipped")
-    sd_rows(device, tiny, steps)
+    for section in ("cli", "node", "sd"):
+        try:
+            if section == "cli":
+                cli_rows(device, tiny, resolution, steps)
+            elif section == "node" and args.comfyui:
+                import_comfyui(args.comfyui, device.type == "cpu")
+                node_rows(device, tiny, resolution, steps)
+            elif section == "node":
+                print("--comfyui not given: node trainer rows skipped")
+            else:
+                sd_rows(device, tiny, steps)
+        except Exception as error:  # noqa: BLE001 - a section that cannot start (an import, a build) is reported
+            failed(f"gpu {section}", error)
+        free_device()
     if device.type == "cuda":
         cudnn_probe()
     print(f"GPU section: {time.perf_counter() - started:.0f} s")

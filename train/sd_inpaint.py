@@ -1,4 +1,5 @@
-"""SmartEraser-style SD-inpainting training (METHODS.md §1), with the epsilon or the CRO objective (§2).
+"""SmartEraser-style SD-inpainting training (longtaojiang/SmartEraser), with the epsilon or Erase Diffusion's CRO
+objective (``train.cro``).
 
 The model is a diffusers SD-inpainting folder (unet/ with 9 input channels, vae/, text_encoder/, tokenizer/,
 scheduler/). What is trained, as the official recipe (longtaojiang/SmartEraser, train_region_inpaint.py):
