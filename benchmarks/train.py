@@ -171,7 +171,7 @@ def minimal_step_time(model_dir, data_dir, steps, resolution, warmup=5):
 
 def cpu_rows(args):
     tiny = tiny_module("_diffusers_flux")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     fp8 = memory.MemoryPlan("fp8 base", "fp8", False, None, "")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny.save_random_flux_folder(Path(tmp) / "flux", hidden_heads=4, head_dim=32)
@@ -519,6 +519,8 @@ def main():
     parser.add_argument("--steps", type=int, default=40, help="CPU: timed steps per loop")
     parser.add_argument("--resolution", type=int, default=64, help="CPU: crop size")
     parser.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds; each loop's best is reported")
+    parser.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                        help="CPU: torch threads (1 is steadier on a loaded machine)")
     parser.add_argument("--gpu-steps", type=int, default=3, help="GPU: timed steps per row (after one warm-up)")
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU rows")
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU rows")
