@@ -114,7 +114,7 @@ def cli_main(prog: str, run: Callable[[], int]) -> int:
     except OSError as error:  # a disk that filled up, a folder that vanished, a damaged file
         print(f"{prog}: error: {describe_os_error(error)}", file=sys.stderr)
         return EXIT_FAILED
-    except ValueError as error:
+    except (ValueError, MissingExtra) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -1,11 +1,13 @@
 """Train OmniEraser LoRAs on ComfyUI's own FLUX (UNETLoader MODEL + VAE) from a triplet dataset folder.
 
-The adapter is trained in the official parameterisation: one rank-r LoRA per diffusers module of the
-official target list (separate q/k/v on ComfyUI's fused qkv/linear1 rows, x_embedder widened to 256
-inputs), applied through weight wrappers on the patcher, so the result saves straight to the official file
-layout and loads back through EraseKit's OmniEraser loader. The training loop, objective, data and curves
-are the core's (``train/``); this module only adapts ComfyUI's model, VAE and conditioning.
+The trainer is the core's (``train.eraser_lora.train_eraser``, the one ``erasekit-train flux`` runs); this module
+supplies ``ComfyFlux``, its adapter for ComfyUI's FLUX as the user loaded it: the official diffusers-named LoRA
+targets located on ComfyUI's fused weights (q/k/v as row slices of ``qkv`` / ``linear1``, ``img_in`` read 256 wide),
+the velocity through ComfyUI's model, the VAE posterior through ComfyUI's VAE, and the memory plan through
+ComfyUI's loader (fp8 storage with its manual-cast ops, partial loading). The trained LoRA is in the official file
+layout and is applied to the output MODEL by EraseKit's OmniEraser loader.
 """
+import copy
 import logging
 import os
 
@@ -14,61 +16,28 @@ import torch.nn.functional as F
 
 import comfy.model_base
 import comfy.model_management
-import comfy.utils
+import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
 from ..erasers import omnieraser as oe
-from ..train import curves, flow_matching, loop
-from ..train.datasets import PairedCropDataset, collate, smarteraser_mask_augmenter
-from ..train.flux import CAPTION, TARGET_MODULES, WIDEN_FACTOR, lora_metadata, official_lora_state, open_triplets, split_heldout
-from ..train.lora import save_lora_file
+from ..erasers.attention import split_heads
+from ..train import curves, loop, memory
+from ..train.datasets import folder_fingerprint
+from ..train.eraser_lora import (CAPTION, LEARNING_RATE, PACKED_INPUT, EraserJob, FluxAdapter, MemoryFacts,
+                                 lora_metadata, official_lora_targets, train_eraser)
+from ..train.lora import LoraTarget, save_lora_file
 from . import _paths
+from ._host import ComfyHost
 from .omnieraser import _original_shapes, apply_omnieraser_lora
 
 log = logging.getLogger(__name__)
 
 CATEGORY = "erasekit/train"
-HELDOUT_REPEATS = 4
-LATENT_PARTS = ("target", "background", "foreground")
+TRAINING_DTYPES = {"auto": "auto", "bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # + "model": the MODEL's own
 
 
 # ------------------------------------------------------------------------------------------------ adapter
-
-class LoraSlot(torch.nn.Module):
-    """One diffusers-named LoRA pair (A: [r, in], kaiming-uniform like peft; B: [out, r], zero)."""
-
-    def __init__(self, rank, in_features, out_features, generator):
-        super().__init__()
-        bound = 1.0 / in_features ** 0.5  # kaiming_uniform_(a=√5) on [r, in], peft's default init
-        self.A = torch.nn.Parameter((torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound)
-        self.B = torch.nn.Parameter(torch.zeros(out_features, rank))
-
-
-class FusedLoraWeight(torch.nn.Module):
-    """Weight function for one ComfyUI weight: widen (zero columns) then add scale·B·A on each slot's rows."""
-
-    def __init__(self, slots, scale, widen_to=None):
-        super().__init__()
-        self.slots = torch.nn.ModuleList(slot for _, slot in slots)
-        self.rows = [rows for rows, _ in slots]
-        self.scale = scale
-        self.widen_to = widen_to
-
-    def __call__(self, weight):
-        if self.widen_to is not None and weight.shape[1] < self.widen_to:
-            weight = F.pad(weight, (0, self.widen_to - weight.shape[1]))
-        else:
-            weight = weight.clone()
-        for (start, size), slot in zip(self.rows, self.slots):
-            delta = (slot.B.float() @ slot.A.float()) * self.scale
-            weight[start:start + size] = weight[start:start + size] + delta.to(weight.dtype)
-        return weight
-
-    def move_to(self, device):
-        self.to(device)
-        return 0
-
 
 def flux_shapes(model):
     """ComfyUI FLUX weight shapes, or a clear error for any other MODEL."""
@@ -82,34 +51,27 @@ def flux_shapes(model):
     return shapes
 
 
-def build_adapter(shapes, rank, alpha, seed):
-    """{diffusers module: LoraSlot} on the official targets and {ComfyUI weight key: FusedLoraWeight}."""
-    depth, depth_single, hidden, mlp_ratio = oe.flux_geometry(shapes)
-    table = oe.diffusers_to_comfy_targets(depth, depth_single, hidden, mlp_ratio)
-    generator = torch.Generator().manual_seed(seed)
-    slots, by_weight = {}, {}
-    for name in sorted(table):
-        target = table[name]
-        if not any(name == t or name.endswith("." + t) for t in TARGET_MODULES) or not target.key.endswith(".weight"):
-            continue
-        out_rows, in_features = shapes[target.key]
-        if name == "x_embedder":
-            in_features *= WIDEN_FACTOR
-        start, size = (target.offset[1], target.offset[2]) if target.offset else (0, out_rows)
-        slots[name] = LoraSlot(rank, in_features, size, generator)
-        by_weight.setdefault(target.key, []).append(((start, size), slots[name]))
-    wrappers = {key: FusedLoraWeight(parts, alpha / rank, 64 * WIDEN_FACTOR if key == "img_in.weight" else None)
-                for key, parts in by_weight.items()}
-    return slots, wrappers
+def text_inputs(positive):
+    """(context [1,T,4096], pooled [1,768]) cloned out of a CONDITIONING, or a clear error."""
+    if not positive or len(positive[0]) < 2 or "pooled_output" not in positive[0][1]:
+        raise ValueError("positive must be a FLUX conditioning (CLIPTextEncode with a DualCLIPLoader of type flux) "
+                         f"holding a pooled output; encode {CAPTION!r}.")
+    context, extra = positive[0]
+    return context[:1].clone(), extra["pooled_output"][:1].clone()
 
 
-def adapter_state(slots, rank, alpha, dtype=torch.bfloat16):
-    """The official file tensors (``transformer.<module>.lora_A/B.weight``) of the trained slots."""
-    raw = {}
-    for name, slot in slots.items():
-        raw[f"transformer.{name}.lora_A.weight"] = slot.A.detach()
-        raw[f"transformer.{name}.lora_B.weight"] = slot.B.detach()
-    return official_lora_state(raw, rank, alpha, dtype)
+def sdpa_attention(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                   skip_output_reshape=False, **kwargs):
+    """``optimized_attention_override`` for training steps: torch SDPA under the loop's back-end guard. ComfyUI's own
+    SDPA wrapper (comfy/ops.py) puts cuDNN attention first, whose backward fails on Hopper (see loop.training_attention);
+    attention back-ends without a backward (sage, ...) cannot train either."""
+    qh, kh, vh = (q, k, v) if skip_reshape else (split_heads(t, heads) for t in (q, k, v))
+    if mask is not None and mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask is not None and mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(qh.shape[0], qh.shape[2], -1)
 
 
 def clone_inference_tensors(module):
@@ -133,158 +95,151 @@ def protect_norm_inputs(module):
     return [m.register_forward_pre_hook(copy_input) for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
 
 
-# ------------------------------------------------------------------------------------------------ objective
-
-def encode_latents(vae, base_model, sample):
-    """Normalised latents (target, background, foreground) of one dataset sample with ComfyUI's VAE."""
-    background, foreground = oe.condition_images(sample["source"][None], sample["mask"][None])
-    images = {"target": sample["target"][None], "background": background, "foreground": foreground}
-    with torch.no_grad():  # VAE weights may require grad; cached latents must not carry a graph
-        return {part: base_model.process_latent_in(vae.encode(images[part]).float()).detach().cpu() for part in images}
-
-
-def text_inputs(positive):
-    """(context [1,T,4096], pooled [1,768]) cloned out of a CONDITIONING, or a clear error."""
-    if not positive or len(positive[0]) < 2 or "pooled_output" not in positive[0][1]:
-        raise ValueError("positive must be a FLUX conditioning (CLIPTextEncode with a DualCLIPLoader of type flux) "
-                         f"holding a pooled output; encode {CAPTION!r}.")
-    context, extra = positive[0]
-    return context[:1].clone(), extra["pooled_output"][:1].clone()
+def stored_copy(model, dtype, compute_dtype):
+    """A second MODEL with the same weights stored in ``dtype`` (e.g. fp8) and ComfyUI's manual-cast ops up-casting
+    them per layer to ``compute_dtype``, as UNETLoader's weight_dtype does; the MODEL's patches (LoRAs) carry over.
+    The user's MODEL is not touched."""
+    config = copy.copy(model.model.model_config)
+    config.unet_config = dict(config.unet_config)
+    config.set_inference_dtype(dtype, compute_dtype)
+    base = config.get_model({}, "", device=model.offload_device)
+    base.load_model_weights(model.model_state_dict("diffusion_model."), "diffusion_model.")
+    patched = comfy.model_patcher.ModelPatcher(base, load_device=model.load_device, offload_device=model.offload_device)
+    patched.patches = {key: list(value) for key, value in model.patches.items()}
+    patched.patches_uuid = model.patches_uuid
+    return patched
 
 
-def comfy_eraser_loss(diffusion_model, latents, mask, text, generator, guidance, dtype):
-    """The OmniEraser flow-matching loss through ComfyUI's FLUX (input: 16 noisy + 48 condition channels)."""
-    device = generator.device
-    target = latents["target"].to(device)
-    condition = oe.condition_latent(latents["background"].to(device), latents["foreground"].to(device), mask.to(device))
-    noise = torch.randn(target.shape, generator=generator, device=device)
-    sigmas = flow_matching.sample_sigmas(target.shape[0], generator, device)
-    noisy = flow_matching.noisy_latents(target, noise, sigmas)
-    batch = target.shape[0]
-    context, pooled = text
-    out = diffusion_model(torch.cat([noisy, condition], 1).to(dtype), sigmas.to(dtype),
-                          context=context.to(device, dtype).expand(batch, -1, -1),
-                          y=pooled.to(device, dtype).expand(batch, -1),
-                          guidance=torch.full((batch,), guidance, device=device, dtype=dtype))
-    return flow_matching.flow_matching_loss(out, target, noise, sigmas)
+class ComfyFlux(FluxAdapter):
+    """ComfyUI's FLUX (``model_base.Flux``) + ComfyUI's VAE + a FLUX conditioning, for the one trainer."""
 
+    encode_ahead = True  # the VAE runs before FLUX is loaded, never between steps
 
-def heldout_loss(diffusion_model, latents, mask, text, guidance, dtype, seed=0, repeats=HELDOUT_REPEATS):
-    """Mean loss over fixed draws on the held-out sample; the same number for the trainer and any loader."""
-    device = next(diffusion_model.parameters()).device
-    values = []
-    with torch.no_grad():
-        for r in range(repeats):
-            generator = torch.Generator(device).manual_seed(loop.derive_seed(seed, r, 99))
-            values.append(float(comfy_eraser_loss(diffusion_model, latents, mask, text, generator, guidance, dtype)))
-    return sum(values) / len(values)
+    def __init__(self, model, vae, positive, device=None):
+        self.shapes = flux_shapes(model)
+        self.model, self.vae = model, vae
+        self.context, self.pooled = text_inputs(positive)
+        self.device = torch.device(device or comfy.model_management.get_torch_device())
+        self.module = model.model.diffusion_model
+        self.compute_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+        self.cache_tag = f"comfy-flux-{id(model):x}"
+        self.transformer_options = {"optimized_attention_override": sdpa_attention}
+        self._patcher, self._hooks = None, []
 
+    def lora_targets(self):
+        depth, depth_single, hidden, mlp_ratio = oe.flux_geometry(self.shapes)
+        table = oe.diffusers_to_comfy_targets(depth, depth_single, hidden, mlp_ratio)
+        targets = {}
+        for name in official_lora_targets(n for n, t in table.items() if t.key.endswith(".weight")):
+            target = table[name]
+            module = self.module.get_submodule(target.key[: -len(".weight")])
+            out_rows, in_features = self.shapes[target.key]
+            wide = name == "x_embedder"
+            targets[name] = LoraTarget(module, PACKED_INPUT if wide else in_features, out_rows,
+                                       (target.offset[1], target.offset[2]) if target.offset else None,
+                                       in_features if wide else None)
+        return targets
 
-def estimate_training_bytes(model, slots, size, tokens_text, checkpointing, batch=1):
-    """Rough peak memory: weights + LoRA with grads and Adam state + activations of the FLUX blocks."""
-    hidden = model.model.diffusion_model.hidden_size
-    blocks = len(model.model.diffusion_model.double_blocks) + len(model.model.diffusion_model.single_blocks)
-    tokens = (size // 16) ** 2 + tokens_text
-    per_block = batch * tokens * hidden * 2 * (4 if checkpointing else 40)
-    lora_bytes = sum(p.numel() for s in slots.values() for p in s.parameters()) * 4 * 4
-    return model.model_size() + lora_bytes + per_block * blocks
+    def velocity(self, noisy, condition, sigmas, guidance):
+        dtype, batch = self.compute_dtype, noisy.shape[0]
+        out = self.module(torch.cat([noisy, condition.to(noisy.dtype)], 1).to(dtype), sigmas.to(dtype),
+                          context=self.context.to(noisy.device, dtype).expand(batch, -1, -1),
+                          y=self.pooled.to(noisy.device, dtype).expand(batch, -1),
+                          guidance=torch.full((batch,), guidance, device=noisy.device, dtype=dtype),
+                          transformer_options=dict(self.transformer_options))
+        return out.float()
 
-
-def save_partial(slots, rank, alpha, prefix, step):
-    folder = folder_paths.get_folder_paths("loras")[0]
-    path = os.path.join(folder, f"{prefix}_interrupted_step{step}.safetensors")
-    save_lora_file(path, adapter_state(slots, rank, alpha), lora_metadata(rank, extra={"erasekit_steps": str(step)}))
-    return path
-
-
-def train_omnieraser(model, vae, positive, dataset, steps, learning_rate, rank, alpha=None, grad_accum=8,
-                     resolution=1024, resize_short_side=0, mask_augmentation=True, variants=4, guidance=oe.GUIDANCE,
-                     gradient_checkpointing=True, training_dtype="bf16", scale_lr=True, seed=0,
-                     interrupt_prefix="omnieraser_trained"):
-    """Train and return (patched MODEL, LoRA state dict, loss history, held-out loss)."""
-    alpha = float(rank if alpha is None else alpha)
-    shapes = flux_shapes(model)
-    triplets = open_triplets([_paths.dataset_folder(dataset)])
-    train_part, held_part = split_heldout(triplets, 1)
-    data = PairedCropDataset(train_part, resolution, seed=seed, variants=variants,
-                             augment_mask=smarteraser_mask_augmenter if mask_augmentation else None,
-                             resize_short_side=resize_short_side or None)
-    held = PairedCropDataset(held_part, resolution, seed=seed + 1, resize_short_side=resize_short_side or None)
-    data.validate()
-    held.validate()
-    with torch.inference_mode(False):
-        text = text_inputs(positive)
-        slots, wrappers = build_adapter(shapes, rank, alpha, seed)
-        device = comfy.model_management.get_torch_device()
-        needed = estimate_training_bytes(model, slots, resolution, text[0].shape[1], gradient_checkpointing)
-        free = comfy.model_management.get_free_memory(device)
-        if needed > free:
-            raise ValueError(f"Training this FLUX at {resolution} px needs about {needed / 2**30:.1f} GiB on {device}; "
-                             f"{free / 2**30:.1f} GiB is free. Lower the resolution, turn gradient checkpointing on, "
-                             "or free memory.")
-        # Latents first (ComfyUI's VAE, deterministic mean), so the VAE never evicts FLUX during training.
-        keys = [(i, v) for i in range(len(data)) for v in range(variants)]
-        bar = comfy.utils.ProgressBar(len(keys) + steps)
-        cache = {}
-        for n, key in enumerate(keys):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            sample = data[key]
-            cache[sample["key"]] = encode_latents(vae, model.model, sample)
-            bar.update_absolute(n + 1)
-        held_sample = held[(0, 0)]
-        held_latents = encode_latents(vae, model.model, held_sample)
-        held_mask = held_sample["mask"][None]
-
-        if training_dtype == "auto":
-            training_dtype = "bf16" if loop.native_bf16(device) else "fp32"
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(training_dtype)
-        if dtype is None:  # "model": the MODEL's own compute dtype
-            dtype = model.model.manual_cast_dtype or model.model.get_dtype()
-        patcher = model.clone()
-        patcher.set_model_compute_dtype(dtype)  # every layer casts its weights to the training dtype
-        for key, wrapper in wrappers.items():
-            patcher.add_weight_wrapper(f"diffusion_model.{key}", wrapper)
-        comfy.model_management.load_models_gpu([patcher], memory_required=needed, force_full_load=True)
-        diffusion_model = patcher.model.diffusion_model
-        clone_inference_tensors(diffusion_model)
-        diffusion_model.requires_grad_(False)  # only the adapter trains
-        slots_on_device = {k: s.to(device) for k, s in slots.items()}
-        params = {f"{name}.{p}": getattr(slot, p) for name, slot in slots_on_device.items() for p in ("A", "B")}
-
-        def step(_model, batch, generator):
-            latents = {part: torch.cat([cache[k][part] for k in batch["key"]]) for part in LATENT_PARTS}
-            return comfy_eraser_loss(diffusion_model, latents, batch["mask"], text, generator, guidance, dtype)
-
-        done = {"step": 0}
-
-        def progress(step_number, total, loss):
-            done["step"] = step_number
-            bar.update_absolute(len(keys) + step_number)
-
-        config = loop.LoopConfig(steps=steps, grad_accum=grad_accum, learning_rate=learning_rate, scale_lr=scale_lr,
-                                 lr_scheduler="constant", mixed_precision="no", seed=seed,
-                                 gradient_checkpointing=gradient_checkpointing)
-        loop.set_gradient_checkpointing(diffusion_model, gradient_checkpointing)
-        hooks = protect_norm_inputs(diffusion_model)
+    def vae_moments(self, images):
+        """ComfyUI's ``VAE.encode`` with the posterior's parameters read where its regulariser takes them."""
+        first_stage = self.vae.first_stage_model
+        regulariser = getattr(first_stage, "regularization", None)
+        if regulariser is None:
+            raise ValueError(f"This VAE ({type(first_stage).__name__}) has no Gaussian posterior to sample; "
+                             "OmniEraser trains with the FLUX VAE (ae.safetensors).")
+        seen = []
+        handle = regulariser.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
         try:
-            result = loop.train(step, params, data, config, accelerator=loop.SingleProcess(device),
-                                collate_fn=collate, progress=progress, device=device,
-                                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
-        except comfy.model_management.InterruptProcessingException:
-            if done["step"]:
-                log.warning("training interrupted: partial LoRA saved to %s",
-                            save_partial(slots, rank, alpha, interrupt_prefix, done["step"]))
-            raise
+            self.vae.encode(images)
         finally:
-            loop.set_gradient_checkpointing(diffusion_model, False)
-            for hook in hooks:
-                hook.remove()
-        for p in params.values():
-            p.requires_grad_(False)
-        final_heldout = heldout_loss(diffusion_model, held_latents, held_mask, text, guidance, dtype, seed)
-        lora_state = adapter_state(slots, rank, alpha, torch.float32)
-    trained, _ = apply_omnieraser_lora(model, lora_state, 1.0)
-    return trained, lora_state, result.history, final_heldout
+            handle.remove()
+        if sum(p.shape[0] for p in seen) != images.shape[0]:
+            raise ValueError("ComfyUI encoded these training crops in tiles (too little memory for the VAE); lower "
+                             "the resolution or free memory.")
+        mean, logvar = torch.cat(seen).float().to(self.device).chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # ComfyUI's DiagonalGaussianDistribution
+
+    def memory_facts(self):
+        linears = {n: (m.weight.numel(), m.weight.numel() * m.weight.element_size())
+                   for n, m in self.module.named_modules() if isinstance(m, torch.nn.Linear)}
+        linear_weights = {id(self.module.get_submodule(n).weight) for n in linears}
+        other = sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in linear_weights)
+        order = [[n for n in linears if n.startswith(f"{prefix}.{i}.")]
+                 for prefix in ("single_blocks", "double_blocks") for i in reversed(range(len(getattr(self.module, prefix))))]
+        return MemoryFacts(linears, other, self.module.hidden_size, len(self.module.double_blocks),
+                           len(self.module.single_blocks), self.context.shape[1], order)
+
+    def apply_plan(self, plan, compute_dtype, offload=(), estimate=None):
+        """Store the weights as the plan says (a copy when it asks for a narrower dtype than loaded) and load them
+        with ComfyUI's loader, which keeps in CPU memory whatever does not fit next to the run's own memory."""
+        comfy.model_management.unload_all_models()
+        stored = memory.STORAGE_DTYPES.get(plan.base)
+        loaded = self.model.model.get_dtype()
+        base = self.model
+        if stored is not None and torch.finfo(stored).bits < torch.finfo(loaded).bits:
+            base = stored_copy(self.model, stored, compute_dtype)
+        patcher = base.clone()
+        patcher.set_model_compute_dtype(compute_dtype)  # every layer up-casts its weights to the compute dtype
+        reserve = (estimate.total - estimate.weights) if estimate is not None else 0
+        comfy.model_management.load_models_gpu([patcher], memory_required=reserve,
+                                               force_full_load=plan.budget_gib is None)
+        self._patcher, self.compute_dtype = patcher, compute_dtype
+        self.module = patcher.model.diffusion_model
+        clone_inference_tensors(self.module)
+        self.module.requires_grad_(False)
+        self._hooks = protect_norm_inputs(self.module)
+
+    def close(self):
+        loop.set_gradient_checkpointing(self.module, False)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+def memory_check(device):
+    """Refuse a run whose estimate exceeds what is free on ``device`` (the weights ComfyUI can offload aside)."""
+    def check(estimate, plan):
+        free = comfy.model_management.get_free_memory(device)
+        needed = estimate.total - (estimate.weights if plan.budget_gib is not None else 0)
+        if needed > free:
+            raise ValueError(f"Training this FLUX with memory plan {plan.name} at this resolution needs "
+                             f"{estimate.describe()} on {device}; {free / memory.GIB:.1f} GiB is free. Choose the "
+                             "16gb plan, lower the resolution, or free memory.")
+    return check
+
+
+def train_omnieraser(model, vae, positive, dataset, job: EraserJob, interrupt_prefix="omnieraser_trained"):
+    """Train on ComfyUI's FLUX; returns (MODEL with the LoRA, LoRA state dict, loss history, held-out loss)."""
+    adapter = ComfyFlux(model, vae, positive)
+    loras = folder_paths.get_folder_paths("loras")[0]
+
+    def save_partial(step, state):
+        path = os.path.join(loras, f"{interrupt_prefix}_interrupted_step{step}.safetensors")
+        save_lora_file(path, state, lora_metadata(job.rank, extra={"erasekit_steps": str(step)}))
+        log.warning("training interrupted: partial LoRA saved to %s", path)
+
+    with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference mode
+        result = train_eraser(job, adapter, ComfyHost(), folders=[_paths.dataset_folder(dataset)],
+                              partial_lora=save_partial, check_memory=memory_check(adapter.device))
+    trained, _ = apply_omnieraser_lora(model, result.lora_state, 1.0)
+    return trained, result.lora_state, result.history, result.heldout_loss
+
+
+def mixed_precision_of(training_dtype, model):
+    """The loop's mixed precision for the node's ``training_dtype`` ("model": the MODEL's own compute dtype)."""
+    if training_dtype == "model":
+        dtype = model.model.manual_cast_dtype or model.model.get_dtype()
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    return TRAINING_DTYPES[training_dtype]
 
 
 # ------------------------------------------------------------------------------------------------ nodes
@@ -297,21 +252,23 @@ class TrainOmniEraserLora(io.ComfyNode):
             display_name="Train OmniEraser LoRA (FLUX)",
             category=CATEGORY,
             description=(
-                "Trains an OmniEraser control LoRA (METHODS.md §3) on your own removal pairs: FLUX.1-dev with "
-                "img_in widened to 256 inputs, LoRA on the official modules, flow matching with target noise − "
-                "latents on paired random crops. Outputs the FLUX with the new LoRA (use it with 'OmniEraser "
-                "Conditioning'), the LoRA in the official file layout, and the loss curve. Interrupting saves the "
-                "partial LoRA to models/loras."),
+                "Trains an OmniEraser control LoRA (PRIS-CV/Omnieraser) on your own removal pairs, with the same "
+                "trainer as erasekit-train flux: FLUX.1-dev reading 256 packed input features, LoRA on the official "
+                "modules, flow matching with target noise − latents on paired random crops, latents drawn from the "
+                "VAE posterior. Outputs the FLUX with the new LoRA (use it with 'OmniEraser Conditioning'), the LoRA "
+                "in the official file layout, and the loss curve. Interrupting saves the partial LoRA to "
+                "models/loras."),
             inputs=[
-                io.Model.Input("model", tooltip="FLUX.1-dev from UNETLoader (plain dev: img_in with 64 inputs)."),
+                io.Model.Input("model", tooltip="FLUX.1-dev from UNETLoader (plain dev: img_in with 64 inputs), any "
+                               "weight dtype."),
                 io.Vae.Input("vae", tooltip="The FLUX VAE (ae.safetensors) that encodes the training pairs."),
                 io.Conditioning.Input("positive", tooltip=f"CLIPTextEncode of the fixed caption {CAPTION!r} "
                                       "(DualCLIPLoader type flux); it is encoded once and reused every step."),
                 io.String.Input("dataset", default="", tooltip="Triplet dataset folder (source/, mask/, target/, "
                                 "manifest.jsonl), absolute or inside ComfyUI's output (or input) folder. The last sample is "
-                                "held out to measure the final loss."),
+                                "held out to measure the final loss. The node runs again when the folder's files change."),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
-                io.Float.Input("learning_rate", default=3e-5, min=1e-7, max=1.0, step=1e-6,
+                io.Float.Input("learning_rate", default=LEARNING_RATE, min=1e-7, max=1.0, step=1e-6,
                                tooltip="Base learning rate (OmniEraser: 3e-5, multiplied by the accumulation "
                                "steps when scale_lr is on, as the official run did)."),
                 io.Int.Input("rank", default=oe.LORA_RANK, min=1, max=256, tooltip="LoRA rank (official 32; alpha = rank)."),
@@ -326,22 +283,24 @@ class TrainOmniEraserLora(io.ComfyNode):
                                  tooltip="Irregularise masks like SmartEraser (dilate, erode, hull, ellipse, blob) "
                                  "so the eraser tolerates loose user masks."),
                 io.Int.Input("crop_variants", default=4, min=1, max=64,
-                             tooltip="Fixed crop/mask variants per sample; their latents are encoded once "
-                             "before training so the VAE never runs during a step."),
+                             tooltip="Fixed crop/mask variants per sample; their VAE posteriors are encoded once "
+                             "before training (each step draws a fresh latent from them), so the VAE never runs "
+                             "during a step."),
                 io.Float.Input("guidance", default=oe.GUIDANCE, min=0.0, max=100.0, step=0.1,
                                tooltip="FLUX guidance embedded during training (official 3.5)."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute block activations in the backward pass: much less memory, "
-                                 "about a third slower."),
-                io.Combo.Input("training_dtype", options=["auto", "bf16", "fp32", "model"], default="auto",
+                io.Combo.Input("memory_plan", options=list(memory.PLAN_NAMES), default="auto",
+                               tooltip="How training fits in GPU memory. auto: the fastest plan whose estimate fits "
+                               f"this GPU. {memory.plans_help()}. ComfyUI keeps in CPU memory whatever weights do "
+                               "not fit next to the run."),
+                io.Combo.Input("training_dtype", options=["auto", "bf16", "fp16", "fp32", "model"], default="auto",
                                tooltip="Compute dtype of the forward pass (LoRA weights stay fp32). auto: bf16 where "
                                "the device runs it natively (CUDA GPUs with bf16, CPUs with AVX-512-BF16 or AMX), "
-                               "fp32 elsewhere (emulated bf16 on a CPU is many times slower). 'model' uses the "
-                               "MODEL's own compute dtype."),
+                               "fp32 elsewhere (emulated bf16 on a CPU is many times slower). fp16 uses a gradient "
+                               "scaler. 'model' uses the MODEL's own compute dtype."),
                 io.Boolean.Input("scale_lr", default=True, tooltip="Multiply the learning rate by the "
                                  "accumulation steps (diffusers' --scale_lr, used by OmniEraser)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of LoRA init, data order, crops, noise and timesteps."),
+                             tooltip="Seed of LoRA init, data order, crops, posterior draws, noise and timesteps."),
                 io.String.Input("interrupt_prefix", default="omnieraser_trained",
                                 tooltip="File name prefix of the partial LoRA written to models/loras when the "
                                 "run is interrupted."),
@@ -355,18 +314,28 @@ class TrainOmniEraserLora(io.ComfyNode):
                 io.Image.Output("loss_curve", tooltip="Training loss per optimizer step (light) and its moving "
                                 "average (dark)."),
                 io.Float.Output("heldout_loss", tooltip="Final flow-matching loss on the held-out sample (fixed "
-                                "noise and timesteps)."),
+                                "posterior draws, noise and timesteps)."),
             ],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, dataset=None, **_):
+        """Run again when the dataset folder's files change (ComfyUI would otherwise reuse the old LoRA)."""
+        try:
+            return folder_fingerprint(_paths.dataset_folder(dataset))
+        except (OSError, ValueError):
+            return dataset  # execute reports the problem
+
+    @classmethod
     def execute(cls, model, vae, positive, dataset, steps, learning_rate, rank, grad_accumulation, resolution,
-                resize_short_side, mask_augmentation, crop_variants, guidance, gradient_checkpointing,
-                training_dtype, scale_lr, seed, interrupt_prefix) -> io.NodeOutput:
-        trained, lora_state, history, held = train_omnieraser(
-            model, vae, positive, dataset, steps, learning_rate, rank, rank, grad_accumulation, resolution,
-            resize_short_side, mask_augmentation, crop_variants, guidance, gradient_checkpointing, training_dtype,
-            scale_lr, seed, interrupt_prefix)
+                resize_short_side, mask_augmentation, crop_variants, guidance, memory_plan, training_dtype,
+                scale_lr, seed, interrupt_prefix) -> io.NodeOutput:
+        job = EraserJob(steps=steps, rank=rank, learning_rate=learning_rate, scale_lr=scale_lr,
+                        grad_accum=grad_accumulation, resolution=resolution,
+                        resize_short_side=resize_short_side or None, mask_augmentation=mask_augmentation,
+                        crop_variants=crop_variants, guidance=guidance, memory_plan=memory_plan,
+                        mixed_precision=mixed_precision_of(training_dtype, model), seed=seed)
+        trained, lora_state, history, held = train_omnieraser(model, vae, positive, dataset, job, interrupt_prefix)
         curve = torch.from_numpy(curves.loss_curve_array(history))[None]
         return io.NodeOutput(trained, lora_state, curve, held)
 

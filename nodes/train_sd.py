@@ -2,21 +2,24 @@
 
 A thin adapter over ``train.sd_inpaint.train_sd_inpaint``, the same function ``erasekit-train sd-inpaint``
 runs: the result is written as a SmartEraser release folder into models/smarteraser, where
-"SmartEraser Loader" picks it up.
+"SmartEraser Loader" picks it up. Training needs the pack's train extras (diffusers, transformers; peft for LoRA);
+without them the node says which package to install when it runs.
 """
 import json
 import os
 
 import comfy.model_management
 import comfy.sd1_clip
-import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..jobs import require
 from ..train import curves, loop
 from ..train import sd_inpaint as core
+from ..train.datasets import folder_fingerprint
 from . import _paths
+from ._host import ComfyHost
 
 CATEGORY = "erasekit/train"
 SMARTERASER_FOLDER = _paths.register_folder("smarteraser")
@@ -110,6 +113,9 @@ class TrainSDInpaintEraser(io.ComfyNode):
                                  tooltip="SmartEraser's VG: the masked object as a CLIP token in a 7-token prompt. "
                                          "Off: plain 77-token text prompt, no projector."),
                 io.Int.Input("lora_rank", default=32, min=1, max=1024, tooltip="LoRA rank (mode lora only)."),
+                io.Boolean.Input("train_text_encoder", default=True,
+                                 tooltip="Fine-tune the text encoder too (the official recipe). Off: it stays "
+                                         "frozen, for less memory and time."),
                 io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
                              tooltip="Write a resumable checkpoint every N steps (0: only at the end)."),
                 io.Boolean.Input("resume", default=True,
@@ -131,9 +137,21 @@ class TrainSDInpaintEraser(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, dataset_folder=None, **_):
+        """Run again when the dataset folder's files change (ComfyUI would otherwise reuse the old result)."""
+        try:
+            return folder_fingerprint(_paths.dataset_folder(dataset_folder, "dataset_folder"))
+        except (OSError, ValueError):
+            return dataset_folder  # execute reports the problem
+
+    @classmethod
     def execute(cls, base_model, clip_vision, dataset_folder, output_name, objective, mode, steps, learning_rate,
                 batch_size, grad_accum, resolution, condition_dropout, image_condition, visual_guidance, lora_rank,
-                checkpoint_every, resume, mixed_precision, gradient_checkpointing, seed) -> io.NodeOutput:
+                train_text_encoder, checkpoint_every, resume, mixed_precision, gradient_checkpointing,
+                seed) -> io.NodeOutput:
+        feature = "The 'Train SD Inpainting Eraser' node"
+        for module in ("diffusers", "transformers") + (("peft",) if mode == "lora" else ()):
+            require(module, extra="train", feature=feature)
         name = _output_name(output_name)
         base = base_model_path(base_model)
         dataset = _paths.dataset_folder(dataset_folder, "dataset_folder")
@@ -145,20 +163,21 @@ class TrainSDInpaintEraser(io.ComfyNode):
             raise ValueError(f"output_name {name!r} is the base model's own folder: choose another name")
         options = core.SDInpaintOptions(objective=objective, image_condition=image_condition,
                                         visual_guidance=visual_guidance, condition_dropout=condition_dropout,
-                                        mode=mode, lora_rank=lora_rank, lora_alpha=float(lora_rank)).check()
+                                        mode=mode, lora_rank=lora_rank, lora_alpha=float(lora_rank),
+                                        train_text_encoder=train_text_encoder).check()
         config = loop.LoopConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                                  learning_rate=learning_rate, mixed_precision=mixed_precision,
                                  gradient_checkpointing=gradient_checkpointing, seed=seed, output_dir=run_dir,
                                  checkpoint_dir=os.path.join(run_dir, "checkpoints"), checkpoint_every=checkpoint_every)
         comfy.model_management.unload_all_models()  # the trainer loads its own copies; free ComfyUI's first
         comfy.model_management.soft_empty_cache()
-        bar = comfy.utils.ProgressBar(steps)
+        host = ComfyHost()
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference mode
             out = core.train_sd_inpaint(
                 base, dataset, run_dir, config, options, clip_vision=vision, resolution=resolution, resume=resume,
-                progress=lambda step, total, loss: bar.update_absolute(step, total),
-                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                export_dir=export_dir, tokenizer_dir=SD1_TOKENIZER)
+                progress=lambda step, total, loss: host.progress(step, total, "steps"),
+                check_interrupt=host.check_interrupt, export_dir=export_dir, tokenizer_dir=SD1_TOKENIZER,
+                accelerator=loop.SingleProcess(comfy.model_management.get_torch_device()))
         result = out["result"]
         curve = torch.from_numpy(curves.loss_curve_array(result.history)).unsqueeze(0)
         summary = {"steps": result.step, "final_loss": result.history[-1][1] if result.history else None,

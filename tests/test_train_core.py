@@ -89,11 +89,69 @@ def test_flow_matching_grid_target_and_loss():
     assert torch.all(shifted >= plain)
 
 
-def test_widen_linear_keeps_the_function_on_old_inputs():
-    linear = torch.nn.Linear(4, 3)
-    wide = lora.widen_linear(linear, 16)
-    x = torch.randn(2, 4)
-    assert torch.allclose(wide(torch.cat([x, torch.randn(2, 12)], 1)), linear(x))
+def test_lora_slots_on_fused_rows_equal_one_lora_per_layer():
+    """q, k, v as row slices of one fused weight (ComfyUI) compute what three separate adapted layers compute."""
+    torch.manual_seed(0)
+    fused = torch.nn.Linear(6, 9).requires_grad_(False)
+    parts = {n: torch.nn.Linear(6, 3).requires_grad_(False) for n in "qkv"}
+    with torch.no_grad():
+        for i, n in enumerate("qkv"):
+            parts[n].weight.copy_(fused.weight[3 * i:3 * i + 3])
+            parts[n].bias.copy_(fused.bias[3 * i:3 * i + 3])
+    separate = lora.LoraSlots({n: lora.LoraTarget(parts[n], 6, 3) for n in "qkv"}, rank=2, alpha=4, seed=3)
+    rows = lora.LoraSlots({n: lora.LoraTarget(fused, 6, 9, (3 * i, 3)) for i, n in enumerate("qkv")}, rank=2,
+                          alpha=4, seed=3)
+    generator = torch.Generator().manual_seed(1)
+    for a, b in zip(separate.slots, rows.slots):
+        assert torch.equal(a.lora_A, b.lora_A)  # the same start from the same names, seed and shapes
+        with torch.no_grad():
+            a.lora_B.normal_(generator=generator)
+            b.lora_B.copy_(a.lora_B)
+    separate.attach()
+    rows.attach()
+    x = torch.randn(4, 6)
+    expected = torch.cat([parts[n](x) for n in "qkv"], -1)
+    plain = torch.nn.functional.linear(x, fused.weight, fused.bias)
+    assert torch.allclose(fused(x), expected, atol=1e-6) and not torch.allclose(expected, plain, atol=1e-3)
+    rows.detach()
+    assert not torch.allclose(fused(x), expected, atol=1e-4)  # detached: the plain layer again
+
+
+def test_a_widened_input_reads_all_features_in_the_slot_and_the_old_ones_in_the_layer():
+    """x_embedder 64 → 256: the frozen layer sees the first features (the official zero-padded widening computes
+    exactly that) and the LoRA all of them."""
+    torch.manual_seed(0)
+    narrow = torch.nn.Linear(4, 5).requires_grad_(False)
+    wide = torch.nn.Linear(16, 5).requires_grad_(False)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, :4].copy_(narrow.weight)
+        wide.bias.copy_(narrow.bias)
+    slots = lora.LoraSlots({"x_embedder": lora.LoraTarget(narrow, 16, 5, None, 4)}, rank=2, alpha=2)
+    reference = lora.LoraSlots({"x_embedder": lora.LoraTarget(wide, 16, 5)}, rank=2, alpha=2)
+    with torch.no_grad():
+        for slot in (slots.slots[0], reference.slots[0]):
+            slot.lora_B.fill_(0.3)
+    slots.attach()
+    reference.attach()
+    x = torch.randn(3, 16)
+    assert torch.allclose(narrow(x), wide(x), atol=1e-6)
+    state = slots.state_dict_for_file("transformer.")
+    assert state["transformer.x_embedder.lora_A.weight"].shape == (2, 16)
+
+
+def test_masks_are_binarised_by_one_rule_whatever_their_encoding():
+    from erasekit.train.datasets import binary_mask
+
+    pattern = np.zeros((4, 4), bool)
+    pattern[1:3, 1:3] = True
+    for encoded in (pattern, pattern.astype(np.uint8), pattern.astype(np.uint8) * 255, pattern * 0.9,
+                    np.where(pattern, 200, 20).astype(np.uint8), pattern.astype(np.float32) * 255):
+        assert np.array_equal(binary_mask(encoded), pattern), encoded.dtype
+    assert not binary_mask(np.full((2, 2), 0.4)).any() and binary_mask(np.full((2, 2), 0.5)).all()
+    sample = _triplet(48, 64)
+    ds = PairedCropDataset([{**sample, "mask": sample["mask"].astype(np.uint8)}], size=48, seed=0)
+    assert ds[(0, 0)]["mask"].sum() > 0  # a uint8 {0, 1} mask is not silently empty (every 48 px crop holds it)
 
 
 class _Toy(torch.nn.Module):
@@ -242,6 +300,33 @@ def test_graceful_stop_and_shape_mismatch_on_resume(tmp_path):
 
 
 loop_calls = []
+
+
+def test_training_steps_run_without_cudnn_attention_and_restore_it():
+    """The loop's attention guard: inside every micro-step (forward and backward) cuDNN SDPA is off."""
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", torch.backends.cuda.cudnn_sdp_enabled()))
+            return grad
+
+    def step(model, batch, generator):
+        seen.append(("forward", torch.backends.cuda.cudnn_sdp_enabled()))
+        return Spy.apply(_toy_step(model, batch, generator))  # its backward runs inside the step's backward
+
+    model = _Toy()
+    params = lora.inject_lora(model, ["proj", "out"], rank=2, alpha=2)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    loop.train(step, params, _Regression(), loop.LoopConfig(steps=2, grad_accum=2, mixed_precision="no"),
+               model=model, collate_fn=torch.utils.data.default_collate)
+    assert len(seen) == 8 and not any(enabled for _, enabled in seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_eight_bit_adam_without_gpu_is_a_clear_error():

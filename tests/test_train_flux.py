@@ -1,14 +1,17 @@
 """``erasekit-train flux`` on a tiny random FLUX and a tiny triplet dataset built from ../shared/data.
 
-CPU runs use fp32 compute (``--mixed-precision no``) where they train for long: CPU bf16 autocast is about
-5× slower than fp32 here; the bf16 recipe default is exercised by the kill-and-resume run.
+Long CPU runs compute in fp32 (``--mixed-precision no``); the kill-and-resume run keeps the default ``auto`` (bf16
+only where the CPU runs it natively) and the 16gb memory plan (fp8 frozen weights, gradient checkpointing).
 """
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -20,7 +23,13 @@ pytest.importorskip("peft")
 
 from erasekit.erasers import omnieraser as oe  # noqa: E402
 from erasekit.train import cli, flux, lora  # noqa: E402
+from erasekit.train import eraser_lora as core  # noqa: E402
 from erasekit.train.datasets import PairedCropDataset  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("tiny_diffusers_flux",
+                                               Path(__file__).parent / "comfy" / "tiny" / "_diffusers_flux.py")
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
 
 SHORT_SIDE = 96  # the dataset is stored small; crops of 64 px still hold most of each object
 CROP = 64
@@ -68,7 +77,7 @@ def build_triplets(shared, root):
 @pytest.fixture(scope="module")
 def setup(shared_data, tmp_path_factory):
     base = tmp_path_factory.mktemp("train_flux")
-    model = flux.save_random_flux_folder(base / "flux", hidden_heads=4, head_dim=32)
+    model = tiny.save_random_flux_folder(base / "flux", hidden_heads=4, head_dim=32)
     data = build_triplets(shared_data, base / "triplets")
     return {"model": str(model), "data": str(data), "base": base}
 
@@ -79,36 +88,52 @@ def _args(setup, output, *extra, steps=8):
             "--validation-steps", "0", "--save-dtype", "fp32", *extra]
 
 
-def _heldout(setup, count=1):
-    triplets = flux.open_triplets([setup["data"]])
-    _, held = flux.split_heldout(triplets, count)
-    return flux.heldout_batch(PairedCropDataset(held, CROP, seed=1))
+def _heldout(setup, adapter):
+    """(moments, mask) of the held-out sample as the trainer encodes it."""
+    data = core.open_training_data([setup["data"]], core.EraserJob(resolution=CROP))
+    held = core.heldout_batch(data.heldout)
+    return core.encode_moments(adapter, held["source"], held["mask"], held["target"]), held["mask"]
 
 
-def trivial_loss(vae, batch, repeats=4, seed=0):
+def _adapter(setup, transformer=None, vae=None):
+    if transformer is None:
+        transformer, vae, _ = flux.load_flux(setup["model"], "cpu", torch.float32)
+    return flux.DiffusersFlux(transformer, vae, flux.encode_caption(setup["model"], max_sequence_length=16), "cpu")
+
+
+def trivial_loss(moments, repeats=4, seed=0):
     """Loss of the best input-blind predictor: the velocity's own per-channel variance on the same draws."""
     values = []
     for r in range(repeats):
         g = torch.Generator().manual_seed(seed + r)
-        latents, _ = flux.batch_latents(vae, batch, "cpu", g)
+        latents = core.sample_latents(moments, g)
         velocity = torch.randn(latents["target"].shape, generator=g) - latents["target"]
         values.append(float(((velocity - velocity.mean((0, 2, 3), keepdim=True)) ** 2).mean()))
     return float(np.mean(values))
 
 
+def test_latents_are_drawn_from_the_vae_posterior(setup):
+    """Like the official trainer's ``latent_dist.sample()``: every draw differs, around the mean, by the std."""
+    moments, _ = _heldout(setup, _adapter(setup))
+    draws = [core.sample_latents(moments, torch.Generator().manual_seed(s))["target"] for s in range(2)]
+    mean = core.oe.normalize_flux_latent(moments["target_mean"])
+    assert moments["target_std"].min() > 0 and not torch.equal(draws[0], draws[1])
+    scaled_std = moments["target_std"] * core.oe.FLUX_LATENT_SCALE
+    assert ((draws[0] - mean) / scaled_std).std() == pytest.approx(1.0, abs=0.2)
+
+
 def test_training_lowers_the_loss_and_the_lora_loads_everywhere(setup, tmp_path):
     out = tmp_path / "run"
-    code = cli.main(_args(setup, out, "--mixed-precision", "no", "--grad-accum", "1", "--lr", "1e-2",
+    code = cli.main(_args(setup, out, "--memory-plan", "full", "--mixed-precision", "no", "--grad-accum", "1", "--lr", "1e-2",
                           "--lr-scheduler", "constant", "--cache-latents", "2", "--checkpoint-every", "0",
                           "--validate-every", "100", steps=300))
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    transformer, vae, _ = flux.load_flux(setup["model"], "cpu", torch.float32)
-    text = flux.encode_caption(setup["model"], max_sequence_length=16)
-    held = _heldout(setup)
-    flux.prepare_transformer(transformer, 32, 32)
-    before = flux.heldout_loss(transformer, vae, text, held, 0, mixed_precision="no")
-    blind = trivial_loss(vae, held)
+    adapter = _adapter(setup)
+    moments, mask = _heldout(setup, adapter)
+    fresh = lora.LoraSlots(adapter.lora_targets(), 32, 32).attach()  # lora_B = 0: FLUX itself, read 256 wide
+    before = core.heldout_loss(core.EraserModel(adapter, fresh), moments, mask, 0)
+    blind = trivial_loss(moments)
     # Threshold: 5 % under the best input-blind predictor (the velocity's per-channel variance on the same
     # draws). Reaching it means the LoRA reads x_t and the 48-channel condition; the untrained model (zero
     # LoRA, random FLUX) starts ~35 % above it, and just learning the output mean only gets down to it.
@@ -127,8 +152,9 @@ def test_training_lowers_the_loss_and_the_lora_loads_everywhere(setup, tmp_path)
     pipe = FluxPipeline.from_pretrained(setup["model"], torch_dtype=torch.float32)
     pipe.load_lora_weights(str(out / flux.LORA_FILE))
     assert pipe.transformer.x_embedder.in_features == 256
-    reloaded = flux.heldout_loss(pipe.transformer, pipe.vae, text, held, 0, mixed_precision="no")
-    assert reloaded == pytest.approx(summary["heldout_loss"], rel=1e-4)
+    reloaded = _adapter(setup, pipe.transformer, pipe.vae)
+    assert core.heldout_loss(core.EraserModel(reloaded, None), moments, mask, 0) == pytest.approx(
+        summary["heldout_loss"], rel=1e-4)
 
 
 def _run_cli(args, env=None):
@@ -137,7 +163,8 @@ def _run_cli(args, env=None):
 
 
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(setup, tmp_path):
-    common = ("--grad-accum", "2", "--lr", "1e-3", "--checkpoint-every", "2", "--keep-checkpoints", "1")
+    common = ("--grad-accum", "2", "--lr", "1e-3", "--checkpoint-every", "2", "--keep-checkpoints", "1",
+              "--memory-plan", "16gb")
     straight = _run_cli(_args(setup, tmp_path / "straight", *common, steps=10))
     killed_dir = tmp_path / "killed"
     victim = _run_cli(_args(setup, killed_dir, *common, steps=10))
@@ -160,7 +187,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(setup, tmp_
         assert torch.equal(a[key], b[key]), key
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if ".lora_B." in k)  # it did train
     history = json.loads((killed_dir / "summary.json").read_text())
-    assert history["steps"] == 10
+    assert history["steps"] == 10 and history["memory_plan"] == "16gb"
 
 
 def test_bad_inputs_fail_before_training(setup, tmp_path, capsys):
@@ -172,6 +199,10 @@ def test_bad_inputs_fail_before_training(setup, tmp_path, capsys):
     assert cli.main(["flux", "--model", str(tmp_path), "--data", setup["data"], "--output", str(tmp_path / "o2")]) == 1
     assert "not a diffusers FLUX folder" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+    assert cli.main([]) == 2  # usage: no trainer named
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["flux", "--model", setup["model"], "--data", setup["data"], "--output", "o3", "--memory-plan", "8gb"])
+    assert usage.value.code == 2
 
 
 def test_mismatched_pair_sizes_are_named(tmp_path):

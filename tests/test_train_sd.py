@@ -169,6 +169,22 @@ def test_projector_gets_gradients_and_clip_vision_does_not(weights):
     assert {n.split(".")[0] for n in params} == {"unet", "text_encoder", "projector"}
 
 
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_frozen_text_encoder_is_neither_trained_nor_differentiated(weights, mode):
+    """``train_text_encoder=False``: no text-encoder parameter is trained, none gets a gradient, and its forward
+    keeps no graph; the UNet and the projector still learn."""
+    model, opts = make_model(weights, condition_dropout=0.0, mode=mode, lora_rank=4, train_text_encoder=False)
+    params = sd_inpaint.trainable_parameters(model, opts)
+    assert {n.split(".")[0] for n in params} == {"unet", "projector"}
+    outputs = []
+    model.text_encoder.register_forward_hook(lambda _m, _a, out: outputs.append(out.last_hidden_state))
+    model(one_batch(), torch.Generator().manual_seed(0)).backward()
+    assert outputs and not outputs[0].requires_grad  # no graph kept through the frozen encoder
+    assert all(p.grad is None for p in model.text_encoder.parameters())
+    assert model.projector.fc_out.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for n, p in params.items() if n.startswith("unet.") and "lora_A" in n) or mode == "full"
+
+
 def test_bad_models_and_inputs_raise_clear_errors(weights, tmp_path):
     model, _ = make_model(weights)
     batch = one_batch()

@@ -5,16 +5,19 @@
 
 ``TRAINERS`` maps a subcommand to a module of ``erasekit.train`` that defines ``add_arguments(parser)`` and
 ``run(args)``; a new family (e.g. SD inpainting with CRO) adds one line here. Modules are imported only when
-their subcommand runs, so one family's heavy imports never slow another.
+their subcommand runs, so one family's heavy imports never slow another. Exit codes are the job layer's
+(``jobs.cli_main``): 0 done, 1 failed, 2 usage, 130 interrupted (finished checkpoints are kept).
 """
 import argparse
 import importlib
 import importlib.util
 import sys
 
+from ..jobs import EXIT_OK, EXIT_USAGE, cli_main
+
 TRAINERS = {
-    "flux": ("flux", "OmniEraser: a control LoRA on FLUX.1-dev (METHODS.md §3)"),
-    "sd-inpaint": ("sd_inpaint", "SD inpainting eraser (Erase Diffusion's CRO objective, METHODS.md §2)"),
+    "flux": ("flux", "OmniEraser: a control LoRA on FLUX.1-dev (PRIS-CV/Omnieraser, train_control_lora_flux.py)"),
+    "sd-inpaint": ("sd_inpaint", "SD inpainting eraser (SmartEraser's recipe; Erase Diffusion's CRO objective)"),
 }
 
 
@@ -48,13 +51,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.trainer is None:
         parser.print_help()
-        return 2
-    try:
+        return EXIT_USAGE
+
+    def body():
         _module(_available()[args.trainer][0]).run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"erasekit-train {args.trainer}: error: {error}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_OK
+
+    return cli_main(f"erasekit-train {args.trainer}", body)
 
 
 if __name__ == "__main__":

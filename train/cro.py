@@ -1,4 +1,5 @@
-"""Erase Diffusion's chain-rectifying optimisation (CRO), METHODS.md §2.
+"""Erase Diffusion's chain-rectifying optimisation (CRO): "Erase Diffusion: Empowering Object Removal Through
+Calibrating Diffusion Pathways" (CVPR 2025), the CRO training objective (no public code).
 
 The clean image is blended with its object-pasted partner along the diffusion chain,
 x̃ₜ = (1 − λₜ)·x₀^ori + λₜ·x₀^obj with λₜ = 1 − ᾱₜ, so the object fades out of the target as t falls.

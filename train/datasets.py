@@ -1,7 +1,7 @@
 """Training samples over the triplet format: paired random crops and mask augmentation.
 
 ``PairedCropDataset`` wraps any indexable of triplets (``dataset_tools.triplets.TripletDataset`` or a list
-of dicts with uint8 ``source``/``target`` H×W×3 and a bool/uint8 ``mask`` H×W) and yields crops at the
+of dicts with uint8 ``source``/``target`` H×W×3 and a ``mask`` H×W: bool, uint8 0/255 or 0/1, or float in [0, 1]) and yields crops at the
 training size in ComfyUI's layout, so model-specific step functions and the nodes share one format:
 
 - ``source``, ``target``: float32 ``[S, S, 3]`` in [0, 1]; ``mask``: float32 ``[S, S]`` in {0, 1}, 1 = remove.
@@ -13,6 +13,8 @@ versions; that is what makes VAE latents cacheable (``train.caching``).
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Callable, Sequence
 
 import cv2
@@ -23,16 +25,25 @@ import torch
 UPSCALE_MARGIN = 1.1
 
 
+def binary_mask(mask):
+    """A bool mask from any mask array: bool as is; floats in [0, 1] at ≥ 0.5; integer masks (uint8 0/255 *or* 0/1,
+    and floats holding 0..255) at half their full scale, the scale being 1 when no value exceeds 1.
+
+    (``erasers/layout.py`` will hold the project's one binarisation rule; this follows it.)"""
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        return mask
+    full_scale = 255.0 if mask.size and float(mask.max()) > 1 else 1.0
+    return mask >= 0.5 * full_scale if np.issubdtype(mask.dtype, np.floating) else mask > 0.5 * full_scale
+
+
 def _as_mask(mask, where):
     mask = np.asarray(mask)
     if mask.ndim == 3 and mask.shape[2] in (1, 3):
         mask = mask[..., 0]
     if mask.ndim != 2:
         raise ValueError(f"{where}: mask must be H×W, got shape {mask.shape}")
-    if mask.dtype == bool:
-        return mask
-    scale = 1.0 if np.issubdtype(mask.dtype, np.floating) else 255.0
-    return mask > 0.5 * scale
+    return binary_mask(mask)
 
 
 def check_triplet(sample, where="sample"):
@@ -165,3 +176,16 @@ def collate(samples):
         "index": [s["index"] for s in samples],
         "key": [s["key"] for s in samples],
     }
+
+
+def folder_fingerprint(folder):
+    """A digest of a dataset folder's files (relative name, size, modification time), so a node that trains on
+    it runs again when a pair is added, removed or rewritten, and reuses its result while nothing changed."""
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

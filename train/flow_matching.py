@@ -1,4 +1,5 @@
-"""Rectified-flow (flow-matching) objective as FLUX and OmniEraser train it (METHODS.md §3).
+"""Rectified-flow (flow-matching) objective as FLUX and OmniEraser train it (PRIS-CV/Omnieraser,
+train_control_lora_flux.py; diffusers' training_utils for the σ densities and weightings).
 
 x_σ = (1 − σ)·x₀ + σ·ε and the model predicts the velocity ε − x₀ (the official target ``noise − latents``).
 σ follows diffusers' ``FlowMatchEulerDiscreteScheduler`` training grid: u ~ density(weighting_scheme),

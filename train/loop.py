@@ -10,8 +10,9 @@ The caller supplies what is model specific:
 - ``dataset``: indexable by the keys ``(index, draw)`` (see ``train.datasets.PairedCropDataset``). The data
   order is a reproducible permutation per epoch; the position in it is part of the training state.
 
-What the loop owns: AdamW (or bitsandbytes' 8-bit AdamW), diffusers' LR schedules, gradient accumulation,
-bf16 autocast, gradient clipping, checkpoints every N optimizer steps (atomic: a temp folder renamed into
+What the loop owns: AdamW (fused on CUDA, or bitsandbytes' 8-bit AdamW), diffusers' LR schedules, gradient
+accumulation, bf16 autocast (or fp16 with a gradient scaler), gradient clipping, an attention back-end whose
+backward works on every CUDA GPU (``training_attention``), checkpoints every N optimizer steps (atomic: a temp folder renamed into
 place), ``resume`` (trainable weights, optimizer, scheduler, RNG states, data position, loss history),
 validation at intervals, TensorBoard scalars and a loss-curve PNG. Under ``accelerate launch`` with several
 processes the ``model`` is wrapped by ``accelerator.prepare`` (DDP) and each process takes its own share
@@ -43,10 +44,26 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 OPTIMIZERS = ("adamw", "adamw8bit")
-MIXED_PRECISION = ("auto", "bf16", "no")
-MIXED_PRECISION_HELP = ("bf16 autocast, or no (fp32). auto (default): bf16 where the device runs it natively (CUDA "
-                        "GPUs with bf16, CPUs with AVX-512-BF16 or AMX), fp32 elsewhere: emulated bf16 on a CPU is "
-                        "many times slower than fp32")
+MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+MIXED_PRECISION_HELP = ("bf16 autocast, fp16 autocast with a gradient scaler (GPUs without bf16), or no (fp32). auto "
+                        "(default): bf16 where the device runs it natively (CUDA GPUs with bf16, CPUs with AVX-512-BF16 "
+                        "or AMX), fp32 elsewhere: emulated bf16 on a CPU is many times slower than fp32")
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+@contextlib.contextmanager
+def training_attention():
+    """SDPA back-ends whose backward works, for the duration of a training step; the previous setting is restored.
+
+    torch 2.11 + cuDNN attention backward on Hopper (H100/H200) fails with an illegal memory access /
+    "mha_graph.execute(...).is_good()" (issue 17): cuDNN SDPA stays off during training steps. Remove when fixed.
+    """
+    previous = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(previous)
 
 
 def native_bf16(device) -> bool:
@@ -72,6 +89,15 @@ def resolve_mixed_precision(value, device) -> str:
     return value
 
 
+def autocast_for(mixed_precision, device):
+    """The autocast context of a resolved ``mixed_precision`` on ``device`` (a no-op for "no")."""
+    device = torch.device(device)
+    dtype = COMPUTE_DTYPES[resolve_mixed_precision(mixed_precision, device)]
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @dataclass
 class LoopConfig:
     """Hyper-parameters of a run. ``steps`` counts optimizer steps (each = ``grad_accum`` micro-batches)."""
@@ -90,7 +116,7 @@ class LoopConfig:
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"  # "bf16" autocast, "no" (fp32), or "auto": bf16 where the device runs it natively
+    mixed_precision: str = "auto"  # "bf16"/"fp16" autocast, "no" (fp32), or "auto": bf16 where the device runs it natively
     gradient_checkpointing: bool = False
     seed: int = 0
     output_dir: str | None = None  # loss_curve.png and TensorBoard logs (logs/)
@@ -113,11 +139,12 @@ class LoopConfig:
         return self
 
 
-def add_loop_arguments(parser, *, batch_size, grad_accum, lr_scheduler, scale_lr):
+def add_loop_arguments(parser, *, batch_size, grad_accum, lr_scheduler, scale_lr, gradient_checkpointing=True):
     """The command-line options every trainer shares (the loop's, not the model's), with the recipe's defaults.
 
     ``scale_lr`` is the recipe's default: True adds ``--no-scale-lr``, False adds ``--scale-lr``; either way
-    the value lands in ``args.scale_lr``."""
+    the value lands in ``args.scale_lr``. ``gradient_checkpointing=False`` leaves the switch to the trainer's own
+    options (e.g. a memory plan)."""
     if scale_lr:
         parser.add_argument("--no-scale-lr", dest="scale_lr", action="store_false",
                             help="do not multiply lr by batch × accumulation × GPUs")
@@ -130,7 +157,8 @@ def add_loop_arguments(parser, *, batch_size, grad_accum, lr_scheduler, scale_lr
     parser.add_argument("--grad-accum", type=int, default=grad_accum)
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto", help=MIXED_PRECISION_HELP)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="adamw8bit needs bitsandbytes + CUDA")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    if gradient_checkpointing:
+        parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT/checkpoints")
@@ -144,7 +172,7 @@ def loop_config_from_args(args, **extra):
         steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.lr,
         scale_lr=args.scale_lr, lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
         lr_num_cycles=args.lr_num_cycles, optimizer=args.optimizer, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, output_dir=args.output,
+        gradient_checkpointing=getattr(args, "gradient_checkpointing", False), seed=args.seed, output_dir=args.output,
         checkpoint_dir=os.path.join(args.output, "checkpoints"), checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, num_workers=args.num_workers, **extra)
 
@@ -195,7 +223,8 @@ class KeyBatches(torch.utils.data.Sampler):
 
 
 def make_optimizer(params, config: LoopConfig, learning_rate):
-    """AdamW over ``params``; ``adamw8bit`` needs bitsandbytes and a CUDA device (clear error otherwise)."""
+    """AdamW over ``params`` (fused kernels on CUDA: one launch per step instead of one per tensor); ``adamw8bit``
+    (8-bit moments) needs bitsandbytes and a CUDA device (clear error otherwise)."""
     kwargs = dict(lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                   weight_decay=config.weight_decay, eps=config.adam_epsilon)
     if config.optimizer == "adamw8bit":
@@ -208,6 +237,8 @@ def make_optimizer(params, config: LoopConfig, learning_rate):
             raise ValueError("8-bit Adam (bitsandbytes) needs the trainable parameters on a CUDA GPU; "
                              "use optimizer 'adamw' on CPU")
         return bnb.optim.AdamW8bit(params, **kwargs)
+    if params and all(p.is_cuda for p in params):
+        kwargs["fused"] = True
     return torch.optim.AdamW(params, **kwargs)
 
 
@@ -309,7 +340,7 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(folder, step, params, optimizer, scheduler, state, keep=2):
+def save_checkpoint(folder, step, params, optimizer, scheduler, state, keep=2, scaler=None):
     """Write ``folder/checkpoint-<step>`` atomically and keep the newest ``keep``; returns its path."""
     final = os.path.join(folder, f"checkpoint-{step:07d}")
     if os.path.isfile(os.path.join(final, "state.json")):
@@ -319,8 +350,8 @@ def save_checkpoint(folder, step, params, optimizer, scheduler, state, keep=2):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, os.path.join(tmp, "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               os.path.join(tmp, "optimizer.pt"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None}, os.path.join(tmp, "optimizer.pt"))
     torch.save(_rng_state(), os.path.join(tmp, "rng.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as handle:  # written last: marks the folder complete
         json.dump(state, handle)
@@ -334,7 +365,7 @@ def save_checkpoint(folder, step, params, optimizer, scheduler, state, keep=2):
     return final
 
 
-def load_checkpoint(path, params, optimizer, scheduler, device=None):
+def load_checkpoint(path, params, optimizer, scheduler, device=None, scaler=None):
     """Restore a checkpoint into live objects; returns its state dict (step, micro, history, …)."""
     with open(os.path.join(path, "state.json")) as handle:
         state = json.load(handle)
@@ -349,6 +380,8 @@ def load_checkpoint(path, params, optimizer, scheduler, device=None):
     optim = torch.load(os.path.join(path, "optimizer.pt"), map_location=device or "cpu", weights_only=True)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
+    if scaler is not None and optim.get("scaler"):
+        scaler.load_state_dict(optim["scaler"])
     _set_rng_state(torch.load(os.path.join(path, "rng.pt"), weights_only=True))
     return state
 
@@ -371,7 +404,8 @@ class SingleProcess:
         return model
 
 
-def _default_accelerator():
+def default_accelerator():
+    """accelerate's Accelerator where accelerate is installed, else ``SingleProcess`` on the best device."""
     try:
         from accelerate import Accelerator
     except ImportError:
@@ -403,7 +437,7 @@ def train(step_fn: Callable, params: dict, dataset, config: LoopConfig, *, model
     """
     config.check()
     started = time.perf_counter()
-    accelerator = accelerator or _default_accelerator()
+    accelerator = accelerator or default_accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     device = torch.device(device) if device is not None else accelerator.device
     trainable = list(params.values())
@@ -419,11 +453,13 @@ def train(step_fn: Callable, params: dict, dataset, config: LoopConfig, *, model
     lr = config.learning_rate * (config.grad_accum * config.batch_size * world if config.scale_lr else 1)
     optimizer = make_optimizer(trainable, config, lr)
     scheduler = make_scheduler(optimizer, config)
+    precision = resolve_mixed_precision(config.mixed_precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     step, history = 0, []
     checkpoint = _resume_path(resume, config.checkpoint_dir)
     if checkpoint:
-        state = load_checkpoint(checkpoint, params, optimizer, scheduler, device=device)
+        state = load_checkpoint(checkpoint, params, optimizer, scheduler, device=device, scaler=scaler)
         shape = (state["batch_size"], state["grad_accum"], state["world"])
         if shape != (config.batch_size, config.grad_accum, world):
             raise ValueError(f"checkpoint {checkpoint} was made with batch_size, grad_accum, processes = {shape}; "
@@ -439,8 +475,6 @@ def train(step_fn: Callable, params: dict, dataset, config: LoopConfig, *, model
     tensorboard = None
     if accelerator.is_main_process and config.output_dir:
         tensorboard = curves.TensorBoardLog(os.path.join(config.output_dir, "logs"))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if resolve_mixed_precision(config.mixed_precision, device) == "bf16" else contextlib.nullcontext())
 
     def state_now():
         return {"step": step, "micro": step * config.grad_accum, "history": history, "world": world,
@@ -450,7 +484,7 @@ def train(step_fn: Callable, params: dict, dataset, config: LoopConfig, *, model
         path = None
         if accelerator.is_main_process and config.checkpoint_dir:
             path = save_checkpoint(config.checkpoint_dir, step, params, optimizer, scheduler, state_now(),
-                                   config.keep_checkpoints)
+                                   config.keep_checkpoints, scaler)
             if config.output_dir:
                 curves.save_loss_curve(history, os.path.join(config.output_dir, "loss_curve.png"))
         accelerator.wait_for_everyone()
@@ -479,17 +513,24 @@ def train(step_fn: Callable, params: dict, dataset, config: LoopConfig, *, model
                 generator = torch.Generator(device).manual_seed(derive_seed(config.seed, micro, rank))
                 last = micro_in_window == config.grad_accum - 1
                 sync = contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(model)
-                with sync:
-                    with autocast:
+                with sync, training_attention():
+                    with autocast_for(precision, device):
                         loss = step_fn(model, batch, generator)
-                    (loss / config.grad_accum).backward()
+                    scaled = loss / config.grad_accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 window.append(loss.detach().float())
             if interrupted:
                 optimizer.zero_grad(set_to_none=True)
                 break
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

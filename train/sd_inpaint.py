@@ -1,4 +1,5 @@
-"""SmartEraser-style SD-inpainting training (METHODS.md §1), with the epsilon or the CRO objective (§2).
+"""SmartEraser-style SD-inpainting training (longtaojiang/SmartEraser), with the epsilon or Erase Diffusion's CRO
+objective (``train.cro``).
 
 The model is a diffusers SD-inpainting folder (unet/ with 9 input channels, vae/, text_encoder/, tokenizer/,
 scheduler/). What is trained, as the official recipe (longtaojiang/SmartEraser, train_region_inpaint.py):
@@ -9,7 +10,8 @@ scheduler/). What is trained, as the official recipe (longtaojiang/SmartEraser, 
   the IM2TEXT projector and spliced into the 7-token context of "Remove the instance of object". With
   probability 0.1 a batch is trained unconditionally instead: empty prompt, projector of CLIP(zeros).
 - UNet + text encoder + projector are fine-tuned in full (the official recipe) or as peft LoRA on the UNet
-  and the text encoder (the small projector is then still trained in full).
+  and the text encoder (the small projector is then still trained in full). ``train_text_encoder=False`` keeps
+  the text encoder frozen (less memory and time; not the official recipe).
 - Objectives: ``epsilon`` (noise prediction on the clean target) or ``cro`` (Erase Diffusion's
   chain-rectifying objective; the source is x₀^obj, the target x₀^ori).
 
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..erasers import smarteraser
+from ..jobs import CliHost, require
 from . import caching, cro, epsilon, loop
 from .datasets import PairedCropDataset, collate, smarteraser_mask_augmenter
 
@@ -58,6 +61,7 @@ class SDInpaintOptions:
     mode: str = "full"
     lora_rank: int = 32
     lora_alpha: float = 32.0
+    train_text_encoder: bool = True  # the official recipe fine-tunes it
 
     def check(self):
         if self.objective not in OBJECTIVES:
@@ -173,11 +177,13 @@ class SDInpaintModel(torch.nn.Module):
     # -- gradient checkpointing (the loop's switch)
     def enable_gradient_checkpointing(self):
         self.unet.enable_gradient_checkpointing()
-        _text_checkpointing(self.text_encoder, True)
+        if self.options.train_text_encoder:
+            _text_checkpointing(self.text_encoder, True)
 
     def disable_gradient_checkpointing(self):
         self.unet.disable_gradient_checkpointing()
-        _text_checkpointing(self.text_encoder, False)
+        if self.options.train_text_encoder:
+            _text_checkpointing(self.text_encoder, False)
 
     # -- pieces of a step
     def token_ids(self, prompt, device):
@@ -355,23 +361,26 @@ def trainable_parameters(model: SDInpaintModel, options: SDInpaintOptions):
     """``{name: Parameter}`` the optimiser updates: all of UNet + text encoder + projector, or their LoRA."""
     from .lora import inject_lora
 
+    text_trained = options.train_text_encoder
     model.unet.requires_grad_(options.mode == "full")
-    model.text_encoder.requires_grad_(options.mode == "full")
+    model.text_encoder.requires_grad_(options.mode == "full" and text_trained)
     params = {}
     if options.mode == "lora":
         unet = inject_lora(model.unet, UNET_LORA_TARGETS, options.lora_rank, options.lora_alpha)
-        # into the encoder module: transformers' own add_adapter demands a newer peft than diffusers needs
-        text = inject_lora(model.text_encoder.encoder, TEXT_LORA_TARGETS, options.lora_rank, options.lora_alpha)
         params.update({f"unet.{k}": v for k, v in unet.items()})
-        params.update({f"text_encoder.encoder.{k}": v for k, v in text.items()})
+        if text_trained:
+            # into the encoder module: transformers' own add_adapter demands a newer peft than diffusers needs
+            text = inject_lora(model.text_encoder.encoder, TEXT_LORA_TARGETS, options.lora_rank, options.lora_alpha)
+            params.update({f"text_encoder.encoder.{k}": v for k, v in text.items()})
     else:
         params.update({f"unet.{k}": v for k, v in model.unet.named_parameters()})
-        params.update({f"text_encoder.{k}": v for k, v in model.text_encoder.named_parameters()})
+        if text_trained:
+            params.update({f"text_encoder.{k}": v for k, v in model.text_encoder.named_parameters()})
     if model.projector is not None:
         model.projector.requires_grad_(True)
         params.update({f"projector.{k}": v for k, v in model.projector.named_parameters()})
     model.unet.train()
-    model.text_encoder.train()
+    model.text_encoder.train(text_trained)
     return params
 
 
@@ -439,8 +448,9 @@ def export_model(model: SDInpaintModel, base_dir, out_dir, options: SDInpaintOpt
     if options.mode == "lora":
         from .lora import lora_state_dict, save_lora_file
 
-        state = {**lora_state_dict(model.unet, prefix="unet."),
-                 **lora_state_dict(model.text_encoder.encoder, prefix="text_encoder.encoder.")}
+        state = lora_state_dict(model.unet, prefix="unet.")
+        if options.train_text_encoder:
+            state.update(lora_state_dict(model.text_encoder.encoder, prefix="text_encoder.encoder."))
         save_lora_file(os.path.join(tmp, LORA_FILE), state, metadata={"erasekit": asdict(options)})
     with open(os.path.join(tmp, "erasekit_training.json"), "w") as handle:
         json.dump({"options": asdict(options), "base": os.path.abspath(base_dir)}, handle, indent=1)
@@ -486,15 +496,13 @@ def train_sd_inpaint(model_dir, dataset, output_dir, loop_config: loop.LoopConfi
     and CLIP image embeds (in memory, and in ``cache_dir`` when given); the text encoder is trained, so text
     is never cached.
     """
-    from accelerate import Accelerator
-
     options.check()
     if isinstance(dataset, (str, os.PathLike)):
         dataset = build_dataset(dataset, resolution, loop_config.seed, mask_augmentation, cache_latents or None)
         dataset.validate()  # a bad pair fails here, before any model is loaded
     loop_config.output_dir = loop_config.output_dir or output_dir
     loop_config.checkpoint_dir = loop_config.checkpoint_dir or os.path.join(output_dir, "checkpoints")
-    accelerator = accelerator or Accelerator(device_placement=False)
+    accelerator = accelerator or loop.default_accelerator()
     device = accelerator.device
     model = load_model(model_dir, options, clip_vision, projector_path, seed=loop_config.seed, device=device,
                        tokenizer_dir=tokenizer_dir)
@@ -536,6 +544,8 @@ def add_arguments(parser):
     parser.add_argument("--condition-dropout", type=float, default=CONDITION_DROPOUT)
     parser.add_argument("--max-jump", type=int, default=cro.MAX_JUMP, help="CRO's largest DDIM jump γ")
     parser.add_argument("--mode", choices=MODES, default="full", help="full fine-tune (official) or peft LoRA")
+    parser.add_argument("--no-train-text-encoder", dest="train_text_encoder", action="store_false",
+                        help="keep the text encoder frozen (the official recipe fine-tunes it)")
     parser.add_argument("--rank", type=int, default=32, help="LoRA rank (mode lora)")
     parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (mode lora)")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
@@ -556,25 +566,28 @@ def options_from_args(args):
     return SDInpaintOptions(
         objective=args.objective, image_condition=args.image_condition, visual_guidance=not args.no_visual_guidance,
         prompt=args.prompt, condition_dropout=args.condition_dropout, max_jump=args.max_jump, mode=args.mode,
-        lora_rank=args.rank, lora_alpha=args.alpha).check()
+        lora_rank=args.rank, lora_alpha=args.alpha, train_text_encoder=args.train_text_encoder).check()
 
 
 def run(args):
     """``erasekit-train sd-inpaint``: train, export OUTPUT/model; returns a summary dict (also OUTPUT/summary.json)."""
+    for module in ("diffusers", "transformers", "accelerate") + (("peft",) if args.mode == "lora" else ()):
+        require(module, extra="train", feature="erasekit-train sd-inpaint")
     from accelerate import Accelerator
 
     accelerator = Accelerator(device_placement=False)
-
-    def progress(step_number, total, loss):
-        if accelerator.is_main_process and (step_number == total or step_number % 10 == 0):
-            print(f"step {step_number}/{total} loss {loss:.5f}", flush=True)
-
     os.makedirs(args.output, exist_ok=True)
-    out = train_sd_inpaint(args.model, args.data, args.output, loop.loop_config_from_args(args), options_from_args(args),
-                           clip_vision=args.clip_vision, projector_path=args.projector, resolution=args.resolution,
-                           mask_augmentation=not args.no_mask_augmentation, resume=args.resume, progress=progress,
-                           comfy_name=args.comfy_name, accelerator=accelerator, cache_latents=args.cache_latents,
-                           cache_dir=args.cache_dir)
+    with CliHost("erasekit-train sd-inpaint", enabled=accelerator.is_main_process, unit="steps") as host:
+        def progress(step_number, total, loss):
+            host.progress(step_number, total, "steps")
+            if step_number == total or step_number % 10 == 0:
+                host.log(f"step {step_number}/{total} loss {loss:.5f}")
+
+        out = train_sd_inpaint(args.model, args.data, args.output, loop.loop_config_from_args(args),
+                               options_from_args(args), clip_vision=args.clip_vision, projector_path=args.projector,
+                               resolution=args.resolution, mask_augmentation=not args.no_mask_augmentation,
+                               resume=args.resume, progress=progress, comfy_name=args.comfy_name,
+                               accelerator=accelerator, cache_latents=args.cache_latents, cache_dir=args.cache_dir)
     result = out["result"]
     summary = {"steps": result.step, "final_loss": result.history[-1][1] if result.history else None,
                "export": out["export"], "loss_curve": out["loss_curve"]}

@@ -50,7 +50,7 @@ def prompt(vision, dataset, output_name, steps, **extra):
     inputs = {"base_model": RELEASE, "clip_vision": vision, "dataset_folder": dataset, "output_name": output_name,
               "objective": "cro", "mode": "lora", "steps": steps, "learning_rate": 1e-3, "batch_size": 1,
               "grad_accum": 1, "resolution": 64, "condition_dropout": 0.1, "image_condition": "region",
-              "visual_guidance": True, "lora_rank": 4, "checkpoint_every": 1, "resume": True,
+              "visual_guidance": True, "lora_rank": 4, "train_text_encoder": True, "checkpoint_every": 1, "resume": True,
               "mixed_precision": "no", "gradient_checkpointing": False, "seed": 0}
     inputs.update(extra)
     return {"1": {"class_type": "EraseKitTrainSDInpaintEraser", "inputs": inputs}}
@@ -128,3 +128,28 @@ def test_bad_inputs_are_explained(comfy, nodes, release, dataset):
     with pytest.raises(PromptError, match="base model's own folder"):
         comfy.run_prompt(prompt(vision, dataset, RELEASE, steps=1))
 
+
+
+def test_training_nodes_import_without_the_train_extras_and_name_them_when_run(comfy, nodes, release, dataset,
+                                                                            monkeypatch):
+    """With diffusers, transformers, peft and accelerate missing, both trainer modules still import (ComfyUI lists
+    the nodes) and running one raises a sentence with the pip line, not a bare ModuleNotFoundError."""
+    import sys
+
+    from harness import PromptError
+
+    flux_nodes = importlib.import_module(comfy.pack_module().__name__ + ".nodes.train_flux")
+    for package in ("diffusers", "transformers", "peft", "accelerate"):
+        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+            monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    importlib.reload(nodes)
+    importlib.reload(flux_nodes)
+    vision = comfy.ensure_model("clip_vision", "tiny-clip-vision-768.safetensors").name
+    try:
+        with pytest.raises(PromptError, match="pip install diffusers"):
+            comfy.run_prompt(prompt(vision, dataset, "no_extras", steps=1))
+    finally:
+        monkeypatch.undo()
+        importlib.reload(nodes)
+        importlib.reload(flux_nodes)
