@@ -13,15 +13,15 @@ Everything here is plain torch/numpy/PIL; the ComfyUI layer (nodes/smarteraser.p
 states, the CLIP vision encoder and the VAE.
 """
 import os
+from dataclasses import replace
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-from dataclasses import replace
-
-from .crop_stitch import CONTEXT, GROUP_DISTANCE, CropInfo, _check_image_mask, context_box, object_groups, working_crop
+from .crop_stitch import (CONTEXT, GROUP_DISTANCE, CropInfo, _check_image_mask, context_box, object_groups,
+                          working_crop)
 
 CONTEXT_TOKENS = 7  # SmartEraser tokenises every prompt to max_length 7 (BOS + 5 words + EOS)
 TOKEN_DIM = 768  # SD1.5 text width == CLIP ViT-L/14 projection width

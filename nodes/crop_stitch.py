@@ -192,25 +192,27 @@ class StitchCrop(io.ComfyNode):
     def execute(cls, original_image, erased_crop, crop_info, mask, paste_back, grow, blur_radius,
                 change_threshold) -> io.NodeOutput:
         # Every input is a list (is_input_list). The crop infos come in runs, one per photo (a split photo's parts
-        # in a row); the other inputs give one value per photo, or one for all.
-        runs = core.part_runs(crop_info)
+        # in a row); the other inputs hold one value per photo, or one for all.
         if len(erased_crop) != len(crop_info):
             raise ValueError(f"Got {len(erased_crop)} erased crops for {len(crop_info)} crop infos: connect the eraser "
                              "chain's output of every crop (one per crop info).")
-        per_photo = {"original_image": original_image, "mask": mask, "paste_back": paste_back, "grow": grow,
-                     "blur_radius": blur_radius, "change_threshold": change_threshold}
-        for name, values in per_photo.items():
-            if len(values) not in (1, len(runs)):
-                raise ValueError(f"{name} has {len(values)} items for {len(runs)} photos' crops; give one, or one "
-                                 "per photo.")
-        outputs = []
-        for index, (start, end) in enumerate(runs):
-            value = {name: values[min(index, len(values) - 1)] for name, values in per_photo.items()}
-            outputs.append(core.stitch_parts(
-                value["original_image"], erased_crop[start:end], crop_info[start:end], _as_batch(value["mask"]),
-                value["paste_back"], value["grow"], value["blur_radius"], value["change_threshold"],
-                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted))
-        return io.NodeOutput(outputs)
+        runs = core.part_runs(crop_info)
+        photos = _per_photo(len(runs), original_image=original_image, mask=mask, paste_back=paste_back, grow=grow,
+                            blur_radius=blur_radius, change_threshold=change_threshold)
+        return io.NodeOutput([
+            core.stitch_parts(photo["original_image"], erased_crop[start:end], crop_info[start:end],
+                              _as_batch(photo["mask"]), photo["paste_back"], photo["grow"], photo["blur_radius"],
+                              photo["change_threshold"],
+                              check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
+            for photo, (start, end) in zip(photos, runs)])
+
+
+def _per_photo(count, **lists):
+    """``count`` dicts of one value per name: the list's item for that photo, or its only item for every photo."""
+    for name, values in lists.items():
+        if len(values) not in (1, count):
+            raise ValueError(f"{name} has {len(values)} items for {count} photos' crops; give one, or one per photo.")
+    return [{name: values[min(index, len(values) - 1)] for name, values in lists.items()} for index in range(count)]
 
 
 NODES = [CropAroundMask, WholeImageAtWorkingSize, StitchCrop]

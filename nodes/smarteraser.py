@@ -18,7 +18,7 @@ from ..erasers import smarteraser as core
 from ..erasers import smarteraser_convert as convert
 from ..erasers.crop_stitch import CONTEXT, GROUP_DISTANCE
 from . import _paths
-from .crop_stitch import GROUP_DISTANCE_TOOLTIP, SPLIT_TOOLTIP, CropInfoSocket, crop_lists, crop_outputs
+from .crop_stitch import GROUP_DISTANCE_TOOLTIP, SPLIT_TOOLTIP, crop_lists, crop_outputs
 
 CATEGORY = "erasekit/smarteraser"
 FOLDER = _paths.register_folder("smarteraser")

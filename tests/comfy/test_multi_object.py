@@ -100,6 +100,41 @@ def test_three_separate_objects_run_three_crops_through_the_executor(comfy, thre
     assert merged.outputs("3")[2] == info
 
 
+def test_a_list_of_photos_gets_one_stitched_photo_each(comfy, three_objects):
+    """Two photos as a ComfyUI list (RebatchImages): the crop node runs per photo (3 + 3 crops in a row), the eraser
+    six times, and the stitch pastes each photo's three crops into that photo."""
+    photo, mask = three_objects
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": photo}},
+        "2": {"class_type": "LoadImageMask", "inputs": {"image": mask, "channel": "red"}},
+        "i": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "b": {"class_type": "ImageBatch", "inputs": {"image1": ["1", 0], "image2": ["i", 0]}},
+        "l": {"class_type": "RebatchImages", "inputs": {"images": ["b", 0], "batch_size": 1}},
+        "3": {"class_type": "EraseKitCropAroundMask", "inputs": {
+            "image": ["l", 0], "mask": ["2", 0], "context": 0.25, "target_side": 64, "multiple": 16, "upscale": True,
+            "square": False, "split": True, "group_distance": 0}},
+        "4": {"class_type": "ImageInvert", "inputs": {"image": ["3", 0]}},
+        "s": {"class_type": "EraseKitStitchCrop", "inputs": {
+            "original_image": ["l", 0], "erased_crop": ["4", 0], "crop_info": ["3", 2], "mask": ["2", 0],
+            "paste_back": "whole crop", "grow": 0, "blur_radius": 5.0, "change_threshold": 0.05}},
+        "p": {"class_type": "PreviewImage", "inputs": {"images": ["s", 0]}},
+    }
+    result = comfy.run_prompt(prompt)
+    photos, infos, erased = result.outputs("l")[0], result.outputs("3")[2], result.outputs("4")[0]
+    assert len(photos) == 2 and len(erased) == 6
+    assert [(info.part, info.parts) for info in infos] == [(k, 3) for k in range(3)] * 2
+    stitched = result.outputs("s")[0]
+    assert len(stitched) == 2
+    mask = result.outputs("2")[0]
+    mask_batch = mask[None] if mask.ndim == 2 else mask
+    for index in range(2):
+        parts = slice(3 * index, 3 * index + 3)
+        expected = _core(comfy).stitch_parts(photos[index], erased[parts], infos[parts], mask_batch, "whole crop",
+                                             0, 5.0)
+        assert torch.equal(stitched[index], expected)
+    assert not torch.equal(stitched[0], stitched[1])
+
+
 def test_smarteraser_crop_splits_into_512_squares(comfy, three_objects):
     inputs = {"mode": "demo", "split": True, "context": 0.25, "group_distance": 0}
     prompt = _prompt(three_objects, ("EraseKitSmartEraserCrop", inputs))
