@@ -13,9 +13,14 @@ OmniEraser demo's geometry instead: the whole photo, short side 1024, sides floo
   this keeps them, and keeps every pixel the eraser did not change.
 Every pixel whose alpha is 0, and every pixel where the pasted result equals the input, is returned bit for bit.
 
+Several objects per photo: ``object_groups`` splits a mask into its connected objects and groups those whose crop
+boxes would overlap or lie close; ``crop_around_objects`` makes one crop per group and ``stitch_parts`` pastes the
+erased crops into the photo one after another, so three separate objects cost three crops, not one over the
+whole photo.
+
 Layouts follow ComfyUI: IMAGE float32 ``[B,H,W,3]`` in [0, 1], MASK float32 ``[B,H,W]`` in [0, 1], 1 = remove.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import math
 
 import cv2
@@ -52,6 +57,12 @@ CHANGE_THRESHOLD = 0.05
 CHANGE_SMOOTH_SIGMA = 3.0
 CHANGE_OPEN_RADIUS = 3
 CHANGE_MIN_AREA = 256
+# Grouping rule of split mode (object_groups): objects are the 8-connected pieces of the mask; two groups merge
+# while their crop boxes (context included) overlap, touch or lie at most GROUP_DISTANCE px apart (Chebyshev gap
+# between the boxes, in the photo's pixels), and a merged group's box is recomputed from all its objects, so
+# merging repeats until no two groups are that close. 0 merges only crops that would overlap or touch: every
+# pixel is then erased by one crop at most, the pastes never meet, and the order of the crops does not matter.
+GROUP_DISTANCE = 0
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class CropInfo:
     ``resample`` is the filter that scaled the box to the working size (and scales the result back).
     ``feather_scale`` is the scale (working px per photo px, or 1.0) at which the stitch's ``grow`` and
     ``blur_radius`` are measured: SmartEraser's demo feathers at its 512-short-side scale.
+    ``part`` / ``parts``: this crop is number ``part`` (from 0) of the ``parts`` crops one photo was split into.
     """
 
     x0: int
@@ -75,6 +87,8 @@ class CropInfo:
     padded_width: int
     resample: str = "bilinear"
     feather_scale: float = 1.0
+    part: int = 0
+    parts: int = 1
 
     @property
     def box_height(self):
@@ -156,10 +170,41 @@ def crop_around_mask(image, mask, context=CONTEXT, target_side=1024, multiple=16
     Returns ``(crop_image [B,h,w,3], crop_mask [B,h,w], CropInfo)``.
     """
     mask = _check_image_mask(image, mask)
+    _check_target(target_side, multiple)
+    _, height, width, _ = image.shape
+    box = context_box(mask_box(mask), height, width, context, min_margin, square)
+    return crop_box(image, mask, box, target_side, multiple, upscale)
+
+
+def crop_around_objects(image, mask, context=CONTEXT, target_side=1024, multiple=16, min_margin=0, square=False,
+                        upscale=True, distance=GROUP_DISTANCE):
+    """One crop per group of nearby objects (``object_groups``), in reading order: a list of what
+    ``crop_around_mask`` returns for one object, each CropInfo numbered ``part`` of ``parts``.
+
+    Each crop's box is its group's box with context, as ``crop_around_mask`` makes it; its mask is the whole mask
+    cut to that box (which holds no other group's object, by the grouping rule).
+    """
+    mask = _check_image_mask(image, mask)
+    _check_target(target_side, multiple)
+    _, height, width, _ = image.shape
+    groups = object_groups(mask, lambda box: context_box(box, height, width, context, min_margin, square), distance)
+    crops = []
+    for part, (_, box) in enumerate(groups):
+        crop, crop_mask, info = crop_box(image, mask, box, target_side, multiple, upscale)
+        crops.append((crop, crop_mask, replace(info, part=part, parts=len(groups))))
+    return crops
+
+
+def _check_target(target_side, multiple):
     if multiple < 1 or target_side < multiple:
         raise ValueError(f"target_side ({target_side}) must be at least multiple ({multiple}), and multiple ≥ 1.")
+
+
+def crop_box(image, mask, box, target_side=1024, multiple=16, upscale=True):
+    """``(crop, crop_mask, CropInfo)`` of the photo's ``box`` (x0, y0, x1, y1), scaled and padded as
+    ``crop_around_mask`` describes."""
     _, height, width, _ = image.shape
-    x0, y0, x1, y1 = context_box(mask_box(mask), height, width, context, min_margin, square)
+    x0, y0, x1, y1 = box
     side = (int(target_side) // multiple) * multiple
     scale = side / max(x1 - x0, y1 - y0)
     if not upscale:
@@ -170,6 +215,66 @@ def crop_around_mask(image, mask, context=CONTEXT, target_side=1024, multiple=16
     padded_h = int(math.ceil(resized_h / multiple)) * multiple
     info = CropInfo(x0, y0, x1, y1, height, width, resized_h, resized_w, padded_h, padded_w)
     return working_crop(image, mask, info, pad_mode="replicate")
+
+
+# --------------------------------------------------------------------------------------------- several objects
+def object_boxes(mask, threshold=0.0):
+    """Bounding boxes ``(x0, y0, x1, y1)`` of the 8-connected objects of ``mask > threshold`` (the union of
+    the batch), in reading order; the same pixels ``mask_box`` bounds."""
+    hit = (mask > threshold).reshape(-1, mask.shape[-2], mask.shape[-1]).any(dim=0)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(hit.cpu().numpy().astype(np.uint8), connectivity=8)
+    if count <= 1:
+        raise ValueError("The mask is empty: mark the object to remove (mask value 1) before cropping.")
+    boxes = [(int(x), int(y), int(x + w), int(y + h)) for x, y, w, h, _ in stats[1:]]
+    return sorted(boxes, key=lambda box: (box[1], box[0]))
+
+
+def box_gap(box, boxes):
+    """Pixels between ``box`` and each of ``boxes`` (one box or ``[N,4]``) along the axis where they are farthest
+    apart (Chebyshev gap): 0 when they touch, negative when they overlap."""
+    boxes = np.asarray(boxes)
+    return np.max([box[0] - boxes[..., 2], boxes[..., 0] - box[2], box[1] - boxes[..., 3], boxes[..., 1] - box[3]],
+                  axis=0)
+
+
+def union_box(boxes):
+    """The smallest box holding every box of ``boxes``."""
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def group_boxes(boxes, crop_box_of, distance=GROUP_DISTANCE):
+    """Merge object ``boxes`` into groups whose crop boxes lie more than ``distance`` px apart (``GROUP_DISTANCE``).
+
+    ``crop_box_of(box)`` is the crop box a group with bounding box ``box`` gets (its context). Returns
+    ``[(group_box, crop_box)]`` in reading order (top to bottom, then left to right).
+    """
+    groups = [tuple(int(v) for v in box) for box in boxes]
+    while True:
+        crops = [tuple(crop_box_of(box)) for box in groups]
+        parent = list(range(len(groups)))
+
+        def root(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        crop_array = np.array(crops, dtype=np.int64).reshape(-1, 4)
+        for i in range(len(groups) - 1):
+            for j in np.nonzero(box_gap(crops[i], crop_array[i + 1 :]) <= distance)[0] + i + 1:
+                parent[root(int(j))] = root(i)
+        members = {}
+        for i in range(len(groups)):
+            members.setdefault(root(i), []).append(groups[i])
+        if len(members) == len(groups):
+            break
+        groups = [union_box(found) for found in members.values()]
+    return sorted(zip(groups, crops), key=lambda pair: (pair[0][1], pair[0][0]))
+
+
+def object_groups(mask, crop_box_of, distance=GROUP_DISTANCE, threshold=0.0):
+    """The mask's objects (``object_boxes``) grouped by ``group_boxes``: ``[(group_box, crop_box)]``."""
+    return group_boxes(object_boxes(mask, threshold), crop_box_of, distance)
 
 
 def whole_image_size(height, width, short_side=1024, multiple=16):
@@ -343,8 +448,12 @@ def _canvas(info, grow, blur_radius):
 
 
 def paste_alpha(original_image, result_crop, info, mask, paste_back="change-aware", grow=0, blur_radius=5.0,
-                change_threshold=CHANGE_THRESHOLD):
-    """The alpha ``[B,box_h,box_w]`` with which ``stitch`` pastes the result into the crop box (see ``PASTE_BACK``)."""
+                change_threshold=CHANGE_THRESHOLD, reference=None):
+    """The alpha ``[B,box_h,box_w]`` with which ``stitch`` pastes the result into the crop box (see ``PASTE_BACK``).
+
+    The change map compares the result with ``reference`` (default ``original_image``), the photo the eraser's
+    crop was cut from.
+    """
     if paste_back not in PASTE_BACK:
         raise ValueError(f"paste_back must be one of {PASTE_BACK}, got {paste_back!r}.")
     if paste_back == "whole crop":
@@ -354,7 +463,7 @@ def paste_alpha(original_image, result_crop, info, mask, paste_back="change-awar
     if paste_back == "mask":
         return alpha
     _check_result_size(result_crop, info)
-    seen = crop_pixels(original_image, info)
+    seen = crop_pixels(original_image if reference is None else reference, info)
     result = result_crop[:, : info.resized_height, : info.resized_width, :]
     changed = change_map(seen, result, change_threshold).float()[:, None]
     changed = resize(changed, info.box_height, info.box_width)[:, 0] > 0.5
@@ -364,31 +473,86 @@ def paste_alpha(original_image, result_crop, info, mask, paste_back="change-awar
     return torch.maximum(alpha, changed_alpha)
 
 
+def _check_photo_size(image, info, what="original"):
+    if (info.image_height, info.image_width) != tuple(image.shape[1:3]):
+        raise ValueError(
+            f"The crop was taken from a {info.image_width}x{info.image_height} image but the {what} given is "
+            f"{image.shape[2]}x{image.shape[1]}."
+        )
+
+
 def stitch(original_image, result_crop, info, mask, paste_back="change-aware", grow=0, blur_radius=5.0,
-           change_threshold=CHANGE_THRESHOLD):
+           change_threshold=CHANGE_THRESHOLD, reference=None):
     """Paste ``result_crop`` back into ``original_image`` through the alpha ``paste_back`` names (``PASTE_BACK``).
 
     ``mask`` is the full-size mask (1 = removed); ``grow`` and ``blur_radius`` feather it (and the change map)
     in the pixels of ``info.feather_scale``. Every pixel where the alpha is 0, or where the scaled-back result
     equals the input, is returned bit-identical to ``original_image``. SmartEraser's demo: ``paste_back="mask",
-    grow=0, blur_radius=5``.
+    grow=0, blur_radius=5``. ``reference``: the photo the crop was cut from, when ``original_image`` is already
+    the result of earlier pastes (``stitch_parts``); the change map is taken against it.
     """
     mask = _check_image_mask(original_image, mask)
-    if (info.image_height, info.image_width) != tuple(original_image.shape[1:3]):
-        raise ValueError(
-            f"The crop was taken from a {info.image_width}x{info.image_height} image but the original given is "
-            f"{original_image.shape[2]}x{original_image.shape[1]}."
-        )
+    _check_photo_size(original_image, info)
+    if reference is not None:
+        _check_photo_size(reference, info, "reference photo")
     batch = max(original_image.shape[0], result_crop.shape[0], mask.shape[0])
     for name, count in (("image", original_image.shape[0]), ("result", result_crop.shape[0]), ("mask", mask.shape[0])):
         if count not in (1, batch):
             raise ValueError(f"The {name} batch ({count}) must be 1 or {batch}.")
     patch = uncrop(result_crop, info).expand(batch, -1, -1, -1)
-    alpha = paste_alpha(original_image, result_crop, info, mask, paste_back, grow, blur_radius, change_threshold)
+    alpha = paste_alpha(original_image, result_crop, info, mask, paste_back, grow, blur_radius, change_threshold,
+                        reference)
     alpha = alpha.expand(batch, -1, -1).unsqueeze(-1)
 
     out = original_image.expand(batch, -1, -1, -1).clone()
     region = out[:, info.y0 : info.y1, info.x0 : info.x1, :]
     blended = torch.lerp(region, patch.to(region.dtype), alpha.to(region.dtype))
     out[:, info.y0 : info.y1, info.x0 : info.x1, :] = torch.where(alpha > 0, blended, region)
+    return out
+
+
+def part_runs(infos):
+    """``[(start, end)]``: the slices of ``infos`` that are the parts of one photo each (parts 0 … parts-1 in a
+    row, as the crop nodes make them), or a ValueError saying where the sequence breaks."""
+    runs, start = [], 0
+    while start < len(infos):
+        parts = infos[start].parts
+        run = infos[start : start + parts]
+        if [info.part for info in run] != list(range(parts)) or any(info.parts != parts for info in run):
+            found = ", ".join(f"{info.part + 1}/{info.parts}" for info in infos)
+            raise ValueError(
+                f"The crop infos must come in whole runs (part 1/N … N/N of each photo, in order), as the crop node "
+                f"outputs them; got {found}. Connect every erased crop of a split, and keep the eraser chain one "
+                "item per crop.")
+        runs.append((start, start + parts))
+        start += parts
+    return runs
+
+
+def stitch_parts(original_image, results, infos, mask, paste_back="change-aware", grow=0, blur_radius=5.0,
+                 change_threshold=CHANGE_THRESHOLD, check_interrupt=None):
+    """Paste the erased crops of one photo's parts into it in turn, each into the result of the one before.
+
+    Each paste is ``stitch`` with the mask kept to that crop's box (a neighbouring group's mask cannot feather
+    into it). The change map of every crop is taken against the photo the crops were cut from, not against the
+    photo after the earlier pastes: the crop node cuts every crop before any is erased, so where an earlier
+    paste erased something, a later crop's output still shows the photo as it was, and comparing it with the
+    erased photo would count that as the later eraser's change and paste the object back. With the grouping
+    rule (``GROUP_DISTANCE``) the boxes never overlap and the two agree; the rule decides for overlapping boxes.
+    Every pixel outside all crop boxes is returned bit-identical.
+    """
+    if len(results) != len(infos):
+        raise ValueError(f"Got {len(results)} erased crops for {len(infos)} crop infos: the stitch needs the "
+                         "eraser's output of every crop, one per crop info.")
+    mask = _check_image_mask(original_image, mask)
+    out = original_image
+    for result, info in zip(results, infos):
+        if check_interrupt is not None:
+            check_interrupt()
+        part_mask = mask
+        if info.parts > 1:
+            part_mask = torch.zeros_like(mask)
+            part_mask[:, info.y0 : info.y1, info.x0 : info.x1] = mask[:, info.y0 : info.y1, info.x0 : info.x1]
+        out = stitch(out, result, info, part_mask, paste_back, grow, blur_radius, change_threshold,
+                     reference=original_image)
     return out

@@ -13,13 +13,15 @@ Everything here is plain torch/numpy/PIL; the ComfyUI layer (nodes/smarteraser.p
 states, the CLIP vision encoder and the VAE.
 """
 import os
+from dataclasses import replace
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-from .crop_stitch import CropInfo, _check_image_mask, working_crop
+from .crop_stitch import (CONTEXT, GROUP_DISTANCE, CropInfo, _check_image_mask, context_box, object_groups,
+                          working_crop)
 
 CONTEXT_TOKENS = 7  # SmartEraser tokenises every prompt to max_length 7 (BOS + 5 words + EOS)
 TOKEN_DIM = 768  # SD1.5 text width == CLIP ViT-L/14 projection width
@@ -258,11 +260,52 @@ def smarteraser_crop(image, mask, mode="demo", size=CROP_SIZE):
     if mode == "evaluation":
         info = CropInfo(0, 0, width, height, height, width, size, size, size, size)
         return working_crop(image, mask, info)
-    kind, (x0, y0, x1, y1) = official_crop_box(mask.amax(dim=0), height, width)
+    kind, box = official_crop_box(mask.amax(dim=0), height, width)
+    return _demo_crop(image, mask, kind, box, size)
+
+
+def smarteraser_split_crops(image, mask, size=CROP_SIZE, context=CONTEXT, distance=GROUP_DISTANCE):
+    """One SmartEraser crop per group of nearby objects (``crop_stitch.object_groups``), in reading order: a list
+    of what :func:`smarteraser_crop` returns, each CropInfo numbered ``part`` of ``parts``.
+
+    The demo's square is the image's short side wherever the object is, so every object of a photo would share
+    it. Here each group gets a square of its own: its box grown by ``context`` × its longer side on each side
+    (``crop_stitch.context_box``, square, at most the short side), scaled to ``size``; squares that would
+    overlap, touch or lie within ``distance`` px merge their groups. A group longer than the short side gets
+    the demo's pad mode (the whole image). The paste-back feathers at the demo's scale (512 / short side) in
+    every crop, so the seam looks as the demo's does.
+    """
+    mask = _check_image_mask(image, mask)
+    _, height, width, _ = image.shape
+    short = min(height, width)
+
+    def square_of(box):
+        if max(box[2] - box[0], box[3] - box[1]) > short:
+            return 0, 0, width, height
+        return context_box(box, height, width, context, square=True)
+
+    groups = object_groups(mask, square_of, distance)
+    crops = []
+    for part, (group, box) in enumerate(groups):
+        kind = "pad" if max(group[2] - group[0], group[3] - group[1]) > short else "crop"
+        crop, crop_mask, info = _demo_crop(image, mask, kind, box, size, feather_scale=size / short)
+        crops.append((crop, crop_mask, replace(info, part=part, parts=len(groups))))
+    return crops
+
+
+def _demo_crop(image, mask, kind, box, size, feather_scale=None):
+    """The demo's working image of ``box``: a square scaled to ``size`` ("crop"), or the whole image scaled so its
+    long side is ``size`` and padded white on the right/bottom ("pad"). ``feather_scale`` defaults to the demo's:
+    the crop's scale in crop mode, the photo's in pad mode."""
+    _, height, width, _ = image.shape
+    x0, y0, x1, y1 = box
     scale = size / max(x1 - x0, y1 - y0)
     resized_w = max(1, min(size, int(round((x1 - x0) * scale))))
     resized_h = max(1, min(size, int(round((y1 - y0) * scale))))
-    feather_scale = scale if kind == "crop" else 1.0
+    if kind == "pad":
+        feather_scale = 1.0
+    elif feather_scale is None:
+        feather_scale = scale
     info = CropInfo(x0, y0, x1, y1, height, width, resized_h, resized_w, size, size, feather_scale=feather_scale)
     return working_crop(image, mask, info, pad_mode="constant", pad_value=1.0)
 

@@ -16,8 +16,9 @@ from comfy_api.latest import io
 
 from ..erasers import smarteraser as core
 from ..erasers import smarteraser_convert as convert
+from ..erasers.crop_stitch import CONTEXT, GROUP_DISTANCE
 from . import _paths
-from .crop_stitch import CropInfoSocket
+from .crop_stitch import GROUP_DISTANCE_TOOLTIP, SPLIT_TOOLTIP, crop_lists, crop_outputs
 
 CATEGORY = "erasekit/smarteraser"
 FOLDER = _paths.register_folder("smarteraser")
@@ -306,28 +307,40 @@ class SmartEraserCrop(io.ComfyNode):
             category=CATEGORY,
             description="SmartEraser's 512x512 working image, as the official code makes it: the demo's square of "
                         "the image's short side around the mask scaled to 512 (masks larger than the short side: the "
-                        "whole image scaled and padded white), or the evaluation's whole image resized to 512x512.",
+                        "whole image scaled and padded white), or the evaluation's whole image resized to 512x512. "
+                        "With split on (demo mode), one 512 square per group of nearby objects, erased one after "
+                        "another.",
             inputs=[
                 io.Image.Input("image", tooltip="The full image."),
                 io.Mask.Input("mask", tooltip="Object mask (1 = remove), same size as the image."),
                 io.Combo.Input("mode", options=list(core.CROP_MODES), default="demo",
                                tooltip="demo (app_remove.py): the crop around the mask. evaluation "
                                        "(inference_dis.py): the whole image squeezed to 512x512."),
+                io.Boolean.Input("split", default=False,
+                                 tooltip=f"{SPLIT_TOOLTIP} Demo mode only. Each group gets a square of its own (its "
+                                         "box plus 'context', at most the image's short side) instead of the demo's "
+                                         "short-side square, which every object of a photo would share."),
+                io.Float.Input("context", default=CONTEXT, min=0.0, max=10.0, step=0.05,
+                               tooltip="split only: margin around each group's box on every side, as a fraction of "
+                                       "the box's longer side, before the box is made square."),
+                io.Int.Input("group_distance", default=GROUP_DISTANCE, min=0, max=16384,
+                             tooltip=GROUP_DISTANCE_TOOLTIP),
             ],
-            outputs=[
-                io.Image.Output("crop", display_name="image", tooltip="512x512 image for SmartEraser Conditioning."),
-                io.Mask.Output("crop_mask", display_name="mask", tooltip="The mask cropped the same way."),
-                CropInfoSocket.Output(
-                    "crop_info", tooltip="Where the crop came from: connect to 'Stitch Erased Crop Back'. The demo "
-                    f"pastes back with paste_back 'mask', grow 0, blur_radius {core.PASTE_BLUR_RADIUS} (at its "
-                    "512-short-side scale, which this crop_info carries); the evaluation keeps the whole 512 "
-                    "output ('whole crop')."),
-            ],
+            outputs=crop_outputs(
+                "crop", "512x512 image for SmartEraser Conditioning.",
+                "Where the crop came from: connect to 'Stitch Erased Crop Back'. The demo pastes back with paste_back "
+                f"'mask', grow 0, blur_radius {core.PASTE_BLUR_RADIUS} (at its 512-short-side scale, which this "
+                "crop_info carries); the evaluation keeps the whole 512 output ('whole crop')."),
         )
 
     @classmethod
-    def execute(cls, image, mask, mode) -> io.NodeOutput:
-        return io.NodeOutput(*core.smarteraser_crop(image, mask, mode))
+    def execute(cls, image, mask, mode, split, context, group_distance) -> io.NodeOutput:
+        if not split:
+            return crop_lists([core.smarteraser_crop(image, mask, mode)])
+        if mode != "demo":
+            raise ValueError(f"split works with mode 'demo' only; mode {mode!r} erases the whole image at 512x512 "
+                             "in one crop. Turn split off or use mode 'demo'.")
+        return crop_lists(core.smarteraser_split_crops(image, mask, context=context, distance=group_distance))
 
 
 NODES = [SmartEraserLoader, SmartEraserProjectorLoader, SmartEraserConditioning, SmartEraserCrop]
