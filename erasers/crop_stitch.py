@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import layout
+
 # Default context around the mask's box, per side, as a fraction of the box's longer side. Shadows and
 # reflections are what OmniEraser removes beyond the mask, so the crop must hold them. Measured on the real
 # removal pairs (IOPaint's unwant_person.jpg / _clean.jpg: the woman's floor reflection reaches 0.63x her height
@@ -100,32 +102,19 @@ class CropInfo:
 
 
 def _check_image_mask(image, mask):
-    if image.ndim != 4 or image.shape[-1] != 3:
-        raise ValueError(f"Expected an IMAGE of shape [B,H,W,3], got {tuple(image.shape)}.")
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    if mask.ndim != 3:
-        raise ValueError(f"Expected a MASK of shape [B,H,W], got {tuple(mask.shape)}.")
-    if tuple(mask.shape[1:]) != tuple(image.shape[1:3]):
-        raise ValueError(
-            f"The mask is {mask.shape[2]}x{mask.shape[1]} but the image is {image.shape[2]}x{image.shape[1]}; "
-            "they must have the same size."
-        )
-    if mask.shape[0] not in (1, image.shape[0]):
-        raise ValueError(
-            f"The mask batch ({mask.shape[0]}) must be 1 or match the image batch ({image.shape[0]})."
-        )
+    """The MASK ``[B,H,W]`` of an IMAGE ``[B,H,W,3]``, checked by ``erasers.layout``'s rules. A mask batch of 1 stays
+    one (the crop's mask then broadcasts over the crops as the input's did)."""
+    mask = layout.as_mask_batch(mask)
+    layout.check_mask_matches_image(layout.check_image(image), mask)
     return mask
 
 
-def mask_box(mask, threshold=0.0):
-    """Bounding box ``(x0, y0, x1, y1)`` (end-exclusive) of ``mask > threshold`` over the whole batch."""
-    hit = (mask > threshold).reshape(-1, mask.shape[-2], mask.shape[-1]).any(dim=0)
-    rows = torch.nonzero(hit.any(dim=1)).flatten()
-    cols = torch.nonzero(hit.any(dim=0)).flatten()
-    if rows.numel() == 0:
+def mask_box(mask):
+    """Bounding box ``(x0, y0, x1, y1)`` (end-exclusive) of every painted pixel of the batch; an error when empty."""
+    box = layout.mask_box(mask)
+    if box is None:
         raise ValueError("The mask is empty: mark the object to remove (mask value 1) before cropping.")
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+    return box
 
 
 def context_box(box, image_height, image_width, context=CONTEXT, min_margin=0, square=False):
@@ -149,14 +138,6 @@ def _fit_span(start, end, length, limit):
     start = int(round(centre - length / 2))
     start = min(max(start, 0), limit - length)
     return start, start + length
-
-
-def resize(pixels_bchw, height, width, mode="bilinear"):
-    """Resize ``[B,C,H,W]`` with ``mode`` ("bilinear" or "bicubic"), antialiased when shrinking (as PIL)."""
-    if tuple(pixels_bchw.shape[-2:]) == (height, width):
-        return pixels_bchw.clone()
-    shrinking = height < pixels_bchw.shape[-2] or width < pixels_bchw.shape[-1]
-    return F.interpolate(pixels_bchw, size=(height, width), mode=mode, align_corners=False, antialias=shrinking)
 
 
 def crop_around_mask(image, mask, context=CONTEXT, target_side=1024, multiple=16, min_margin=0, square=False,
@@ -214,7 +195,7 @@ def crop_box(image, mask, box, target_side=1024, multiple=16, upscale=True):
     padded_w = int(math.ceil(resized_w / multiple)) * multiple
     padded_h = int(math.ceil(resized_h / multiple)) * multiple
     info = CropInfo(x0, y0, x1, y1, height, width, resized_h, resized_w, padded_h, padded_w)
-    return working_crop(image, mask, info, pad_mode="replicate")
+    return working_crop(image, mask, info)
 
 
 # --------------------------------------------------------------------------------------------- several objects
@@ -309,21 +290,19 @@ def resize_whole_image(image, mask, short_side=1024, multiple=16):
     return working_crop(image, mask, info)
 
 
-def working_crop(image, mask, info, pad_mode="replicate", pad_value=0.0):
-    """``(crop, crop_mask, info)``: the box of ``info`` scaled to its working size and padded."""
-    crop = crop_pixels(image, info).movedim(-1, 1)
-    pad = (0, info.padded_width - info.resized_width, 0, info.padded_height - info.resized_height)
-    crop = F.pad(crop, pad, mode=pad_mode) if pad_mode == "replicate" else F.pad(crop, pad, value=pad_value)
-    crop_mask = resize(mask[:, None, info.y0 : info.y1, info.x0 : info.x1].float(), info.resized_height,
-                       info.resized_width, info.resample).clamp(0, 1)
-    crop_mask = F.pad(crop_mask, pad, value=0.0)
-    return crop.movedim(1, -1).contiguous(), crop_mask[:, 0].contiguous(), info
+def working_crop(image, mask, info, image_pad="replicate"):
+    """``(crop, crop_mask, info)``: the box of ``info`` scaled to its working size and padded (``image_pad``: the
+    edge pixels, "replicate", or a constant value; the mask with 0)."""
+    crop, crop_mask = layout.crop_resize_pad(image, mask, (info.x0, info.y0, info.x1, info.y1),
+                                             (info.resized_height, info.resized_width),
+                                             (info.padded_height, info.padded_width), image_pad, info.resample)
+    return crop, crop_mask, info
 
 
 def crop_pixels(image, info):
     """The box of ``info`` cut from ``image`` and scaled to the working size, unpadded: what the eraser was given."""
     box = image[:, info.y0 : info.y1, info.x0 : info.x1, :].movedim(-1, 1).float()
-    return resize(box, info.resized_height, info.resized_width, info.resample).clamp(0, 1).movedim(1, -1)
+    return layout.resize_pixels(box, info.resized_height, info.resized_width, info.resample).clamp(0, 1).movedim(1, -1)
 
 
 def gaussian_kernel(radius):
@@ -364,13 +343,13 @@ def feather_mask(mask, grow=0, blur_radius=5.0, scale=1.0):
     alpha = mask[:, None].to(torch.float32)
     height, width = alpha.shape[-2:]
     if scale != 1.0:
-        alpha = resize(alpha, max(1, int(height * scale)), max(1, int(width * scale)))
+        alpha = layout.resize_pixels(alpha, max(1, int(height * scale)), max(1, int(width * scale)))
     if grow > 0:  # a square dilation, as two 1-D ones
         alpha = F.max_pool2d(alpha, kernel_size=(1, 2 * grow + 1), stride=1, padding=(0, grow))
         alpha = F.max_pool2d(alpha, kernel_size=(2 * grow + 1, 1), stride=1, padding=(grow, 0))
     alpha = gaussian_blur(alpha, blur_radius)
     if scale != 1.0:
-        alpha = resize(alpha, height, width)
+        alpha = layout.resize_pixels(alpha, height, width)
     return _zero_small(alpha)[:, 0]
 
 
@@ -426,7 +405,7 @@ def uncrop(result_crop, info):
     """Remove the padding from an eraser's output and scale it back to the crop box (``[B,box_h,box_w,3]``)."""
     _check_result_size(result_crop, info)
     patch = result_crop[:, : info.resized_height, : info.resized_width, :].movedim(-1, 1).to(torch.float32)
-    return resize(patch, info.box_height, info.box_width, info.resample).clamp(0, 1).movedim(1, -1)
+    return layout.resize_pixels(patch, info.box_height, info.box_width, info.resample).clamp(0, 1).movedim(1, -1)
 
 
 def _check_result_size(result_crop, info):
@@ -466,7 +445,7 @@ def paste_alpha(original_image, result_crop, info, mask, paste_back="change-awar
     seen = crop_pixels(original_image if reference is None else reference, info)
     result = result_crop[:, : info.resized_height, : info.resized_width, :]
     changed = change_map(seen, result, change_threshold).float()[:, None]
-    changed = resize(changed, info.box_height, info.box_width)[:, 0] > 0.5
+    changed = layout.resize_pixels(changed, info.box_height, info.box_width)[:, 0] > 0.5
     canvas = torch.zeros(changed.shape[0], y1 - y0, x1 - x0)
     canvas[inner] = changed.float()
     changed_alpha = feather_mask(canvas, grow, blur_radius, info.feather_scale)[inner] * border_alpha(info)

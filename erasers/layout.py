@@ -155,19 +155,20 @@ def latent_mask(mask, height, width, cover="nearest"):
     raise ValueError(f"cover must be 'nearest' or 'any', got {cover!r}")
 
 
-def resize_pixels(pixels_bchw, height, width):
-    """Bilinear resize of ``[B,C,H,W]`` pixels, antialiased when shrinking; a copy when the size is unchanged."""
+def resize_pixels(pixels_bchw, height, width, mode="bilinear"):
+    """Resize ``[B,C,H,W]`` pixels (``mode`` "bilinear" or "bicubic"), antialiased when shrinking as PIL is; a copy
+    when the size is unchanged."""
     import torch.nn.functional as F
 
     if tuple(pixels_bchw.shape[-2:]) == (height, width):
         return pixels_bchw.clone()
     shrinking = height < pixels_bchw.shape[-2] or width < pixels_bchw.shape[-1]
-    return F.interpolate(pixels_bchw, size=(height, width), mode="bilinear", align_corners=False, antialias=shrinking)
+    return F.interpolate(pixels_bchw, size=(height, width), mode=mode, align_corners=False, antialias=shrinking)
 
 
-def crop_resize_pad(image, mask, box, resized_hw, padded_hw, image_pad="replicate"):
+def crop_resize_pad(image, mask, box, resized_hw, padded_hw, image_pad="replicate", mode="bilinear"):
     """Cut ``box`` = (x0, y0, x1, y1) out of IMAGE ``[B,H,W,C]`` and MASK ``[B,H,W]``, resize it to ``resized_hw``
-    (``resize_pixels``, clamped to [0, 1]) and pad right/bottom up to ``padded_hw``.
+    (``resize_pixels`` with ``mode``, clamped to [0, 1]) and pad right/bottom up to ``padded_hw``.
 
     The image is padded with its edge pixels (``image_pad="replicate"``) or a constant value; the mask with 0.
     Returns ``(crop [B,h,w,C], crop_mask [B,h,w])``, contiguous."""
@@ -176,12 +177,12 @@ def crop_resize_pad(image, mask, box, resized_hw, padded_hw, image_pad="replicat
     x0, y0, x1, y1 = box
     (resized_h, resized_w), (padded_h, padded_w) = resized_hw, padded_hw
     padding = (0, padded_w - resized_w, 0, padded_h - resized_h)
-    crop = resize_pixels(image[:, y0:y1, x0:x1, :].movedim(-1, 1), resized_h, resized_w).clamp(0, 1)
+    crop = resize_pixels(image[:, y0:y1, x0:x1, :].movedim(-1, 1).float(), resized_h, resized_w, mode).clamp(0, 1)
     if image_pad == "replicate":
         crop = F.pad(crop, padding, mode="replicate")
     else:
         crop = F.pad(crop, padding, value=float(image_pad))
-    crop_mask = resize_pixels(mask[:, None, y0:y1, x0:x1], resized_h, resized_w).clamp(0, 1)
+    crop_mask = resize_pixels(mask[:, None, y0:y1, x0:x1].float(), resized_h, resized_w, mode).clamp(0, 1)
     crop_mask = F.pad(crop_mask, padding, value=0.0)
     return crop.movedim(1, -1).contiguous(), crop_mask[:, 0].contiguous()
 

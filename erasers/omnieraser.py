@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import layout
+
 PROMPT = "There is nothing here."
 GUIDANCE = 3.5
 STEPS = 28
@@ -54,37 +56,15 @@ LORA_TARGETS = (
 # Condition
 
 
-def binarize_mask(mask):
-    """The official mask processor's binarisation: ≥ 0.5 → 1 (remove), else 0."""
-    return (mask >= 0.5).to(torch.float32)
-
-
 def condition_images(image, mask):
     """``(background_only, foreground_only)`` IMAGEs: the masked pixels, resp. the unmasked ones, set to black.
 
     Black in [0, 1] is the official −1 in [−1, 1]. ``image`` ``[B,H,W,3]``, ``mask`` ``[B,H,W]`` (batch 1 broadcasts).
     """
-    if image.ndim != 4 or image.shape[-1] != 3:
-        raise ValueError(f"Expected an IMAGE of shape [B,H,W,3], got {tuple(image.shape)}.")
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    if tuple(mask.shape[1:]) != tuple(image.shape[1:3]):
-        raise ValueError(
-            f"The mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is {image.shape[2]}x{image.shape[1]}; "
-            "they must have the same size."
-        )
-    if mask.shape[0] not in (1, image.shape[0]) and image.shape[0] != 1:
-        raise ValueError(f"The mask batch ({mask.shape[0]}) must be 1 or match the image batch ({image.shape[0]}).")
-    remove = binarize_mask(mask).unsqueeze(-1).to(image.dtype)
+    mask = layout.check_mask_matches_image(layout.check_image(image), mask)
+    # The official mask processor binarises at 0.5 (diffusers VaeImageProcessor.binarize), layout's one rule.
+    remove = layout.binarize(mask).unsqueeze(-1).to(image.dtype)
     return image * (1 - remove), image * remove
-
-
-def latent_mask(mask, height, width):
-    """The official latent-resolution mask: binarised, nearest-resized to ``height × width``, inverted (1 = keep)."""
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    small = F.interpolate(binarize_mask(mask).unsqueeze(1), size=(height, width), mode="nearest")
-    return 1 - small
 
 
 def condition_latent(background_latent, foreground_latent, mask):
@@ -99,7 +79,8 @@ def condition_latent(background_latent, foreground_latent, mask):
             f"and {tuple(foreground_latent.shape)}."
         )
     height, width = background_latent.shape[-2:]
-    keep = latent_mask(mask, height, width).to(background_latent)
+    # The official latent-resolution mask: binarised, nearest-resized, inverted (1 = keep).
+    keep = (1 - layout.latent_mask(mask, height, width)).to(background_latent)
     batch = max(background_latent.shape[0], foreground_latent.shape[0], keep.shape[0])
     parts = [background_latent, foreground_latent, keep.expand(-1, LATENT_CHANNELS, -1, -1)]
     for part in parts:

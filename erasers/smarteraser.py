@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import layout
 from .crop_stitch import (CONTEXT, GROUP_DISTANCE, CropInfo, _check_image_mask, context_box, object_groups,
                           working_crop)
 
@@ -105,26 +106,6 @@ def load_projector(path):
     return projector.eval()
 
 
-# --------------------------------------------------------------------------------------------- masks
-def binarize_mask(mask):
-    """1 where the mask is on. The demo thresholds the 8-bit mask at > 128 (gray2whiteblack)."""
-    return (mask * 255.0 > 128.0).to(mask.dtype)
-
-
-def latent_mask(mask, latent_height, latent_width):
-    """RG's mask channel: binary mask [B,H,W] → [B,1,h,w] by nearest-neighbour, as diffusers' inpaint pipeline."""
-    binary = binarize_mask(mask.float()).unsqueeze(1)
-    return torch.nn.functional.interpolate(binary, size=(latent_height, latent_width), mode="nearest")
-
-
-def mask_bbox(binary):
-    """(x0, y0, x1, y1), end-exclusive like PIL's getbbox, of a binary [H,W] mask; None when empty."""
-    ys, xs = torch.nonzero(binary > 0, as_tuple=True)
-    if ys.numel() == 0:
-        return None
-    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-
 # --------------------------------------------------------------------------------------------- VG pixels
 def white_instance_crop(image, mask):
     """The masked object on white, cropped to the mask's bounding box (official ``crop_white_instance``).
@@ -133,12 +114,12 @@ def white_instance_crop(image, mask):
     """
     if image.shape[:2] != mask.shape:
         raise ValueError(f"image is {tuple(image.shape[:2])} but mask is {tuple(mask.shape)}; they must match.")
-    binary = binarize_mask(mask.float())
-    box = mask_bbox(binary)
+    binary = layout.binarize(mask)
+    box = layout.mask_box(binary)
     if box is None:
         raise ValueError("the mask is empty: SmartEraser needs a mask over the object to remove.")
     x0, y0, x1, y1 = box
-    on_white = torch.where(binary.unsqueeze(-1) > 0, image.float(), torch.ones_like(image, dtype=torch.float32))
+    on_white = torch.where(binary.unsqueeze(-1), image.float(), torch.ones_like(image, dtype=torch.float32))
     return on_white[y0:y1, x0:x1]
 
 
@@ -231,7 +212,7 @@ def official_crop_box(mask, image_height, image_width):
     512 crop after resizing the short side to 512 — or ``("pad", full image box)`` when the mask's longer side
     exceeds the image's shorter side (the demo then resizes the long side to 512 and pads).
     """
-    box = mask_bbox(mask > 0)
+    box = layout.mask_box(mask)
     if box is None:
         raise ValueError("the mask is empty: SmartEraser needs a mask over the object to remove.")
     x0, y0, x1, y1 = box
@@ -307,7 +288,7 @@ def _demo_crop(image, mask, kind, box, size, feather_scale=None):
     elif feather_scale is None:
         feather_scale = scale
     info = CropInfo(x0, y0, x1, y1, height, width, resized_h, resized_w, size, size, feather_scale=feather_scale)
-    return working_crop(image, mask, info, pad_mode="constant", pad_value=1.0)
+    return working_crop(image, mask, info, image_pad=1.0)
 
 
 def official_dilate_by_area(mask_u8, target_ratio=EVAL_MASK_AREA_RATIO, max_iter=EVAL_DILATE_MAX_ITER):

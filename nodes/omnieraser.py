@@ -17,6 +17,7 @@ from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
 from ..erasers import omnieraser as core
+from ..erasers import layout
 from ._paths import model_file
 
 CATEGORY = "erasekit/omnieraser"
@@ -168,7 +169,7 @@ def omnieraser_condition(vae, image, mask, progress=None):
         latents.append(vae.encode(pixels[:, :, :, :3]))
         if progress is not None:
             progress(done, 2)
-    return {"background": latents[0], "foreground": latents[1], "mask": core.binarize_mask(mask)}
+    return {"background": latents[0], "foreground": latents[1], "mask": layout.binarize(mask).float()}
 
 
 class OmniEraserConditioning(io.ComfyNode):

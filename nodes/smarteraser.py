@@ -14,6 +14,7 @@ import node_helpers
 import torch
 from comfy_api.latest import io
 
+from ..erasers import layout
 from ..erasers import smarteraser as core
 from ..erasers import smarteraser_convert as convert
 from ..erasers.crop_stitch import CONTEXT, GROUP_DISTANCE
@@ -219,7 +220,7 @@ def rg_values(vae, image, mask):
     """RG's concat inputs: the VAE latent of the whole unmasked image and the mask at latent size."""
     latent = vae.encode(image[:, :, :, :3])
     return {"concat_latent_image": latent,
-            "concat_mask": core.latent_mask(mask, latent.shape[-2], latent.shape[-1]).to(latent)}
+            "concat_mask": layout.latent_mask(mask, latent.shape[-2], latent.shape[-1]).to(latent)}
 
 
 def check_image_mask(image, mask):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
+from erasekit.erasers import layout
 from erasekit.erasers import smarteraser as se
 from erasekit.erasers import smarteraser_convert as conv
 from erasekit.erasers.crop_stitch import stitch
@@ -78,8 +79,8 @@ def test_white_instance_crop_hand_made():
     mask = torch.zeros(6, 8)
     mask[1:4, 2:6] = 1.0
     mask[1, 2] = 0.0  # a hole in the corner of the box becomes white
-    mask[2, 3] = 0.6  # > 128/255: on
-    mask[3, 5] = 0.5  # 127.5 ≤ 128: off (the demo thresholds the 8-bit mask at > 128)
+    mask[2, 3] = 0.6  # ≥ 0.5: on
+    mask[3, 5] = 0.49  # < 0.5: off (the pack's one threshold, erasers/layout.py)
     crop = se.white_instance_crop(image, mask)
     assert crop.shape == (3, 4, 3)
     assert crop[0, 0].tolist() == [1.0, 1.0, 1.0]
@@ -135,8 +136,8 @@ def test_latent_mask_is_nearest_of_binarised_mask_like_diffusers():
     processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
     binary = processor.preprocess(mask.unsqueeze(1), height=64, width=48)
     expected = torch.nn.functional.interpolate(binary, size=(8, 6))
-    ours = se.latent_mask(mask, 8, 6)
-    # diffusers binarises at >= 0.5, the demo's gray2whiteblack at > 128/255: equal on 8-bit masks
+    ours = layout.latent_mask(mask, 8, 6)
+    # diffusers binarises at >= 0.5, the pack's one rule (erasers/layout.py)
     assert torch.equal(ours, expected)
 
 

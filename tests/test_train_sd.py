@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from erasekit.erasers import smarteraser
+from erasekit.erasers import layout, smarteraser
 from erasekit.train import loop, sd_inpaint
 from erasekit.train.datasets import PairedCropDataset, collate
 
@@ -97,7 +97,7 @@ def test_rg_batch_feeds_the_unmasked_source_latent(weights):
     sample = unet_calls[0]["sample"]
     assert sample.shape == (2, 9, SIZE // 8, SIZE // 8)
     assert torch.equal(sample[:, 5:9], source_latents)  # the whole source, object included
-    assert torch.equal(sample[:, 4:5], smarteraser.latent_mask(batch["mask"], SIZE // 8, SIZE // 8))
+    assert torch.equal(sample[:, 4:5], layout.latent_mask(batch["mask"], SIZE // 8, SIZE // 8))
     # The object is visible in the condition: its pixels differ from the clean target inside the mask.
     inside = batch["mask"].bool()
     assert (batch["source"][inside] - batch["target"][inside]).abs().mean() > 0.05
@@ -300,7 +300,7 @@ def smarteraser_prediction(folder, vision_path, source, mask, x_t, timestep):
 
         vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"))
         latent = vae.encode(source.permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
-        model_input = torch.cat([x_t, smarteraser.latent_mask(mask, *latent.shape[-2:]), latent], dim=1)
+        model_input = torch.cat([x_t, layout.latent_mask(mask, *latent.shape[-2:]), latent], dim=1)
         return unet(model_input, timestep, encoder_hidden_states=context).sample
 
 
@@ -325,7 +325,7 @@ def test_trained_result_loads_into_the_smarteraser_path_and_changes_its_predicti
         token = model.image_token(model.visual_pixels(batch["source"], batch["mask"]))
         context = smarteraser.splice_conditional(hidden, token)
         vae_latent = model.vae.encode(batch["source"].permute(0, 3, 1, 2) * 2 - 1).latent_dist.mean * model.scaling_factor
-        model_input = torch.cat([x_t, smarteraser.latent_mask(batch["mask"], SIZE // 8, SIZE // 8), vae_latent], 1)
+        model_input = torch.cat([x_t, layout.latent_mask(batch["mask"], SIZE // 8, SIZE // 8), vae_latent], 1)
         live = model.unet(model_input, t, encoder_hidden_states=context).sample
     assert torch.allclose(live, after, atol=1e-4)
     # the ComfyUI files of the converter (checkpoint + projector) are written next to the folder

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..erasers import smarteraser
+from ..erasers import layout, smarteraser
 from ..jobs import CliHost, require
 from . import caching, cro, epsilon, loop
 from .datasets import PairedCropDataset, collate, smarteraser_mask_augmenter
@@ -223,14 +223,14 @@ class SDInpaintModel(torch.nn.Module):
         """Pixels whose latent fills channels 5..8: the unmasked source (RG) or source·(1 − mask)."""
         if self.options.image_condition == "region":
             return source
-        keep = (smarteraser.binarize_mask(mask) < 0.5).unsqueeze(-1)
+        keep = ~layout.binarize(mask).unsqueeze(-1)
         return torch.where(keep, source, torch.full_like(source, 0.5))  # 0.5 → 0 in [-1, 1], as diffusers
 
     def visual_pixels(self, source, mask):
         """CLIP inputs of the VG crops [B,3,224,224]; a crop whose mask fell outside it gets CLIP(zeros)."""
         crops = []
         for image, item_mask in zip(source, mask):
-            if smarteraser.binarize_mask(item_mask).any():
+            if layout.binarize(item_mask).any():
                 crops.append(smarteraser.clip_pixel_values(smarteraser.white_instance_crop(image.cpu(), item_mask.cpu())))
             else:
                 crops.append(smarteraser.zero_pixel_values())
@@ -285,7 +285,7 @@ class SDInpaintModel(torch.nn.Module):
             condition_latents = source_latents
         else:
             condition_latents = self.encode_images(self.condition_pixels(source, mask), generator, "masked", keys)
-        mask_latents = smarteraser.latent_mask(mask, *target_latents.shape[-2:]).to(target_latents)
+        mask_latents = layout.latent_mask(mask, *target_latents.shape[-2:]).to(target_latents)
         hidden = self.context(source, mask, generator, keys)
         dtype = self.unet.dtype
 
