@@ -224,13 +224,8 @@ def rg_values(vae, image, mask):
 
 
 def check_image_mask(image, mask):
-    if mask.ndim == 2:
-        mask = mask.unsqueeze(0)
-    if tuple(mask.shape[1:]) != tuple(image.shape[1:3]):
-        raise ValueError(f"the mask is {mask.shape[2]}x{mask.shape[1]} but the image is {image.shape[2]}x{image.shape[1]}; "
-                         "they must have the same size.")
-    if mask.shape[0] not in (1, image.shape[0]):
-        raise ValueError(f"the mask batch ({mask.shape[0]}) must be 1 or the image batch ({image.shape[0]}).")
+    """The mask broadcast to the image's batch; the image's sides must suit SD (multiples of 8)."""
+    mask = layout.check_mask_matches_image(image, mask)
     core.check_inpaint_size(image.shape[1], image.shape[2])
     return mask.expand(image.shape[0], -1, -1)
 
