@@ -1,0 +1,164 @@
+"""``erasekit-run``: the example workflows over a folder of real photos, through ComfyUI's own executor.
+
+Three SmartEraser triplet photos from ../shared/data (with their masks), one corrupt file and one photo whose mask
+has another size. OmniEraser runs in this process (its tiny T5 needs the test-only sizing shim); SmartEraser runs
+as the command itself in a subprocess that is killed halfway and resumed.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erasekit.headless import binding as B
+from erasekit.headless.run import RunJob, run_folder
+from erasekit.headless.workflow import load_workflow, workflow_to_prompt
+from erasekit.jobs import Host, UsageError
+from harness import COST_CAPS, PACK_ROOT, cap_inputs
+
+WORKFLOWS = PACK_ROOT / "workflows"
+GOOD = ("000000006818", "55_000000138891", "I-210614_O04019_W01_F0109")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, shared_data):
+    """images/ and masks/ with three real pairs, a corrupt photo and a photo whose mask is half its size."""
+    root = tmp_path_factory.mktemp("erasekit_run")
+    images, masks = root / "images", root / "masks"
+    images.mkdir()
+    masks.mkdir()
+    triplets = shared_data / "images" / "syn_triplets"
+    for stem in GOOD:
+        # 128 px keeps the tiny models cheap; the photos and masks stay real
+        Image.open(triplets / "paste" / f"{stem}.jpg").resize((128, 128)).save(images / f"{stem}.jpg", quality=95)
+        Image.open(triplets / "mask" / f"{stem}.jpg").resize((128, 128), Image.NEAREST).save(masks / f"{stem}.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    Image.open(masks / f"{GOOD[0]}.png").save(masks / "corrupt.png")
+    Image.open(images / f"{GOOD[1]}.jpg").save(images / "wrong_size.jpg")
+    Image.open(masks / f"{GOOD[1]}.png").resize((64, 64)).save(masks / "wrong_size.png")
+    return images, masks
+
+
+def capped_overrides(comfy, workflow_path, extra=()):
+    """``--set NODE.INPUT=VALUE`` for every cost input ``COST_CAPS`` lowers in this workflow, plus ``extra``."""
+    workflow = json.loads(Path(workflow_path).read_text())
+    prompt = workflow_to_prompt(workflow, comfy.object_info)
+    capped = json.loads(json.dumps(prompt))
+    for entry in capped.values():
+        cap_inputs(entry["inputs"], COST_CAPS)
+    sets = [f"{node}.{name}={json.dumps(value)}" for node, entry in capped.items()
+            for name, value in entry["inputs"].items() if prompt[node]["inputs"][name] != value]
+    return sets + list(extra)
+
+
+def results(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_file() and p.suffix == ".png")
+
+
+class CountingHost(Host):
+    """Records how many items were finished when each model file was read."""
+
+    def __init__(self):
+        self.done = 0
+        self.loads = []
+
+    def progress(self, done, total, unit="items"):
+        self.done = done
+
+
+def test_omnieraser_folder_one_result_per_photo_models_loaded_once(comfy, folders, tmp_path, monkeypatch):
+    from importlib import import_module
+
+    comfy_utils = import_module("comfy.utils")
+    workflow = WORKFLOWS / "omnieraser.json"
+    comfy.workflow_prompt(json.loads(workflow.read_text()))  # builds the tiny models it names
+    host = CountingHost()
+    original = comfy_utils.load_torch_file
+
+    def counting_load(path, *args, **kwargs):
+        host.loads.append((host.done, Path(path).name))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(comfy_utils, "load_torch_file", counting_load)
+    images, masks = folders
+    job = RunJob(workflow=workflow, out=tmp_path / "out", images=images, masks=masks,
+                 overrides=capped_overrides(comfy, workflow, ["target_side=128"]))
+    report = run_folder(comfy.runtime, job, host)
+
+    assert results(tmp_path / "out") == sorted(f"{stem}.png" for stem in GOOD)
+    for stem in GOOD:
+        result = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png"))
+        assert result.shape == (128, 128, 3)
+    statuses = {item.id: (item.status, item.reason) for item in report.items}
+    assert statuses["corrupt"][0] == "skipped" and "unreadable image" in statuses["corrupt"][1]
+    assert statuses["wrong_size"] == ("skipped", "mask size differs from the image")
+    assert report.count("done") == 3 and not report.ok
+    assert report.binding == B.Binding("5", "6", B.MASK_FILE, ("15",))
+    # every model file is read while the first photo runs, none for the others
+    loaded = [name for _, name in host.loads]
+    assert {"flux1-dev.safetensors", "ae.safetensors", "omnieraser_lora.safetensors"} <= set(loaded)
+    assert all(done == 0 for done, _ in host.loads), host.loads
+    assert len(loaded) == len(set(loaded))
+    # ComfyUI's cache kept the loaders' outputs: for the 2nd and 3rd photo they did not run again
+    done = [item for item in report.items if item.status == "done"]
+    assert {"1", "2", "3", "4"} <= done[1].cached_nodes and {"1", "2", "3", "4"} <= done[2].cached_nodes
+    assert "5" not in done[1].cached_nodes  # the photo loader did run again
+    log = [json.loads(line) for line in (tmp_path / "out" / "erasekit-run.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in log) == sorted([*GOOD, "corrupt", "wrong_size"])
+    assert not (tmp_path / "out" / ".erasekit-run").exists()
+
+
+def test_smarteraser_killed_halfway_then_resumed(comfy, folders, tmp_path):
+    workflow = WORKFLOWS / "smarteraser.json"
+    comfy.workflow_prompt(json.loads(workflow.read_text()))
+    images, masks = folders
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "erasekit.headless", str(workflow), "--images", str(images), "--masks",
+               str(masks), "-o", str(out), "--comfyui", str(comfy.comfy_path), "--quiet",
+               "--extra-model-paths", str(comfy.extra_model_paths_file(tmp_path / "models.yaml"))]
+    for override in capped_overrides(comfy, workflow, ["steps=2"]):
+        command += ["--set", override]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (out.is_dir() and results(out)) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert first.returncode == -signal.SIGKILL, first.stdout.read()[-3000:]
+    killed_with = results(out)
+    assert killed_with == [f"{GOOD[0]}.png"], killed_with  # halfway: one result, the run still going
+    assert (out / ".erasekit-run").is_dir()  # its staging area, never visible as results
+
+    again = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1, again.stderr[-3000:]  # the two bad inputs are failures of the run
+    assert "2 done, 1 already done, 2 skipped" in again.stderr
+    assert results(out) == sorted(f"{stem}.png" for stem in GOOD)
+    assert not (out / ".erasekit-run").exists() and not list(out.glob(".*.partial"))
+    for stem in GOOD:
+        assert Image.open(out / f"{stem}.png").size == (128, 128)
+    log = [json.loads(line) for line in (out / "erasekit-run.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in log if r["status"] == "done") == sorted(GOOD)  # none done twice
+    skipped = {r["id"]: r["reason"] for r in log if r["status"] == "skipped"}
+    assert skipped == {"corrupt": "unreadable image: corrupt.png", "wrong_size": "mask size differs from the image"}
+
+
+def test_workflow_without_loaders_or_save_is_refused_with_what_is_missing(comfy, folders, tmp_path):
+    images, masks = folders
+    _, _ = load_workflow(WORKFLOWS / "mask_irregularisation.json")
+    job = RunJob(workflow=WORKFLOWS / "mask_irregularisation.json", out=tmp_path / "out", images=images, masks=masks)
+    with pytest.raises(UsageError, match="no SaveImage node"):
+        run_folder(comfy.runtime, job)
+    workflow = json.loads((WORKFLOWS / "syn4removal.json").read_text())
+    (tmp_path / "no_loader.json").write_text(json.dumps(workflow))
+    job = RunJob(workflow=tmp_path / "no_loader.json", out=tmp_path / "out", images=images, masks=masks)
+    with pytest.raises(UsageError, match="no LoadImage node whose image feeds the graph"):
+        run_folder(comfy.runtime, job)
+    assert not (tmp_path / "out").exists() or not results(tmp_path / "out")
