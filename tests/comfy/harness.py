@@ -140,13 +140,16 @@ class ComfyHarness:
             path.mkdir(parents=True, exist_ok=True)
             folder_paths.add_model_folder_path(name, str(path), is_default=True)
 
-    def extra_model_paths_file(self, path):
-        """This harness's model folders in ComfyUI's extra_model_paths.yaml format, for a ComfyUI in a subprocess."""
+    def extra_model_paths_file(self, path, custom_nodes=None):
+        """This harness's model folders in ComfyUI's extra_model_paths.yaml format, for a ComfyUI in a subprocess
+        (``custom_nodes``: a folder of test-only custom nodes to offer it as well)."""
         import folder_paths
         lines = ["erasekit_test_models:", f"  base_path: {self.models_dir}", "  is_default: true"]
         for name in sorted(folder_paths.folder_names_and_paths):
             if name not in ("custom_nodes", "configs") and (self.models_dir / name).is_dir():
                 lines.append(f"  {name}: {name}")
+        if custom_nodes is not None:
+            lines += ["erasekit_test_custom_nodes:", f"  custom_nodes: {custom_nodes}"]
         Path(path).write_text("\n".join(lines) + "\n")
         return Path(path)
 
