@@ -186,3 +186,63 @@ def test_workflow_without_loaders_or_save_is_refused_with_what_is_missing(comfy,
     with pytest.raises(UsageError, match="no LoadImage node whose image feeds the graph"):
         run_folder(comfy.runtime, job)
     assert not (tmp_path / "out").exists() or not results(tmp_path / "out")
+
+
+def composite_prompt(mask_from_alpha=False):
+    """A user's API-format workflow: the photo with its mask painted white (ImageCompositeMasked), saved."""
+    mask_link = ["1", 1] if mask_from_alpha else ["2", 0]
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "LoadImageMask", "inputs": {"image": "mask.png", "channel": "red"}},
+        "3": {"class_type": "MaskToImage", "inputs": {"mask": mask_link}},
+        "4": {"class_type": "ImageCompositeMasked",
+              "inputs": {"destination": ["1", 0], "source": ["3", 0], "x": 0, "y": 0, "resize_source": False,
+                         "mask": mask_link}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "composite"}},
+    }
+    if mask_from_alpha:
+        del prompt["2"]
+    return prompt
+
+
+@pytest.mark.parametrize("mask_from_alpha", [False, True], ids=["LoadImageMask", "painted_alpha"])
+def test_api_workflow_gets_each_photo_and_mask(comfy, folders, tmp_path, mask_from_alpha):
+    images, masks = folders
+    workflow = tmp_path / "composite_api.json"
+    workflow.write_text(json.dumps(composite_prompt(mask_from_alpha)))
+    report = run_folder(comfy.runtime, RunJob(workflow=workflow, out=tmp_path / "out", images=images, masks=masks))
+    assert report.binding.mask_kind == (B.MASK_IN_ALPHA if mask_from_alpha else B.MASK_FILE)
+    assert report.count("done") == 3
+    for stem in GOOD:
+        photo = np.asarray(Image.open(images / f"{stem}.jpg").convert("RGB"))
+        mask = np.asarray(Image.open(masks / f"{stem}.png").convert("L")) >= 128
+        result = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png").convert("RGB"))
+        assert mask.any() and (~mask).any()
+        np.testing.assert_array_equal(result[mask], 255)
+        np.testing.assert_array_equal(result[~mask], photo[~mask])
+
+
+def test_prompt_makes_the_masks_with_text_to_mask_core(comfy, folders, tmp_path):
+    """--prompt: GroundingDINO + SAM 2 (tiny, random) make each mask through segment/text_masks.py, as the node does."""
+    from erasekit.segment.text_masks import load_text_masker
+
+    comfy.ensure_model("grounding-dino", "tiny-grounding-dino")
+    comfy.ensure_model("sam2", "tiny-sam2")
+    masker = load_text_masker(comfy.models_dir / "grounding-dino" / "tiny-grounding-dino",
+                              comfy.models_dir / "sam2" / "tiny-sam2")
+    images, _ = folders
+    workflow = tmp_path / "composite_api.json"
+    workflow.write_text(json.dumps(composite_prompt()))
+    job = RunJob(workflow=workflow, out=tmp_path / "out", images=images, prompt="dog. car.", box_threshold=0.0,
+                 text_threshold=0.0)
+    report = run_folder(comfy.runtime, job, text_masker=masker)
+    # the photo whose mask file had the wrong size gets a mask from the text like the others
+    assert report.count("done") == 4 and {i.id for i in report.items if i.status == "skipped"} == {"corrupt"}
+    for stem in GOOD:
+        photo = np.asarray(Image.open(images / f"{stem}.jpg").convert("RGB"))
+        expected = masker(photo, "dog. car.", 0.0, 0.0).union()
+        kept = np.asarray(Image.open(tmp_path / "out" / "masks" / f"{stem}.png")) > 0
+        np.testing.assert_array_equal(kept, expected)
+        result = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png").convert("RGB"))
+        np.testing.assert_array_equal(result[expected], 255)
+        np.testing.assert_array_equal(result[~expected], photo[~expected])
