@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +212,7 @@ class FolderRunner:
         self.thresholds = thresholds
         self.executor = runtime.new_executor()
         self.output_nodes = None
+        self.samples = []
 
     def stage(self, sample, sequence):
         """(image name, mask name) as LoadImage reads them (in ComfyUI's temp folder), or raises ``_Skip``."""
@@ -246,6 +248,17 @@ class FolderRunner:
         if mask is not None:
             mask_rgba(mask).save(folder / "mask.png")
         return f"{name}/image{sample.image.suffix.lower()} [temp]", f"{name}/mask.png [temp]"
+
+    def process(self, sample, sequence):
+        """One item start to end: kept when resuming and its result exists, else run, cleaned up and logged."""
+        if self.folder.resume and self.folder.result(sample.id).exists():
+            return ItemResult(sample.id, RESUMED)
+        try:
+            result = self.run_item(sample, sequence)
+        finally:
+            self.clean(sequence)
+        self.folder.log(result)
+        return result
 
     def run_item(self, sample, sequence):
         """Execute the workflow for one sample and move its results into place; returns the ``ItemResult``."""
@@ -298,13 +311,12 @@ class _Skip(Exception):
     """A sample that cannot run (bad file, size mismatch, nothing found); the message is the reason."""
 
 
-def run_folder(runtime, job, host=None, text_masker=None):
-    """Run ``job`` on a started ComfyUI ``runtime``; returns the ``RunReport`` (per-item errors are in it).
-
-    ``text_masker``: what ``--prompt`` uses to make masks (``segment.text_masks.TextMasker``); required with it."""
+@contextmanager
+def open_run(runtime, job, text_masker=None):
+    """A ``FolderRunner`` for ``job``, holding the output folder (lock, staging area, ComfyUI's output and temp
+    folders pointed into it) until the block ends; ``runner.samples`` are the items, in order."""
     import folder_paths
 
-    host = host or Host()
     try:
         prompt = prepare_prompt(runtime, job)
     except WorkflowError as error:
@@ -313,7 +325,6 @@ def run_folder(runtime, job, host=None, text_masker=None):
     binding = B.find_binding(prompt, needs_mask, job.image_node, job.mask_node)
     if job.prompt and text_masker is None:
         raise UsageError("--prompt needs GroundingDINO and SAM 2 models (text_masker)")
-    report = RunReport(binding=binding)
     folder = Folder(job.out, job.resume)
     saved_dirs = folder_paths.get_output_directory(), folder_paths.get_temp_directory()
     try:
@@ -326,23 +337,27 @@ def run_folder(runtime, job, host=None, text_masker=None):
         folder_paths.set_temp_directory(str(folder.staging / "temp"))
         runner = FolderRunner(runtime, prompt, binding, folder, text_masker, job.prompt,
                               (job.box_threshold, job.text_threshold))
-        host.progress(0, len(samples), "images")
-        for sequence, sample in enumerate(samples):
-            host.check_interrupt()
-            if job.resume and folder.result(sample.id).exists():
-                result = ItemResult(sample.id, RESUMED)
-            else:
-                try:
-                    result = runner.run_item(sample, sequence)
-                finally:
-                    runner.clean(sequence)
-                folder.log(result)
-                if result.status in (SKIPPED, FAILED):
-                    host.log(f"{sample.id}: {result.status}: {result.reason}")
-            report.items.append(result)
-            host.progress(sequence + 1, len(samples), "images")
+        runner.samples = samples
+        yield runner
     finally:
         folder_paths.set_output_directory(saved_dirs[0])
         folder_paths.set_temp_directory(saved_dirs[1])
         folder.close()
+
+
+def run_folder(runtime, job, host=None, text_masker=None):
+    """Run ``job`` on a started ComfyUI ``runtime``; returns the ``RunReport`` (per-item errors are in it).
+
+    ``text_masker``: what ``--prompt`` uses to make masks (``segment.text_masks.TextMasker``); required with it."""
+    host = host or Host()
+    with open_run(runtime, job, text_masker) as runner:
+        report = RunReport(binding=runner.binding)
+        host.progress(0, len(runner.samples), "images")
+        for sequence, sample in enumerate(runner.samples):
+            host.check_interrupt()
+            result = runner.process(sample, sequence)
+            if result.status in (SKIPPED, FAILED):
+                host.log(f"{sample.id}: {result.status}: {result.reason}")
+            report.items.append(result)
+            host.progress(sequence + 1, len(runner.samples), "images")
     return report
