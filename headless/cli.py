@@ -104,6 +104,9 @@ def main(argv=None):
             raise UsageError(f"workflow file {args.workflow} does not exist")
         started = runtime.start(runtime.find_comfyui(args.comfyui), comfy_args, args.extra_model_paths,
                                 args.custom_nodes)
+        import comfy.utils
+
+        comfy.utils.set_progress_bar_enabled(False)  # ComfyUI's per-step bars: the command's own bar counts images
         masker = text_masker(args) if args.prompt else None
         job = RunJob(workflow=args.workflow, out=args.out, images=args.images, masks=args.masks, prompt=args.prompt,
                      overrides=args.overrides, resume=args.resume, image_node=args.image_node,

@@ -89,7 +89,7 @@ def test_omnieraser_folder_one_result_per_photo_models_loaded_once(comfy, folder
     monkeypatch.setattr(comfy_utils, "load_torch_file", counting_load)
     images, masks = folders
     job = RunJob(workflow=workflow, out=tmp_path / "out", images=images, masks=masks,
-                 overrides=capped_overrides(comfy, workflow, ["target_side=128"]))
+                 overrides=capped_overrides(comfy, workflow, ["target_side=128", "steps=2"]))
     report = run_folder(comfy.runtime, job, host)
 
     assert results(tmp_path / "out") == sorted(f"{stem}.png" for stem in GOOD)
@@ -125,7 +125,7 @@ def test_smarteraser_folder_mask_from_image(comfy, folders, tmp_path):
     for name in (f"{GOOD[0]}.jpg", "corrupt.png", "wrong_size.jpg"):
         (few / name).write_bytes((images / name).read_bytes())
     job = RunJob(workflow=workflow, out=tmp_path / "out", images=few, masks=masks,
-                 overrides=capped_overrides(comfy, workflow, ["steps=2"]))
+                 overrides=capped_overrides(comfy, workflow, ["steps=1"]))
     report = run_folder(comfy.runtime, job)
     assert report.binding == B.Binding("4", "5", B.MASK_VIA_IMAGE, ("11",))
     assert results(tmp_path / "out") == [f"{GOOD[0]}.png"]
@@ -134,6 +134,7 @@ def test_smarteraser_folder_mask_from_image(comfy, folders, tmp_path):
         "corrupt": "unreadable image: corrupt.png", "wrong_size": "mask size differs from the image"}
 
 
+@pytest.mark.timeout(900)  # two ComfyUI start-ups in subprocesses: about a minute on an idle 2-core machine
 def test_command_killed_halfway_then_resumed(comfy, folders, tmp_path):
     """``python -m erasekit.headless`` (the erasekit-run command) in its own process, SIGKILLed after its first
     result, then run again with --resume: every photo has exactly one result and nothing is half-written."""
@@ -145,13 +146,13 @@ def test_command_killed_halfway_then_resumed(comfy, folders, tmp_path):
     command = [sys.executable, "-m", "erasekit.headless", str(workflow), "--images", str(images), "--masks",
                str(masks), "-o", str(out), "--comfyui", str(comfy.comfy_path), "--quiet",
                "--extra-model-paths", str(config), "--custom-nodes"]
-    for override in capped_overrides(comfy, workflow, ["target_side=128"]):
+    for override in capped_overrides(comfy, workflow, ["target_side=128", "steps=1"]):
         command += ["--set", override]
     # ComfyUI's own flags, after a lone --: of the custom nodes, only the test's T5-sizing shim (see custom_nodes/)
     comfy_flags = ["--", "--disable-all-custom-nodes", "--whitelist-custom-nodes", "erasekit_test_t5_sizing"]
 
     first = subprocess.Popen(command + comfy_flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while not (out.is_dir() and results(out)) and first.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     first.send_signal(signal.SIGKILL)
@@ -160,7 +161,7 @@ def test_command_killed_halfway_then_resumed(comfy, folders, tmp_path):
     assert results(out) == [f"{GOOD[0]}.png"]  # halfway: one result, the next one under way
     assert (out / ".erasekit-run").is_dir()  # the staging area of the killed run, never visible as results
 
-    again = subprocess.run(command + ["--resume"] + comfy_flags, capture_output=True, text=True, timeout=240)
+    again = subprocess.run(command + ["--resume"] + comfy_flags, capture_output=True, text=True, timeout=600)
     assert again.returncode == 1, again.stderr[-3000:]  # the two bad inputs fail the run
     assert "2 done, 1 already done, 2 skipped" in again.stderr
     assert results(out) == sorted(f"{stem}.png" for stem in GOOD)
