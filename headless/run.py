@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..dataset_tools.imageio import TRUNCATED, UNREADABLE, read_mask
+from ..dataset_tools.imageio import IMAGE_EXTENSIONS, TRUNCATED, UNREADABLE, read_mask
 from ..evaluation.folders import detect_layout, layout_samples, pair_by_stem
 from ..jobs import Host, UsageError
 from . import binding as B
@@ -54,8 +54,6 @@ class RunJob:
     resume: bool = False
     image_node: str | None = None
     mask_node: str | None = None
-    grounding_dino: str | None = None  # names in models/grounding-dino and models/sam2 (None: the only one there)
-    sam2: str | None = None
     box_threshold: float = 0.35
     text_threshold: float = 0.25
 
@@ -126,7 +124,7 @@ def find_samples(job):
         samples = layout_samples(layout)
     samples = [s for s in samples if s.image is not None]
     if not samples:
-        raise UsageError(f"no images ({', '.join(('.png', '.jpg', '...'))}) found in {layout.images}")
+        raise UsageError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {layout.images}")
     masks_given = job.masks is not None or layout.masks is not None
     return samples, bool(job.prompt) or masks_given
 
@@ -176,7 +174,7 @@ class Folder:
         self.items = self.staging / "temp" / ITEMS  # per-item inputs, as "erasekit-run/<n>/image.png [temp]"
         self.items.mkdir(parents=True)
         (self.staging / "output").mkdir()
-        for stale in self.out.glob(".*.partial"):
+        for stale in [*self.out.glob(".*.partial"), *(self.out / MASKS).glob(".*.partial")]:
             stale.unlink(missing_ok=True)
         self.resume = resume
         self._log = open(self.out / LOG, "a", encoding="utf-8")

@@ -247,3 +247,21 @@ def test_prompt_makes_the_masks_with_text_to_mask_core(comfy, folders, tmp_path)
         result = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png").convert("RGB"))
         np.testing.assert_array_equal(result[expected], 255)
         np.testing.assert_array_equal(result[~expected], photo[~expected])
+
+
+def test_command_usage_errors_exit_2_with_the_reason(comfy, folders, tmp_path, capsys):
+    from erasekit.headless.cli import main
+
+    images, masks = folders
+    common = ["--images", str(images), "--masks", str(masks), "-o", str(tmp_path / "out"), "--comfyui",
+              str(comfy.comfy_path), "--quiet"]
+    assert main([str(WORKFLOWS / "mask_irregularisation.json"), *common]) == 2
+    assert "no SaveImage node" in capsys.readouterr().err
+    workflow = tmp_path / "composite_api.json"
+    workflow.write_text(json.dumps(composite_prompt()))
+    assert main([str(workflow), *common, "--set", "stepz=3"]) == 2
+    assert "no widget input named 'stepz'" in capsys.readouterr().err
+    assert main([str(workflow), *common]) == 1  # ran; the corrupt photo and the bad mask were skipped
+    assert "3 done, 0 already done, 2 skipped" in capsys.readouterr().err
+    assert main([str(workflow), *common]) == 2  # results are there: --resume or another folder
+    assert "pass --resume" in capsys.readouterr().err
