@@ -233,7 +233,8 @@ class FolderRunner:
             if mask is None:
                 raise _Skip(f"{reason}: {sample.mask.name}")
             if mask.shape != (height, width):
-                raise _Skip("mask size differs from the image")
+                raise _Skip(f"mask size differs from the image (mask {mask.shape[1]}×{mask.shape[0]}, image "
+                            f"{width}×{height})")
         else:
             mask = None
         name = f"{ITEMS}/{sequence:06d}"  # relative to ComfyUI's temp folder

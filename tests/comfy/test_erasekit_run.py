@@ -24,6 +24,7 @@ from harness import COST_CAPS, PACK_ROOT, cap_inputs
 
 WORKFLOWS = PACK_ROOT / "workflows"
 HERE = Path(__file__).resolve().parent
+WRONG_SIZE = "mask size differs from the image (mask 64×64, image 128×128)"
 GOOD = ("000000006818", "55_000000138891", "I-210614_O04019_W01_F0109")
 
 
@@ -98,7 +99,7 @@ def test_omnieraser_folder_one_result_per_photo_models_loaded_once(comfy, folder
         assert result.shape == (128, 128, 3)
     statuses = {item.id: (item.status, item.reason) for item in report.items}
     assert statuses["corrupt"][0] == "skipped" and "unreadable image" in statuses["corrupt"][1]
-    assert statuses["wrong_size"] == ("skipped", "mask size differs from the image")
+    assert statuses["wrong_size"] == ("skipped", WRONG_SIZE)
     assert report.count("done") == 3 and not report.ok
     assert report.binding == B.Binding("5", "6", B.MASK_FILE, ("15",))
     # every model file is read while the first photo runs, none for the others
@@ -131,7 +132,7 @@ def test_smarteraser_folder_mask_from_image(comfy, folders, tmp_path):
     assert results(tmp_path / "out") == [f"{GOOD[0]}.png"]
     assert Image.open(tmp_path / "out" / f"{GOOD[0]}.png").size == (128, 128)
     assert {i.id: i.reason for i in report.items if i.status == "skipped"} == {
-        "corrupt": "unreadable image: corrupt.png", "wrong_size": "mask size differs from the image"}
+        "corrupt": "unreadable image: corrupt.png", "wrong_size": WRONG_SIZE}
 
 
 @pytest.mark.timeout(900)  # two ComfyUI start-ups in subprocesses: about a minute on an idle 2-core machine
@@ -172,7 +173,7 @@ def test_command_killed_halfway_then_resumed(comfy, folders, tmp_path):
     done = [r["id"] for r in log if r["status"] == "done"]  # the kill may have come before the first record
     assert sorted(set(done)) == sorted(done) and set(GOOD[1:]) <= set(done) <= set(GOOD)  # none done twice
     assert {r["id"]: r["reason"] for r in log if r["status"] == "skipped"} == {
-        "corrupt": "unreadable image: corrupt.png", "wrong_size": "mask size differs from the image"}
+        "corrupt": "unreadable image: corrupt.png", "wrong_size": WRONG_SIZE}
 
 
 def test_workflow_without_loaders_or_save_is_refused_with_what_is_missing(comfy, folders, tmp_path):
