@@ -49,3 +49,20 @@ def dataset_folder(value, what="dataset folder"):
     """A triplet dataset folder: absolute, or in ComfyUI's output folder (where the dataset nodes write) or
     its input folder."""
     return user_path(value, [folder_paths.get_output_directory(), folder_paths.get_input_directory()], what)
+
+
+def model_choices(folder):
+    """Model files and transformers model folders (sub-folders holding a config.json) in ComfyUI's ``folder``."""
+    found = set(folder_paths.get_filename_list(folder))
+    for base in folder_paths.get_folder_paths(folder):
+        if os.path.isdir(base):
+            found.update(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json")))
+    return sorted(found)
+
+
+def model_path(folder, name, url=None):
+    """Full path of a model file or a transformers model folder ``name`` in ComfyUI's ``folder``, or a clear error."""
+    for base in folder_paths.get_folder_paths(folder):
+        if name and os.path.isfile(os.path.join(base, name, "config.json")):
+            return os.path.join(base, name)
+    return model_file(folder, name, url)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, workflow_to_prompt, tiny builders
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, tiny builders
 
 from harness import ComfyHarness, find_comfyui  # noqa: E402
 

@@ -1,36 +1,27 @@
 """A real ComfyUI, imported in-process on CPU, with EraseKit loaded as a custom node folder.
 
-One harness per test session (ComfyUI keeps global state). It owns temporary model, input and output
-folders, builds tiny models on demand from the builders in ``tiny/*.py`` and runs prompts through
-ComfyUI's own validator and executor.
+One harness per test session (ComfyUI keeps global state). Start-up, the workflow converter and prompt
+execution are the package's own (``erasekit.headless``, what ``erasekit-run`` uses); this file adds what only
+tests need: where the ComfyUI comes from, temporary model/input/output folders, tiny models built on demand
+from the builders in ``tiny/*.py``, and the caps on the example workflows' cost inputs.
 """
-import asyncio
 import hashlib
 import importlib.util
-import logging
 import os
 import shutil
 import sys
 import tempfile
-import uuid
 from pathlib import Path
+
+from erasekit.headless.runtime import PromptError, is_comfyui  # noqa: F401  (tests import PromptError from here)
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER_NAME = "ComfyUI-EraseKit"  # a folder name with a dash: the pack must not care what it is called
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 
-# Models folders every workflow may name; the pack registers its own at import.
-CORE_MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "text_encoders", "loras", "clip_vision",
-                      "controlnet", "upscale_models", "embeddings")
-
-
 SHARED_COMFYUI = Path(os.environ.get("ERASEKIT_SHARED_COMFYUI",
                                      PACK_ROOT.parent / "shared" / "comfyui" / "ComfyUI"))
 CACHE_DIR = Path(os.environ.get("ERASEKIT_CACHE", Path.home() / ".cache" / "erasekit"))
-
-
-def is_comfyui(path):
-    return path is not None and (Path(path) / "main.py").is_file() and (Path(path) / "comfy").is_dir()
 
 
 def find_comfyui():
@@ -93,28 +84,6 @@ def writable_copy(source):
     return comfy
 
 
-class _Server:
-    """The few attributes of ComfyUI's PromptServer that the executor touches."""
-
-    def __init__(self):
-        self.client_id = None
-        self.last_node_id = None
-        self.last_prompt_id = None
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-
-class _LogCapture(logging.Handler):
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 def load_tiny_builders():
     builders = {}
     for path in sorted(TINY_DIR.glob("*.py")):
@@ -141,61 +110,48 @@ class ComfyHarness:
         self.custom_nodes_dir = workdir / "custom_nodes"
         self.load_warnings = []
         self._builders = None
-        self._object_info = None
+        self.runtime = None
 
     # ---------------------------------------------------------------- start-up
     def start(self):
-        if str(self.comfy_path) not in sys.path:
-            sys.path.insert(0, str(self.comfy_path))
-        argv = sys.argv
-        sys.argv = [argv[0], "--cpu", "--disable-all-custom-nodes"]
-        try:
-            import comfy.options
-            comfy.options.enable_args_parsing()
-            import comfy.cli_args  # noqa: F401  (parses --cpu now, before model_management picks a device)
-        finally:
-            sys.argv = argv
-        import folder_paths
-        import nodes
+        """ComfyUI through the package's own start-up (``erasekit.headless.runtime``), with every folder under
+        ``workdir`` (ComfyUI's ``--base-directory``), on CPU, without the checkout's extra_model_paths.yaml."""
+        from erasekit.headless import runtime
 
         for d in (self.models_dir, self.input_dir, self.output_dir, self.custom_nodes_dir, self.workdir / "temp"):
             d.mkdir(parents=True, exist_ok=True)
-        folder_paths.set_input_directory(str(self.input_dir))
-        folder_paths.set_output_directory(str(self.output_dir))
-        folder_paths.set_temp_directory(str(self.workdir / "temp"))
-        folder_paths.models_dir = str(self.models_dir)
-        self._use_temp_model_folders(CORE_MODEL_FOLDERS)
-
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-        self._load_pack()
-        self._use_temp_model_folders(folder_paths.folder_names_and_paths.keys())
+        link = self.custom_nodes_dir / PACK_FOLDER_NAME
+        if not link.exists():
+            link.symlink_to(PACK_ROOT, target_is_directory=True)
+        self.runtime = runtime.start(self.comfy_path, comfy_args=["--base-directory", str(self.workdir)], cpu=True,
+                                     pack_path=link, comfyui_extra_paths=False)
+        self.load_warnings = list(self.runtime.load_messages)
+        self._use_temp_model_folders()
         self._copy_inputs()
         return self
 
-    def _use_temp_model_folders(self, names):
+    def _use_temp_model_folders(self):
+        """Every model folder (core and the pack's) exists under ``models_dir`` and is searched first."""
         import folder_paths
-        for name in list(names):
+        for name in list(folder_paths.folder_names_and_paths):
             if name in ("custom_nodes", "configs"):
                 continue
             path = self.models_dir / name
             path.mkdir(parents=True, exist_ok=True)
             folder_paths.add_model_folder_path(name, str(path), is_default=True)
 
-    def _load_pack(self):
-        import nodes
-        link = self.custom_nodes_dir / PACK_FOLDER_NAME
-        if not link.exists():
-            link.symlink_to(PACK_ROOT, target_is_directory=True)
-        capture = _LogCapture()
-        root = logging.getLogger()
-        root.addHandler(capture)
-        try:
-            ok = asyncio.run(nodes.load_custom_node(str(link), set(nodes.NODE_CLASS_MAPPINGS), module_parent="custom_nodes"))
-        finally:
-            root.removeHandler(capture)
-        self.load_warnings = [f"{r.levelname}: {r.getMessage()}" for r in capture.records]
-        if not ok:
-            raise RuntimeError("ComfyUI could not load EraseKit: " + "; ".join(self.load_warnings))
+    def extra_model_paths_file(self, path, custom_nodes=None):
+        """This harness's model folders in ComfyUI's extra_model_paths.yaml format, for a ComfyUI in a subprocess
+        (``custom_nodes``: a folder of test-only custom nodes to offer it as well)."""
+        import folder_paths
+        lines = ["erasekit_test_models:", f"  base_path: {self.models_dir}", "  is_default: true"]
+        for name in sorted(folder_paths.folder_names_and_paths):
+            if name not in ("custom_nodes", "configs") and (self.models_dir / name).is_dir():
+                lines.append(f"  {name}: {name}")
+        if custom_nodes is not None:
+            lines += ["erasekit_test_custom_nodes:", f"  custom_nodes: {custom_nodes}"]
+        Path(path).write_text("\n".join(lines) + "\n")
+        return Path(path)
 
     @property
     def shared_data(self):
@@ -247,25 +203,11 @@ class ComfyHarness:
     @property
     def object_info(self):
         """What GET /object_info returns, for every registered node."""
-        if self._object_info is None:
-            import nodes
-            from comfy_api.internal import _ComfyNodeInternal
-            info = {}
-            for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
-                if issubclass(cls, _ComfyNodeInternal):
-                    info[name] = cls.GET_NODE_INFO_V1()
-                else:
-                    types = cls.INPUT_TYPES()
-                    info[name] = {"input": types, "input_order": {k: list(v) for k, v in types.items()},
-                                  "output": cls.RETURN_TYPES, "name": name,
-                                  "python_module": getattr(cls, "RELATIVE_PYTHON_MODULE", "nodes")}
-            self._object_info = info
-        return self._object_info
+        return self.runtime.object_info
 
     def pack_module(self):
         """EraseKit's package object as ComfyUI imported it."""
-        link = self.custom_nodes_dir / PACK_FOLDER_NAME
-        return sys.modules[str(link).replace(".", "_x_")]
+        return self.runtime.pack_module
 
     def node_class(self, name):
         import nodes
@@ -276,23 +218,9 @@ class ComfyHarness:
 
     # ---------------------------------------------------------------- running
     def run_prompt(self, prompt):
-        """Validate and execute an API-format prompt; returns a PromptResult. Raises on any error."""
-        import execution
-        prompt_id = str(uuid.uuid4())
-        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        if not valid:
-            raise PromptError(f"invalid prompt: {error}; node errors: {node_errors}")
-        server = _Server()
-        executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
-        executor.execute(prompt, prompt_id, {}, outputs)
-        if not executor.success:
-            failures = [d for e, d in executor.status_messages if e == "execution_error"]
-            detail = failures[0] if failures else {}
-            raise PromptError(
-                f"{detail.get('node_type')} (node {detail.get('node_id')}) failed: {detail.get('exception_type')}: "
-                f"{detail.get('exception_message')}\n" + "".join(detail.get("traceback", [])),
-                exception_message=detail.get("exception_message", ""))
-        return PromptResult(executor, outputs)
+        """Validate and execute an API-format prompt on a fresh executor (no cache shared between tests);
+        returns the ``Execution``. Raises ``PromptError`` on any error."""
+        return self.runtime.run(prompt)
 
     def workflow_prompt(self, workflow, caps=None):
         """The API prompt for a UI-format workflow, after building the tiny models it names.
@@ -300,7 +228,7 @@ class ComfyHarness:
         ``caps`` (input name → largest value; see ``COST_CAPS``) lowers the cost inputs of every node: the
         example workflows keep the papers' values (28 or 50 steps, 1024 px, accumulation 8, ...), which cost
         minutes per workflow on a CPU and prove nothing more about the graph than small ones do."""
-        from workflow_to_prompt import workflow_to_prompt, model_files
+        from erasekit.headless.workflow import model_files, workflow_to_prompt
         for folder, filename in model_files(workflow, self.object_info):
             self.ensure_model(folder, filename)
         prompt = workflow_to_prompt(workflow, self.object_info)
@@ -362,24 +290,3 @@ def cap_inputs(inputs, caps):
         if isinstance(value, int) and not isinstance(value, bool):
             if value > cap or (value == 0 and name in ZERO_MEANS_ALL):
                 inputs[name] = cap
-
-
-class PromptError(RuntimeError):
-    def __init__(self, message, exception_message=""):
-        super().__init__(message)
-        self.exception_message = exception_message
-
-
-class PromptResult:
-    def __init__(self, executor, output_nodes):
-        self.executor = executor
-        self.output_nodes = output_nodes
-        self.ui = executor.history_result["outputs"]
-
-    def outputs(self, node_id):
-        """The values a node returned, one per output slot (first item of each output list)."""
-        entry = self.executor.caches.outputs.get(str(node_id))
-        if entry is None:
-            raise KeyError(f"node {node_id} has no cached outputs")
-        values = entry.outputs if hasattr(entry, "outputs") else entry
-        return [v[0] if isinstance(v, list) and len(v) == 1 else v for v in values]

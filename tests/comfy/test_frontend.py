@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import PACK_FOLDER_NAME, PACK_ROOT, find_comfyui
-from workflow_to_prompt import workflow_to_prompt
+from erasekit.headless.workflow import workflow_to_prompt
 
 HERE = Path(__file__).resolve().parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from workflow_to_prompt import model_files, workflow_to_prompt
+from erasekit.headless.workflow import model_files, workflow_to_prompt
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
 

@@ -1,11 +1,17 @@
-"""UI-format workflow (what ComfyUI's frontend saves) → API-format prompt (what it queues).
+"""Workflows for a ComfyUI without its frontend: UI format (what the frontend saves) → API prompt (what it queues).
 
-Mirrors the frontend's ``graphToPrompt`` for the graphs EraseKit ships: widget values are assigned to
-the node's widget inputs in definition order (a ``control_after_generate`` input owns one extra,
-non-serialised value right after its own; an ``image_upload`` input's button owns one after all the others), links override widgets, reroutes
-and primitive nodes are resolved, muted nodes are dropped and bypassed nodes are passed through by
-type. ``tests/comfy/test_frontend.py`` checks it against the real frontend in headless Chromium.
+``workflow_to_prompt`` mirrors the frontend's ``graphToPrompt`` for the graphs EraseKit ships: widget values
+are assigned to the node's widget inputs in definition order (a ``control_after_generate`` input owns one
+extra, non-serialised value right after its own; an ``image_upload`` input's button owns one after all the
+others), links override widgets, reroutes and primitive nodes are resolved, muted nodes are dropped and
+bypassed nodes are passed through by type. ``tests/comfy/test_frontend.py`` checks it against the real
+frontend in headless Chromium.
+
+Plain data in, plain data out: ``object_info`` is what ComfyUI's ``GET /object_info`` returns, so nothing here
+imports ComfyUI.
 """
+import json
+from pathlib import Path
 
 VIRTUAL_NODES = {"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}
 MODE_MUTED, MODE_BYPASSED = 2, 4
@@ -148,3 +154,73 @@ def model_files(workflow, object_info=None):
         for model in node.get("properties", {}).get("models", []):
             found.append((model["directory"], model["name"]))
     return found
+
+
+def is_api_prompt(data):
+    """True for an API-format prompt (``{"id": {"class_type", "inputs"}}``, the frontend's "Export (API)")."""
+    return isinstance(data, dict) and bool(data) and all(
+        isinstance(v, dict) and "class_type" in v and "inputs" in v for v in data.values())
+
+
+def load_workflow(path):
+    """``(workflow or None, prompt or None)`` from a JSON file: a UI-format workflow or an API-format prompt."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"workflow file {path} does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WorkflowError(f"{path} is not a JSON workflow: {error}") from None
+    if is_api_prompt(data):
+        return None, data
+    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
+        return data, None
+    raise WorkflowError(f"{path} is neither a ComfyUI workflow (a 'nodes' list, as Save writes it) nor an API "
+                        "prompt (node ids mapping to class_type + inputs, as Export (API) writes it)")
+
+
+def parse_override(text):
+    """``"[NODE.]INPUT=VALUE"`` → (node or None, input, value); VALUE is read as JSON when it parses, else as text.
+
+    NODE is a node id, a node type (``KSampler``) or a node title; without it every node with that input is set."""
+    target, sep, raw = text.partition("=")
+    if not sep or not target.strip():
+        raise WorkflowError(f"override {text!r} is not of the form [NODE.]INPUT=VALUE (for example steps=20 or "
+                            "12.seed=7)")
+    node, _, name = target.strip().rpartition(".")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return (node or None), name, value
+
+
+def apply_overrides(prompt, overrides):
+    """Set inputs of an API prompt in place from ``[(node, input, value)]``; an override that matches no node
+    input is an error naming it, so a typo never runs the workflow unchanged."""
+    for node, name, value in overrides:
+        hits = 0
+        for node_id, entry in prompt.items():
+            title = entry.get("_meta", {}).get("title")
+            if node is not None and node not in (node_id, entry["class_type"], title):
+                continue
+            if name in entry["inputs"] and not isinstance(entry["inputs"][name], list):
+                entry["inputs"][name] = value
+                hits += 1
+        if not hits:
+            where = f"node {node!r}" if node else "any node"
+            raise WorkflowError(f"override {name}={value!r}: {where} has no widget input named {name!r}")
+    return prompt
+
+
+def missing_models(workflow, find):
+    """``[(folder, name, url)]`` of the models the workflow's loaders name (``properties.models``) that
+    ``find(folder, name)`` (a path or None) cannot find."""
+    missing = []
+    for node in workflow["nodes"]:
+        if node.get("mode") in (MODE_MUTED, MODE_BYPASSED):
+            continue
+        for model in node.get("properties", {}).get("models", []):
+            if find(model["directory"], model["name"]) is None:
+                missing.append((model["directory"], model["name"], model.get("url", "")))
+    return missing
