@@ -21,7 +21,7 @@ Neither form builds an L x L mask. The strategy is picked per device (``strategy
   masked) but adds a gather of the outside queries and a scatter of their output (two passes over ~(1 - f) of the
   activations) and a third kernel, and its outside rows would no longer be the back-end's own output. Extra FLOPs:
   f (1 - f) L^2; extra memory: the gathered outside keys and values, about twice one input's size, below what the
-  block's MLP activations already need (``head_chunk`` bounds it further by processing the heads in groups).
+  block's MLP activations already need (``head_groups`` bounds it further by processing the heads in groups).
 
 Token layouts handled here:
 - UNet levels: the latent mask is max-pooled by 2 with ceil sizing per level, exactly how the UNet's stride-2,
@@ -60,9 +60,10 @@ GATHERED_KEYS = "gathered_keys"
 # The row-group form is tuned to the CPU's SDPA kernel; every other device type (cuda, xpu, mps, ...) gets the dense
 # gathered form. Tests point "cpu" at GATHERED_KEYS to exercise that path on CPU tensors.
 STRATEGY_BY_DEVICE_TYPE = {"cpu": ROW_GROUPS}
-# Heads per dense call of the gathered form (None: all heads in one call, the fewest kernels). A number bounds the
-# gathered outside keys/values to that many heads' worth (benchmarks/attention.py --head-chunk measures it).
-GATHER_HEAD_CHUNK = None
+# Dense calls per attention in the gathered form, each over a share of the heads. 1: one call, the fewest kernels;
+# n bounds the gathered outside keys/values to 1/n of the heads (about 2/n of one input's size instead of 2x).
+# benchmarks/attention.py --head-groups measures the trade.
+GATHER_HEAD_GROUPS = 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def _mask_block(attn_mask, items, inside, outside):
 
 
 def rectified_attention_gathered(q, k, v, groups, full=None, dense=None, strength=1.0, query_scale=1.0,
-                                 attn_mask=None, heads_first_out=False, head_chunk=None):
+                                 attn_mask=None, heads_first_out=False, head_groups=1):
     """SRA as one plain call over all queries plus one dense call per ``SplitGroup`` (``GATHERED_KEYS``).
 
     ``q, k, v``: ``[B,H,L,D]``. ``groups``: ``token_split`` of the token mask. ``full()``: the caller's plain attention
@@ -346,8 +347,8 @@ def rectified_attention_gathered(q, k, v, groups, full=None, dense=None, strengt
     mask are returned as they are. ``dense(q, k, v, mask)``: attention of ``[b,H,n,D]`` tensors (SDPA when None); it
     computes the inside queries over the gathered outside keys and values, and its rows replace theirs in ``full``'s
     output. ``query_scale`` scales the inside queries' logits (folded into the gathered queries); ``strength`` < 1
-    blends from plain; rows the caller's ``attn_mask`` leaves without an outside key keep plain. ``head_chunk``: heads
-    per dense call (None: all), which bounds the gathered keys and values to that share of the heads.
+    blends from plain; rows the caller's ``attn_mask`` leaves without an outside key keep plain. ``head_groups``: dense
+    calls per group of items, each over a share of the heads, which bounds the gathered keys and values to it.
     """
     batch, heads, length, dim = q.shape
     if full is None:
@@ -359,7 +360,7 @@ def rectified_attention_gathered(q, k, v, groups, full=None, dense=None, strengt
         return out
     dense = dense or sdpa_dense
     rows_out = out.transpose(1, 2) if heads_first_out else out.view(batch, length, heads, dim)  # [B, L, H, D] view
-    head_chunk = head_chunk or heads
+    head_chunk = -(-heads // max(1, head_groups))
     for group in groups:
         items, inside, outside = group.items, group.inside, group.outside
         mask = None if attn_mask is None else _mask_block(attn_mask, items, inside, outside)

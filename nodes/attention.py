@@ -239,7 +239,7 @@ class SelfRectifyingAttention:
                 return core.rectified_attention_gathered(
                     qh, kh, vh, split[0], full=lambda: backend(*args, **kwargs), dense=dense, strength=self.strength,
                     query_scale=self.query_scale, attn_mask=options.get("mask"),
-                    heads_first_out=options.get("skip_output_reshape", False), head_chunk=core.GATHER_HEAD_CHUNK)
+                    heads_first_out=options.get("skip_output_reshape", False), head_groups=core.GATHER_HEAD_GROUPS)
             blocked = self._blocked(state, length, to)
             if blocked is None or blocked.shape[0] not in (1, qh.shape[0]):
                 return backend(*args, **kwargs)  # no grid or nothing masked here, or a batch the mask was not made for

@@ -283,8 +283,8 @@ class RecordingDense:
         return sra.sdpa_dense(q, k, v, mask)
 
 
-@pytest.mark.parametrize("head_chunk", [None, 2])
-def test_gathered_strategy_keeps_the_full_call_and_gives_inside_queries_only_outside_keys(head_chunk):
+@pytest.mark.parametrize("head_groups", [1, 2])
+def test_gathered_strategy_keeps_the_full_call_and_gives_inside_queries_only_outside_keys(head_groups):
     q, k, v = _qkv()
     blocked = torch.zeros(1, 30, dtype=torch.bool)
     blocked[0, 3:9] = True
@@ -299,9 +299,9 @@ def test_gathered_strategy_keeps_the_full_call_and_gives_inside_queries_only_out
     plain = sra.plain_attention(q, k, v)
     dense = RecordingDense()
     out = sra.rectified_attention_gathered(q, k, v, sra.token_split(blocked), full=full, dense=dense,
-                                           head_chunk=head_chunk)
+                                           head_groups=head_groups)
     assert len(full_calls) == 1
-    assert len(dense.calls) == (1 if head_chunk is None else 2)  # 3 heads in chunks of 2
+    assert len(dense.calls) == head_groups  # 3 heads: all at once, or 2 + 1
     heads_seen = 0
     for dq, dk, dv, mask in dense.calls:
         hs = slice(heads_seen, heads_seen + dq.shape[1])
@@ -315,7 +315,7 @@ def test_gathered_strategy_keeps_the_full_call_and_gives_inside_queries_only_out
     # poisoned masked values do not move the masked queries by one bit
     v_poisoned = v.clone()
     v_poisoned[:, :, inside] = 1e30
-    again = sra.rectified_attention_gathered(q, k, v_poisoned, sra.token_split(blocked), head_chunk=head_chunk)
+    again = sra.rectified_attention_gathered(q, k, v_poisoned, sra.token_split(blocked), head_groups=head_groups)
     assert torch.equal(again.view(2, 30, 3, 8)[:, inside], out.view(2, 30, 3, 8)[:, inside])
 
 
