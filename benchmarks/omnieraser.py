@@ -127,7 +127,7 @@ def lora_apply_ratio(args, core, nodes_oe):
         ours.append(timed(run_ours))
         base.append(timed(run_core))
     ours_s, core_s = statistics.median(ours), statistics.median(base)
-    patched_weights = len(nodes_oe.comfy_patches(core.map_lora(ours_lora)))
+    patched_weights = len(nodes_oe.comfy_patches(core.map_lora(ours_lora), ours_lora))
     print(f"LoRA apply (FLUX {args.depth}+{args.single} blocks at width {HIDDEN}, rank {args.rank}, "
           f"{len(ours_lora) // 2} LoRA modules → {patched_weights} ComfyUI patches, {args.repeats} repeats):")
     print(f"  EraseKit OmniEraser loader: {ours_s * 1000:.1f} ms   core LoraLoader: {core_s * 1000:.1f} ms   "
