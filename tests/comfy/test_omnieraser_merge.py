@@ -67,6 +67,16 @@ def weights_of(patcher):
     return {k[len("diffusion_model."):]: v for k, v in patcher.model.state_dict().items() if k.startswith("diffusion_model.")}
 
 
+def sampling_options(patcher):
+    """The transformer_options a sampler gives the model: the MODEL's own plus its patcher-level wrappers (merged as
+    ``comfy.sampler_helpers.prepare_model_patcher`` does)."""
+    from comfy import patcher_extension
+    to = patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
+    patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    to["cond_or_uncond"] = [0]
+    return to
+
+
 def merged_patcher(weights):
     """A fresh tiny FLUX holding ``weights`` (img_in 256 wide: in_channels 64)."""
     patcher = tiny_flux(in_channels=weights["img_in.weight"].shape[1] // 4)
@@ -279,3 +289,75 @@ def test_clear_errors(comfy, tmp_path):
     with pytest.raises(ValueError, match="plain file name"):
         nodes_merge.merged_file_path("../elsewhere")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------ ComfyUI's fast fp8 matmul (--fast)
+
+
+def test_omnieraser_and_sra_run_on_comfyuis_fp8_matmul(comfy, monkeypatch):
+    """``--fast fp8_matrix_mult`` makes ComfyUI build fp8 models with ``comfy.ops.fp8_ops``, whose linears run
+    ``torch._scaled_mm`` on fp8 weights and fp8-cast activations (``fp8_linear``; it falls back silently to a cast
+    matmul on any error). On the CPU ``torch._scaled_mm`` exists too, so with ComfyUI told the device computes in
+    fp8 (``SUPPORT_FP8_OPS``, i.e. ``--supports-fp8-compute``) the same code path runs: the OmniEraser LoRA (fully
+    loaded, and recomputed per forward when offloaded) and SRA on top, every linear through ``_scaled_mm``.
+
+    ``fp8_ops`` only takes that path for modules in eval mode (``if not self.training``), and ComfyUI 0.3.64 leaves a
+    diffusion model loaded by UNETLoader in training mode (nothing calls ``eval()``), so there ``--fast`` does not
+    change FLUX's matmuls at all; the model is put in eval mode here to run the fast path."""
+    import logging
+
+    from comfy import cli_args, model_management, model_patcher, ops, supported_models
+
+    nodes_oe = pack_module(comfy, "nodes.omnieraser")
+    sra_node = comfy.node_class("EraseKitSelfRectifyingAttention")
+    monkeypatch.setattr(cli_args.args, "fast", {cli_args.PerformanceFeature.Fp8MatrixMultiplication})
+    monkeypatch.setattr(model_management, "SUPPORT_FP8_OPS", True)
+    config = supported_models.Flux(dict(TINY, vec_in_dim=32, context_in_dim=32))  # _scaled_mm: sizes multiple of 16
+    config.set_inference_dtype(torch.float8_e4m3fn, torch.float32)
+    model = config.get_model({}).eval()
+    assert model.diffusion_model.img_in.__class__.__qualname__.startswith("fp8_ops")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 / p.shape[-1] ** 0.5 if p.ndim > 1 else 0.05))
+    cpu = torch.device("cpu")
+    base = model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    oe_model, _ = nodes_oe.apply_omnieraser_lora(base, official_lora(shapes_of(base)), 1.0)
+    mask = torch.zeros(1, 64, 48)
+    mask[:, 16:48, 8:40] = 1
+    sra_model = sra_node.execute(oe_model, mask, 1.0, 0.0, 1.0, "all")[0]
+
+    scaled_mm_calls, fallbacks = [], []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: scaled_mm_calls.append(a[1].shape) or real(*a, **k))
+    handler = logging.Handler()
+    handler.emit = lambda record: fallbacks.append(record.getMessage()) if "fp8 op" in record.getMessage() else None
+    logging.getLogger().addHandler(handler)
+    x = torch.randn(1, 16, 8, 6, generator=g)
+    extra = dict(c_concat=torch.randn(1, 48, 8, 6, generator=g), c_crossattn=torch.randn(1, 5, 32, generator=g),
+                 y=torch.randn(1, 32, generator=g), guidance=torch.full((1,), 3.5))
+    outputs = {}
+    try:
+        for budget in (0, 1):  # fully loaded (LoRA patched in once), then everything offloaded (LowVramPatch)
+            for name, patched in (("oe", oe_model), ("oe_sra", sra_model)):
+                # ComfyUI's executor runs nodes under inference mode; its fp8 rounding and fp8_linear use out= ops
+                with torch.inference_mode():
+                    patched.patch_model(device_to=cpu, lowvram_model_memory=budget)
+                try:
+                    scaled_mm_calls.clear()
+                    to = sampling_options(patched)
+                    with torch.inference_mode():
+                        outputs[name, budget] = patched.model.apply_model(x, torch.full((1,), 0.7), transformer_options=to, **extra)
+                    assert (256, 32) in [tuple(s) for s in scaled_mm_calls]  # the widened img_in, transposed
+                    assert len(scaled_mm_calls) > 20
+                finally:
+                    patched.unpatch_model()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert fallbacks == []
+    for key, out in outputs.items():
+        assert torch.isfinite(out).all(), key
+    assert not torch.allclose(outputs["oe", 0], outputs["oe_sra", 0])  # SRA changed the masked region
+    # offloaded weights get the LoRA recomputed with a stochastic rounding to fp8 at each forward; fully loaded
+    # ones were rounded once with the same seed per weight, so both give the same model
+    torch.testing.assert_close(outputs["oe", 1], outputs["oe", 0], atol=1e-4, rtol=1e-4)
