@@ -49,14 +49,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT.parent))
-try:
-    from erasekit.erasers import attention as core  # installed (pip install -e .) or importable from the parent folder
-except ImportError:  # the package folder has another name (a ComfyUI custom_nodes clone)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sra_core", ROOT / "erasers" / "attention.py")
-    core = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(core)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pack import import_checkout  # noqa: E402
+
+import_checkout()
+from erasekit.erasers import attention as core  # noqa: E402  (this checkout's, whatever else is installed)
 
 SHARED_MASK = Path(os.environ.get("ERASEKIT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "images" / "masked" / "dog_bench_mask.png"
 # heads_first: FLUX hands attention [B, H, L, D] tensors (skip_reshape=True); UNets hand [B, L, H*D].

@@ -359,6 +359,8 @@ def rectified_attention_gathered(q, k, v, groups, full=None, dense=None, strengt
     if not groups or strength == 0:
         return out
     dense = dense or sdpa_dense
+    if not heads_first_out:
+        out = out.contiguous()  # a no-op for every ComfyUI back-end; the scatter below must write into ``out`` itself
     rows_out = out.transpose(1, 2) if heads_first_out else out.view(batch, length, heads, dim)  # [B, L, H, D] view
     head_chunk = -(-heads // max(1, head_groups))
     for group in groups:
