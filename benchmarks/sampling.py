@@ -24,7 +24,8 @@ real shapes; no VAE runs (it is not part of a step). Sampling runs under ``torch
 executor runs every node.
 
 On CUDA: 1024x1024, 28 steps (``--cap-steps`` 8 under the caps, where every step streams the offloaded weights the
-same way), FLUX cfg 1; about 6 minutes on an H100/H200 (``--groups`` splits it). On a CPU the same table runs as a
+same way), FLUX cfg 1. Estimated 6-8 minutes on an H100/H200, mostly loading 12 B-parameter models five times; to
+stay under a 10-minute limit per command run ``--groups flux`` and ``--groups caps,sdxl,attention`` separately. On a CPU the same table runs as a
 dry run: a FLUX with one double and one single block at 256x256 with 32 text tokens (computed in float32; fp8/bf16 are
 the storage), a tiny SD1.5-layout UNet in place of SDXL, a 1-step warm-up + 2 steps, no allocator caps (CUDA only;
 the cap rows still run), fp8_fast with ``--supports-fp8-compute`` (``_scaled_mm`` has a CPU kernel).
@@ -128,9 +129,9 @@ def run_group(group, args):
     rows = []
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     for line in process.stdout:
-        if line.startswith("ROW "):
+        if line.startswith("ROW "):  # the worker also prints each row readably
             rows.append(json.loads(line[4:]))
-        if " it/s]" not in line and "s/it]" not in line:  # progress bars
+        elif " it/s]" not in line and "s/it]" not in line:  # progress bars
             print(line, end="", flush=True)
     if process.wait() != 0:
         log(f"   group {group} exited with {process.returncode}")
