@@ -165,7 +165,9 @@ def test_merged_weights_equal_comfyuis_patched_weights_bit_for_bit(comfy, dtype)
     base = tiny_flux(dtype=dtype)
     original = {k: v.clone() for k, v in weights_of(base).items()}
     lora = official_lora(shapes_of(base))
+    lora["transformer.transformer_blocks.0.attn.norm_q.weight"] = torch.rand(HIDDEN // 2) + 0.5  # a trained norm scale
     patched, mapping = nodes_oe.apply_omnieraser_lora(base, lora, 0.8)
+    assert sorted({p.kind for p in mapping.patches}) == ["lora", "set"]
     merged = core.merge_lora(original, mapping, 0.8)
     patched.patch_model(device_to=torch.device("cpu"))  # ComfyUI applies the LoRA to the weights
     try:
@@ -174,6 +176,8 @@ def test_merged_weights_equal_comfyuis_patched_weights_bit_for_bit(comfy, dtype)
         for key, value in merged.items():
             assert value.dtype == dtype and torch.equal(applied[key], value), key
         assert not torch.equal(merged["double_blocks.0.img_attn.qkv.weight"], original["double_blocks.0.img_attn.qkv.weight"])
+        norm = "double_blocks.0.img_attn.norm.query_norm.scale"
+        assert torch.equal(applied[norm], lora["transformer.transformer_blocks.0.attn.norm_q.weight"].to(dtype))
     finally:
         patched.unpatch_model()
 
