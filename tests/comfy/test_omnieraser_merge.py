@@ -85,6 +85,7 @@ def merged_patcher(weights):
     return patcher
 
 
+@torch.inference_mode()  # as ComfyUI's executor runs nodes (and no autograd graph keeps float32 weight casts alive)
 def velocity(model, condition_key, seed=3, height=8, width=6):
     """One prediction through ComfyUI's own conditioning path (process_conds → concat_cond → calc_cond_batch)."""
     import comfy.model_management
