@@ -147,7 +147,9 @@ class OmniEraserLoraLoader(io.ComfyNode):
                 "theSure/Omnieraser's pytorch_lora_weights.safetensors widens img_in to 256 input features and "
                 "makes the model read the 48-channel OmniEraser condition; the ControlNet version's LoRA is a plain "
                 "FLUX LoRA. diffusers/PEFT, kohya and ComfyUI namings are accepted; keys that match nothing are an "
-                "error."),
+                "error. On cards that cannot hold the whole FLUX (8-12 GB) ComfyUI re-applies the LoRA to every "
+                "offloaded weight at every step: save a merged model once with 'Save OmniEraser Merged FLUX' and load "
+                "it with UNETLoader + 'OmniEraser Merged Model' instead."),
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1-dev MODEL from UNETLoader / Load Diffusion Model."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
