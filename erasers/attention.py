@@ -19,7 +19,10 @@ Neither form builds an L x L mask. The strategy is picked per device (``strategy
   indices are computed once per token grid (``token_split``). Chosen over partitioning the queries (outside queries
   alone, then inside ones): that saves the inside rows' share of the full call (f L^2 of L^2 FLOPs for a fraction f
   masked) but adds a gather of the outside queries and a scatter of their output (two passes over ~(1 - f) of the
-  activations) and a third kernel, and its outside rows would no longer be the back-end's own output. Extra FLOPs:
+  activations) and a third kernel, and its outside rows would no longer be the back-end's own output. Also rejected:
+  the inside rows over all keys with a key mask (no gathered keys, but f L^2 FLOPs in the slower masked kernel, not
+  flash), and removing the inside keys' share from the full call's output with its log-sum-exp (cheap, but it
+  cancels catastrophically exactly where SRA matters: masked queries that attend mostly to masked keys). Extra FLOPs:
   f (1 - f) L^2; extra memory: the gathered outside keys and values, about twice one input's size, below what the
   block's MLP activations already need (``head_groups`` bounds it further by processing the heads in groups).
 
