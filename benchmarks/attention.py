@@ -7,15 +7,22 @@ The mask is the real dog_bench mask from ../shared/data (binarised, any-coverage
 centred ellipse when the data is absent; its token coverage is printed, since it sets how the queries split
 between the plain and the masked calls.
 
-Cost model: every query is computed once. The outside queries go through the plain back-end in groups of at
-most ``QUERY_CHUNK`` (768) rows, the inside queries through one SDPA call per group with a boolean key row, so the
-extra time is the gathers of non-contiguous groups, the scatter into the output, and the CPU kernel's lower
-efficiency for small query sets (SDPA's CPU kernel runs fewer than 768 queries in 32- or 64-row blocks, 12-25 %
-slower per query than its 256-row blocks). The extra memory is one group's gathered queries and output.
+The strategy is the one the node picks for the device (``core.strategy_for``; ``--strategy`` forces one, e.g. to
+dry-run the CUDA form on CPU):
+- ``row_groups`` (CPU): every query is computed once. The outside queries go through the plain back-end in groups
+  of at most ``QUERY_CHUNK`` (768) rows, the inside queries through one SDPA call per group with a boolean key
+  row, so the extra time is the gathers of non-contiguous groups, the scatter into the output, and the CPU kernel's
+  lower efficiency for small query sets (SDPA's CPU kernel runs fewer than 768 queries in 32- or 64-row blocks,
+  12-25 % slower per query than its 256-row blocks). The extra memory is one group's gathered queries and output.
+- ``gathered_keys`` (CUDA, other accelerators): the plain back-end once over all queries, then one dense SDPA call
+  (no mask: flash-eligible) of the inside queries over the gathered outside keys/values, scattered over their rows.
+  Extra FLOPs f(1-f) of the plain call's for a masked fraction f; extra memory the gathered keys and values (about
+  2(1-f) of one input), or 1/n of that in ``--head-groups`` n dense calls. The token indices are computed once before timing,
+  as the node computes them once per token grid for a whole sampling run.
 
 Both variants run exactly what the ComfyUI patch runs: plain = ComfyUI's attention_pytorch (view, SDPA,
-transpose back); patched = ``self_rectifying_attention`` with attention_pytorch's steps on each group of query
-rows (``skip_output_reshape``, as the node calls the back-end).
+transpose back); patched = the core function with attention_pytorch's steps as its back-end
+(``skip_output_reshape`` for row groups, the plain step itself as the gathered form's full call).
 
 Time: the fastest of interleaved repeats after a warm-up (the run least disturbed by other processes on a
 shared machine), as wall clock and as process CPU time; the median wall time is printed too.
@@ -26,6 +33,7 @@ Peak memory, of one step including the creation of its inputs (live in both vari
   exactly the tensors torch allocates (SDPA's workspaces included), not allocator caching or resident-set noise.
 
 Usage: python benchmarks/attention.py [--repeats 7] [--device cpu|cuda] [--dtype float32|float16|bfloat16]
+                                     [--strategy row_groups|gathered_keys] [--head-groups N]
 """
 import argparse
 import json
@@ -41,14 +49,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT.parent))
-try:
-    from erasekit.erasers import attention as core  # installed (pip install -e .) or importable from the parent folder
-except ImportError:  # the package folder has another name (a ComfyUI custom_nodes clone)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sra_core", ROOT / "erasers" / "attention.py")
-    core = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(core)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pack import import_checkout  # noqa: E402
+
+import_checkout()
+from erasekit.erasers import attention as core  # noqa: E402  (this checkout's, whatever else is installed)
 
 SHARED_MASK = Path(os.environ.get("ERASEKIT_SHARED_DATA", ROOT.parent / "shared" / "data")) / "images" / "masked" / "dog_bench_mask.png"
 # heads_first: FLUX hands attention [B, H, L, D] tensors (skip_reshape=True); UNets hand [B, L, H*D].
@@ -99,16 +104,30 @@ def plain_step(q, k, v, heads):
     return out.transpose(1, 2).reshape(qh.shape[0], qh.shape[2], -1)
 
 
-def sra_step(q, k, v, heads, blocked):
-    # the default plain back-end, SDPA on each group of query rows, is attention_pytorch with skip_output_reshape
-    return core.self_rectifying_attention(*_heads(q, k, v, heads), blocked)
+class Patched:
+    """The SRA step by one strategy; ``prepare`` does, before timing, what the node does once per token grid."""
+
+    def __init__(self, strategy, head_groups=1):
+        self.strategy = strategy
+        self.head_groups = head_groups
+
+    def prepare(self, blocked):
+        return core.token_split(blocked) if self.strategy == core.GATHERED_KEYS else blocked
+
+    def __call__(self, q, k, v, heads, prepared):
+        qh, kh, vh = _heads(q, k, v, heads)
+        if self.strategy == core.GATHERED_KEYS:
+            return core.rectified_attention_gathered(qh, kh, vh, prepared, full=lambda: plain_step(q, k, v, heads),
+                                                     head_groups=self.head_groups)
+        # the default plain back-end, SDPA on each group of query rows, is attention_pytorch with skip_output_reshape
+        return core.self_rectifying_attention(qh, kh, vh, prepared)
 
 
-def run_variant(case, variant, blocked, device, dtype):
+def run_variant(case, variant, prepared, device, dtype, patched):
     q, k, v = make_inputs(case, device, dtype)
     if variant == "plain":
         return plain_step(q, k, v, case["heads"])
-    return sra_step(q, k, v, case["heads"], blocked.to(device))
+    return patched(q, k, v, case["heads"], prepared)
 
 
 def sync(device):
@@ -116,10 +135,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_both(case, blocked, device, dtype, repeats):
+def time_both(case, prepared, device, dtype, repeats, patched):
     q, k, v = make_inputs(case, device, dtype)
-    blocked = blocked.to(device)
-    steps = {"plain": lambda: plain_step(q, k, v, case["heads"]), "sra": lambda: sra_step(q, k, v, case["heads"], blocked)}
+    steps = {"plain": lambda: plain_step(q, k, v, case["heads"]), "sra": lambda: patched(q, k, v, case["heads"], prepared)}
     wall = {name: [] for name in steps}
     cpu = {name: [] for name in steps}
     with torch.inference_mode():
@@ -138,20 +156,20 @@ def time_both(case, blocked, device, dtype, repeats):
             {name: statistics.median(t) for name, t in wall.items()})
 
 
-def peak_memory(case, variant, blocked, device, dtype):
+def peak_memory(case, variant, prepared, device, dtype, patched):
     """Peak bytes of live tensors over one step, the step's inputs included (see the module docstring)."""
     with torch.inference_mode():
-        run_variant(case, variant, blocked, device, dtype)  # warm-up: lazily initialised kernels
+        run_variant(case, variant, prepared, device, dtype, patched)  # warm-up: lazily initialised kernels
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            run_variant(case, variant, blocked, device, dtype)
+            run_variant(case, variant, prepared, device, dtype, patched)
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-            out = run_variant(case, variant, blocked, device, dtype)
+            out = run_variant(case, variant, prepared, device, dtype, patched)
             del out
     with tempfile.TemporaryDirectory() as tmp:
         timeline = os.path.join(tmp, "memory.json")
@@ -168,20 +186,30 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--strategy", choices=[core.ROW_GROUPS, core.GATHERED_KEYS], default=None,
+                        help="default: the one the node picks for the device")
+    parser.add_argument("--head-groups", type=int, default=None,
+                        help="gathered form: dense calls per attention, each over a share of the heads "
+                        "(default: core.GATHER_HEAD_GROUPS)")
     args = parser.parse_args()
     dtype_name = args.dtype or ("float16" if args.device == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
+    strategy = args.strategy or core.strategy_for(args.device)
+    patched = Patched(strategy, args.head_groups or core.GATHER_HEAD_GROUPS)
     mask, source = load_mask()
-    print(f"device {args.device}, {dtype_name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"mask: {source}, {args.repeats} timed repeats")
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device {args.device} ({device_name}), {dtype_name}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, mask: {source}, {args.repeats} timed repeats")
+    print(f"SRA strategy {strategy}" + (f", heads in {patched.head_groups} dense calls" if strategy == core.GATHERED_KEYS else ""))
     print("time: fastest of the interleaved repeats (wall clock and process CPU time); median wall in brackets")
     print(f"{'case':10} {'tokens':>6} {'masked':>7} {'plain ms':>16} {'SRA ms':>16} {'time x':>7} {'cpu x':>6} "
           f"{'plain MiB':>9} {'SRA MiB':>8} {'memory x':>8}")
     for name, case in CASES.items():
         blocked = blocked_for(case, mask)
         coverage = blocked.float().mean().item()
-        wall, cpu, median = time_both(case, blocked, args.device, dtype, args.repeats)
-        peaks = {v: peak_memory(case, v, blocked, args.device, dtype) for v in ("plain", "sra")}
+        prepared = patched.prepare(blocked.to(args.device))
+        wall, cpu, median = time_both(case, prepared, args.device, dtype, args.repeats, patched)
+        peaks = {v: peak_memory(case, v, prepared, args.device, dtype, patched) for v in ("plain", "sra")}
         print(f"{name:10} {blocked.shape[1]:6d} {coverage:7.1%} "
               f"{wall['plain'] * 1e3:7.1f} [{median['plain'] * 1e3:6.1f}] {wall['sra'] * 1e3:7.1f} [{median['sra'] * 1e3:6.1f}] "
               f"{wall['sra'] / wall['plain']:7.3f} {cpu['sra'] / cpu['plain']:6.3f} "

@@ -12,7 +12,11 @@
    steps, FLUX guidance 3.5, CFG 1, for bf16 and fp8 (e4m3fn) weights of the full FLUX.1-dev (19 + 38 blocks,
    random weights: speed and memory do not depend on the values), with the OmniEraser LoRA (rank 32) and the
    48-channel condition; T5/CLIP outputs are random tensors of the real shapes (512 x 4096, 768), the VAE is the
-   full FLUX VAE (encode x2 + decode counted).
+   full FLUX VAE (encode x2 + decode counted). Weights are built on the GPU; everything runs under
+   ``torch.inference_mode()``, as ComfyUI's executor runs nodes (outside it ComfyUI's fp8 LoRA patching fails with
+   "clamp(): functions with out=... arguments don't support automatic differentiation").
+   Seconds per step and memory for plain / OmniEraser / + SRA, fp8 / bf16 and small-card caps:
+   ``benchmarks/sampling.py``.
 
 Usage: python benchmarks/omnieraser.py [--repeats 5] [--rank 32] [--depth 1 --single 1] [--skip-cuda]
 Needs a ComfyUI checkout (COMFYUI_PATH, else ~/ComfyUI).
@@ -43,13 +47,11 @@ def start_comfy(cpu):
 
 
 def pack_modules():
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root.parent))
-    try:
-        from erasekit.erasers import omnieraser as core
-        from erasekit.nodes import omnieraser as nodes_oe
-    except ImportError as error:
-        sys.exit(f"Install the pack first (pip install -e {root}): {error}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _pack import import_checkout
+    import_checkout()  # this checkout, whatever else is installed
+    from erasekit.erasers import omnieraser as core
+    from erasekit.nodes import omnieraser as nodes_oe
     return core, nodes_oe
 
 
@@ -62,9 +64,15 @@ def flux_state_dict(depth, single, dtype, device="cpu", seed=0):
         operations=comfy.ops.disable_weight_init, device="meta", image_model="flux", in_channels=16, out_channels=16,
         vec_in_dim=768, context_in_dim=4096, hidden_size=HIDDEN, mlp_ratio=4.0, num_heads=HEADS, depth=depth,
         depth_single_blocks=single, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2)
+    return random_weights(meta, device, seed)
+
+
+def random_weights(meta_module, device="cpu", seed=0):
+    """Random bf16 weights of a module's shapes (built on the meta device), generated on ``device``: uniform with
+    about 1/sqrt(fan_in) spread, 0.02 for 1-D tensors, 1 for norm scales (speed and memory do not depend on them)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     out = {}
-    for key, value in meta.state_dict().items():
+    for key, value in meta_module.state_dict().items():
         tensor = torch.empty(value.shape, dtype=torch.bfloat16, device=device)
         bound = (3 / value.shape[-1]) ** 0.5 if value.ndim > 1 else 0.02
         out[key] = tensor.uniform_(-bound, bound, generator=generator) if not key.endswith(".scale") else tensor.fill_(1)
@@ -127,7 +135,7 @@ def lora_apply_ratio(args, core, nodes_oe):
         ours.append(timed(run_ours))
         base.append(timed(run_core))
     ours_s, core_s = statistics.median(ours), statistics.median(base)
-    patched_weights = len(nodes_oe.comfy_patches(core.map_lora(ours_lora)))
+    patched_weights = len(nodes_oe.comfy_patches(core.map_lora(ours_lora), ours_lora))
     print(f"LoRA apply (FLUX {args.depth}+{args.single} blocks at width {HIDDEN}, rank {args.rank}, "
           f"{len(ours_lora) // 2} LoRA modules → {patched_weights} ComfyUI patches, {args.repeats} repeats):")
     print(f"  EraseKit OmniEraser loader: {ours_s * 1000:.1f} ms   core LoraLoader: {core_s * 1000:.1f} ms   "
@@ -157,21 +165,23 @@ def cuda_figures(args, core, nodes_oe):
     for label, dtype in (("bf16", torch.bfloat16), ("fp8_e4m3fn", torch.float8_e4m3fn)):
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
-        sd = flux_state_dict(19, 38, torch.bfloat16)
-        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
-        del sd
-        model, _ = nodes_oe.apply_omnieraser_lora(model, lora, 1.0)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        condition = nodes_oe.omnieraser_condition(vae, image, mask)
-        context, pooled = torch.randn(1, 512, 4096), torch.randn(1, 768)
-        cond = [[context, {"pooled_output": pooled, "guidance": 3.5, nodes_oe.CONDITION_KEY: condition}]]
-        latent = torch.zeros(1, 16, size // 8, size // 8)
-        noise = comfy.sample.prepare_noise(latent, 0)
-        samples = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, denoise=1.0)
-        vae.decode(samples)
-        torch.cuda.synchronize()
+        sd = {k: v.cpu() for k, v in flux_state_dict(19, 38, torch.bfloat16, device="cuda").items()}
+        torch.cuda.empty_cache()
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
+            del sd
+            model, _ = nodes_oe.apply_omnieraser_lora(model, lora, 1.0)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            condition = nodes_oe.omnieraser_condition(vae, image, mask)
+            context, pooled = torch.randn(1, 512, 4096), torch.randn(1, 768)
+            cond = [[context, {"pooled_output": pooled, "guidance": 3.5, nodes_oe.CONDITION_KEY: condition}]]
+            latent = torch.zeros(1, 16, size // 8, size // 8)
+            noise = comfy.sample.prepare_noise(latent, 0)
+            samples = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", cond, cond, latent, denoise=1.0)
+            vae.decode(samples)
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30
         print(f"CUDA {torch.cuda.get_device_name()}: {label} weights, {size}x{size}, {steps} steps: "

@@ -5,11 +5,26 @@ token grid, the additive mask is m'_ij = -inf when m_i = 1 and m_j = 1, else 0. 
 not attend to any key inside the mask (itself included), so the hole is filled from the background; queries
 outside the mask are untouched.
 
-The fast form never builds an L x L mask and computes every query once: the queries outside the mask get plain
-attention from the caller's back-end (so they keep its output), the inside queries attend with one boolean key
-row ``[1, 1, 1, L]`` that broadcasts over batch, heads and queries (SDPA). Queries go in groups of at most
-``QUERY_CHUNK``, gathered only where a group is not one contiguous run, so the extra memory is one group's queries
-and output, and the extra time is the gathers and the scatter into the output.
+Neither form builds an L x L mask. The strategy is picked per device (``strategy_for``):
+
+- ``ROW_GROUPS`` (CPU, ``self_rectifying_attention``): every query is computed once. The queries outside the mask get
+  plain attention from the caller's back-end, the inside queries attend with one boolean key row ``[1, 1, 1, L]``
+  (SDPA). Queries go in groups of at most ``QUERY_CHUNK``, the size the CPU flash kernel runs fastest, so the extra
+  memory is one group's queries and output.
+- ``GATHERED_KEYS`` (CUDA and other accelerators, ``rectified_attention_gathered``): a query inside the mask may see
+  exactly the keys outside it, so its attention is a *dense* attention over the gathered outside keys and values:
+  no mask tensor, flash-eligible. One back-end call over all queries gives the outside rows (bit-identical to the
+  unpatched call, FLUX text included); one dense call computes the inside rows, which are written over their plain
+  rows. Per attention that is two kernels plus three gathers and a scatter, with no host synchronisation: the token
+  indices are computed once per token grid (``token_split``). Chosen over partitioning the queries (outside queries
+  alone, then inside ones): that saves the inside rows' share of the full call (f L^2 of L^2 FLOPs for a fraction f
+  masked) but adds a gather of the outside queries and a scatter of their output (two passes over ~(1 - f) of the
+  activations) and a third kernel, and its outside rows would no longer be the back-end's own output. Also rejected:
+  the inside rows over all keys with a key mask (no gathered keys, but f L^2 FLOPs in the slower masked kernel, not
+  flash), and removing the inside keys' share from the full call's output with its log-sum-exp (cheap, but it
+  cancels catastrophically exactly where SRA matters: masked queries that attend mostly to masked keys). Extra FLOPs:
+  f (1 - f) L^2; extra memory: the gathered outside keys and values, about twice one input's size, below what the
+  block's MLP activations already need (``head_groups`` bounds it further by processing the heads in groups).
 
 Token layouts handled here:
 - UNet levels: the latent mask is max-pooled by 2 with ceil sizing per level, exactly how the UNet's stride-2,
@@ -29,6 +44,7 @@ and for the first steps (official ``cur_step <= ss_steps``, ss_steps 9) the insi
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +58,15 @@ FLUX_PATCH = 2
 # 32-row blocks, 12-25 % slower per query); one group's gathered queries and output stay under 10 % of the plain
 # call's memory at SD1.5 512 (benchmarks/attention.py).
 QUERY_CHUNK = 768
+ROW_GROUPS = "row_groups"
+GATHERED_KEYS = "gathered_keys"
+# The row-group form is tuned to the CPU's SDPA kernel; every other device type (cuda, xpu, mps, ...) gets the dense
+# gathered form. Tests point "cpu" at GATHERED_KEYS to exercise that path on CPU tensors.
+STRATEGY_BY_DEVICE_TYPE = {"cpu": ROW_GROUPS}
+# Dense calls per attention in the gathered form, each over a share of the heads. 1: one call, the fewest kernels;
+# n bounds the gathered outside keys/values to 1/n of the heads (about 2/n of one input's size instead of 2x).
+# benchmarks/attention.py --head-groups measures the trade.
+GATHER_HEAD_GROUPS = 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,6 +270,122 @@ def self_rectifying_attention(q, k, v, blocked, plain=None, strength=1.0, query_
                     redirected = torch.lerp(plain_rows, redirected, strength)
                 del plain_rows
             write(items, rows, redirected)
+    return out
+
+
+def strategy_for(device):
+    """``ROW_GROUPS`` or ``GATHERED_KEYS`` for tensors on ``device`` (see the module docstring)."""
+    return STRATEGY_BY_DEVICE_TYPE.get(torch.device(device).type, GATHERED_KEYS)
+
+
+@dataclass(frozen=True)
+class SplitGroup:
+    """Batch items that share one token mask, and that mask's inside and outside token indices."""
+
+    items: slice | torch.Tensor  # a slice (a view of the batch) or the item indices
+    inside: torch.Tensor
+    outside: torch.Tensor
+
+
+def token_split(blocked):
+    """The ``SplitGroup`` list of a bool ``[B|1, L]`` token mask: one group per distinct row that has tokens both
+    inside and outside (an empty row needs nothing, a fully covered one keeps plain attention).
+
+    It synchronises with the device (index sizes are data), so callers compute it once per token grid and reuse it.
+    """
+    if blocked.shape[0] == 1:
+        rows, inverse = blocked, None
+    else:
+        rows, inverse = torch.unique(blocked, dim=0, return_inverse=True)
+    length = blocked.shape[1]
+    groups = []
+    for u in range(rows.shape[0]):
+        inside = rows[u].nonzero().squeeze(1)
+        if inside.numel() in (0, length):
+            continue
+        items = slice(None)
+        if inverse is not None and rows.shape[0] > 1:
+            members = (inverse == u).nonzero().squeeze(1)
+            first, last = int(members[0]), int(members[-1])
+            items = slice(first, last + 1) if last - first + 1 == members.numel() else members
+        groups.append(SplitGroup(items, inside, (~rows[u]).nonzero().squeeze(1)))
+    return groups
+
+
+def gather_tokens(x, items, rows):
+    """``x[items][:, :, rows]`` of a ``[B,H,L,D]`` tensor as ``[b,H,n,D]``, in one gather."""
+    if isinstance(items, slice):
+        return x[items][:, :, rows]
+    return x[items[:, None], :, rows].transpose(1, 2)  # advanced indices first: [b, n, H, D]
+
+
+def scatter_tokens(target, items, rows, part):
+    """Write ``part`` ``[b,H,n,D]`` into the token rows ``rows`` of ``target`` ``[B,L,H,D]`` (a view of the output)."""
+    if isinstance(items, slice):
+        target[items][:, rows] = part.transpose(1, 2)
+    else:
+        target[items[:, None], rows] = part.transpose(1, 2)
+
+
+def sdpa_dense(q, k, v, mask=None):
+    """The default dense back-end of ``rectified_attention_gathered``: SDPA of ``[b,H,n,D]`` tensors."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _mask_block(attn_mask, items, inside, outside):
+    """The caller's mask (``[L,L]``, ``[B,L,L]`` or ``[B,H|1,L,L]``) for some items, inside rows and outside keys, in
+    SDPA's 4-D form."""
+    m = attn_mask[None, None] if attn_mask.ndim == 2 else _sdpa_mask(attn_mask)  # [B|1, H|1, L, L]
+    if m.shape[0] > 1:
+        m = m[items]
+    return m.index_select(-2, inside).index_select(-1, outside)
+
+
+def rectified_attention_gathered(q, k, v, groups, full=None, dense=None, strength=1.0, query_scale=1.0,
+                                 attn_mask=None, heads_first_out=False, head_groups=1):
+    """SRA as one plain call over all queries plus one dense call per ``SplitGroup`` (``GATHERED_KEYS``).
+
+    ``q, k, v``: ``[B,H,L,D]``. ``groups``: ``token_split`` of the token mask. ``full()``: the caller's plain attention
+    of every query, ``[B, L, H*D]`` (``[B,H,L,D]`` with ``heads_first_out``); SDPA when None. Its rows outside the
+    mask are returned as they are. ``dense(q, k, v, mask)``: attention of ``[b,H,n,D]`` tensors (SDPA when None); it
+    computes the inside queries over the gathered outside keys and values, and its rows replace theirs in ``full``'s
+    output. ``query_scale`` scales the inside queries' logits (folded into the gathered queries); ``strength`` < 1
+    blends from plain; rows the caller's ``attn_mask`` leaves without an outside key keep plain. ``head_groups``: dense
+    calls per group of items, each over a share of the heads, which bounds the gathered keys and values to it.
+    """
+    batch, heads, length, dim = q.shape
+    if full is None:
+        out = plain_attention(q, k, v, _sdpa_mask(attn_mask))
+        out = out.view(batch, length, heads, dim).transpose(1, 2) if heads_first_out else out
+    else:
+        out = full()
+    if not groups or strength == 0:
+        return out
+    dense = dense or sdpa_dense
+    if not heads_first_out:
+        out = out.contiguous()  # a no-op for every ComfyUI back-end; the scatter below must write into ``out`` itself
+    rows_out = out.transpose(1, 2) if heads_first_out else out.view(batch, length, heads, dim)  # [B, L, H, D] view
+    head_chunk = -(-heads // max(1, head_groups))
+    for group in groups:
+        items, inside, outside = group.items, group.inside, group.outside
+        mask = None if attn_mask is None else _mask_block(attn_mask, items, inside, outside)
+        for h in range(0, heads, head_chunk):
+            hs = slice(h, min(h + head_chunk, heads))
+            q_in = gather_tokens(q[:, hs], items, inside)
+            if query_scale != 1:
+                q_in = q_in.mul_(query_scale)  # our own gathered copy: softmax(s q k^T / sqrt(d))
+            mask_h = mask if mask is None or mask.shape[1] == 1 else mask[:, hs]
+            redirected = dense(q_in, gather_tokens(k[:, hs], items, outside), gather_tokens(v[:, hs], items, outside),
+                               mask_h)
+            del q_in
+            if strength != 1 or mask is not None:
+                plain_rows = gather_tokens(rows_out[:, :, hs].transpose(1, 2), items, inside).to(redirected.dtype)
+                if mask is not None:  # rows whose own mask allows no outside key keep plain attention
+                    allowed = mask_h if mask_h.dtype == torch.bool else mask_h > float("-inf")
+                    redirected = torch.where(allowed.any(-1, keepdim=True), redirected, plain_rows)
+                if strength != 1:
+                    redirected = torch.lerp(plain_rows, redirected, strength)
+            scatter_tokens(rows_out[:, :, hs], items, inside, redirected.to(out.dtype))
     return out
 
 

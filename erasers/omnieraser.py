@@ -174,6 +174,7 @@ class LoraPatch:
     reshape: tuple | None = None
     weight: torch.Tensor | None = None
     source_keys: tuple = ()
+    module: str = ""  # the LoRA file's module name (its keys without the up/down/alpha suffix)
 
 
 @dataclass
@@ -369,7 +370,8 @@ def map_lora(state_dict, model_shapes=None, depth=None, depth_single=None, hidde
     for target, parts in groups.items():
         if "weight" in parts:
             (key,) = parts["weight"]
-            mapping.patches.append(LoraPatch(target, "set", weight=state_dict[key], source_keys=(key,)))
+            mapping.patches.append(LoraPatch(target, "set", weight=state_dict[key], source_keys=(key,),
+                                             module=_split_key(key)[0]))
             continue
         if len(parts.get("up", ())) != 1 or len(parts.get("down", ())) != 1:
             mapping.unmatched.extend(k for ks in parts.values() for k in ks)  # half a LoRA pair
@@ -377,7 +379,7 @@ def map_lora(state_dict, model_shapes=None, depth=None, depth_single=None, hidde
         up, down = state_dict[parts["up"][0]], state_dict[parts["down"][0]]
         alpha = float(state_dict[parts["alpha"][0]]) if "alpha" in parts else None
         patch = LoraPatch(target, "lora", up=up, down=down, alpha=alpha,
-                          source_keys=tuple(k for ks in parts.values() for k in ks))
+                          source_keys=tuple(k for ks in parts.values() for k in ks), module=_split_key(parts["up"][0])[0])
         problem = _check_shapes(patch, model_shapes)
         if problem:
             problems.append(problem)
@@ -429,27 +431,89 @@ def _check_shapes(patch, model_shapes):
     return None
 
 
-def merge_lora(weights, mapping, strength=1.0):
-    """Plain-torch merge of a ``LoraMapping`` into ComfyUI-named FLUX ``weights`` (new dict; inputs untouched).
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-    The same arithmetic as ComfyUI's LoRA patch: widen (zero-pad) first, then add ``strength · alpha/rank · up @ down``
-    to the target rows. Used by tools and tests that have no ComfyUI.
-    """
-    out = dict(weights)
-    for patch in mapping.patches:
-        key = patch.target.key
-        weight = out[key].to(torch.float32).clone()
+
+def merged_shape(shape, patches):
+    """A weight's shape after its patches (only a ``reshape`` widens it)."""
+    for patch in patches:
+        if patch.reshape is not None:
+            shape = tuple(max(a, b) for a, b in zip(shape, patch.reshape))
+    return tuple(shape)
+
+
+def merge_weight(weight, patches, strength=1.0):
+    """One weight with its ``LoraPatch`` list merged, in float32: the arithmetic of ComfyUI's LoRA patch (widen by
+    zero-padding, then ``+ strength · alpha/rank · up @ down`` on the target rows; ``set`` replaces)."""
+    weight = weight.to(torch.float32, copy=True)
+    for patch in patches:
         if patch.kind == "set":
-            out[key] = patch.weight.to(out[key].dtype).clone()
+            weight = patch.weight.to(torch.float32, copy=True)
             continue
         if patch.reshape is not None:
             weight = F.pad(weight, (0, patch.reshape[1] - weight.shape[1], 0, patch.reshape[0] - weight.shape[0]))
         scale = 1.0 if patch.alpha is None else patch.alpha / patch.down.shape[0]
         delta = strength * scale * (patch.up.to(torch.float32) @ patch.down.to(torch.float32))
-        if patch.target.offset is None:
-            weight += delta
-        else:
-            dim, start, size = patch.target.offset
-            weight.narrow(dim, start, size).add_(delta)
-        out[key] = weight.to(out[key].dtype)
-    return out
+        target = weight if patch.target.offset is None else weight.narrow(*patch.target.offset)
+        target += delta
+    return weight
+
+
+def storage_dtype(source_dtype, ndim, dtype):
+    """The dtype a weight is stored in when a file asks for ``dtype`` (None: its own). Float8 files keep 1-D
+    tensors (biases, norm scales) in bfloat16: tiny, and ComfyUI computes with them cast up anyway."""
+    if dtype is None or not source_dtype.is_floating_point:
+        return source_dtype
+    if dtype in FLOAT8 and ndim < 2:
+        return source_dtype if source_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return dtype
+
+
+def to_storage_dtype(weight, dtype):
+    """``weight`` as stored (``storage_dtype``); float8 rounds to nearest, saturated at its largest finite value
+    (a plain cast turns larger values into NaN)."""
+    target = storage_dtype(weight.dtype, weight.ndim, dtype)
+    if target in FLOAT8 and weight.dtype != target:
+        limit = torch.finfo(target).max
+        return weight.to(torch.float32).clamp(-limit, limit).to(target)
+    return weight.to(target)
+
+
+def storage_plan(shapes, dtypes, mapping, dtype=None):
+    """``{key: (shape, dtype)}`` of the merged weights, in order, known before any is computed (a streamed file's
+    header). ``shapes``/``dtypes``: the model's, by key."""
+    by_key = _patches_by_key(mapping)
+    return {key: (merged_shape(shape, by_key.get(key, ())), storage_dtype(dtypes[key], len(shape), dtype))
+            for key, shape in shapes.items()}
+
+
+def _patches_by_key(mapping):
+    by_key = {}
+    for patch in mapping.patches:
+        by_key.setdefault(patch.target.key, []).append(patch)
+    return by_key
+
+
+def merged_weights(weights, mapping, strength=1.0, dtype=None):
+    """Yield ``(key, weight)`` for every ComfyUI-named FLUX weight with the LoRA merged, one at a time (so a merge
+    of a 12 B model holds one merged weight at once). ``dtype``: the stored dtype (``to_storage_dtype``); None keeps
+    each weight's own. ``weights`` is any mapping (a state dict, a lazy view of a loaded model)."""
+    by_key = _patches_by_key(mapping)
+    missing = sorted(set(by_key) - set(weights))
+    if missing:
+        raise ValueError(f"The LoRA patches weights this model does not have: {', '.join(missing[:5])}")
+    for key in weights:
+        weight = weights[key]
+        patches = by_key.get(key)
+        stored = storage_dtype(weight.dtype, weight.ndim, dtype)
+        # merged on the CPU: a model loaded on a small GPU has no room for float32 copies of its largest weights
+        yield key, to_storage_dtype(merge_weight(weight.to("cpu"), patches, strength) if patches else weight, stored)
+
+
+def merge_lora(weights, mapping, strength=1.0, dtype=None):
+    """Plain-torch merge of a ``LoraMapping`` into ComfyUI-named FLUX ``weights`` (new dict; inputs untouched).
+
+    The same arithmetic as ComfyUI's LoRA patch (``merge_weight``). Used by tools and tests that have no ComfyUI;
+    ``merged_weights`` streams the same result one weight at a time.
+    """
+    return dict(merged_weights(weights, mapping, strength, dtype))

@@ -2,14 +2,18 @@
 
 The patch rides on ComfyUI's ``optimized_attention_override`` (every attention back-end is wrapped by
 ``wrap_attn``): the back-end, and any override chained before this one, computes plain attention for the queries
-outside the mask, in groups of query rows, while the queries inside it attend to the keys outside it
-(``erasers.attention``). An APPLY_MODEL wrapper gives each model call the mask at the latent's size and the FLUX
-text length; on UNets an attn1 patch pair marks which attention calls are self-attention (cross-attention is
-never touched). Existing overrides, wrappers and patches are kept and chained.
+outside the mask, while the queries inside it attend to the keys outside it (``erasers.attention``). The form is
+picked by the tensors' device (``core.strategy_for``): on CPU the outside queries go to the back-end in groups of
+rows; on CUDA and other accelerators the back-end runs once over all queries and once, dense, over the inside
+queries and the gathered outside keys (token indices computed once per token grid and reused across steps).
+An APPLY_MODEL wrapper gives each model call the mask at the latent's size and the FLUX text length; on UNets an
+attn1 patch pair marks which attention calls are self-attention (cross-attention is never touched). Existing
+overrides, wrappers and patches are kept and chained.
 """
 import torch
 
 import comfy.model_management
+import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.samplers
 from comfy_api.latest import io
@@ -53,11 +57,13 @@ def require_attention_override():
 
 
 class _CallState:
-    """What one model call needs: the latent mask on the call's batch and the token masks made from it."""
+    """What one model call needs: the latent mask on the call's batch and the token masks made from it. ``key``
+    names that latent mask (latent size, device, conditionings per batch) for the caches that outlive the call."""
 
-    def __init__(self, latent_mask, text_length):
+    def __init__(self, latent_mask, text_length, key):
         self.latent_mask = latent_mask
         self.text_length = text_length
+        self.key = key
         self.blocked = {}
 
 
@@ -77,27 +83,42 @@ class SelfRectifyingAttention:
         self.query_scale = 1.0  # the guider lowers it for similarity suppression
         self.key = f"erasekit_sra_{id(self):x}"
         self._latent_cache = {}
+        self._split_cache = {}  # token indices per (latent, token grid): the mask is the same at every step
         self._in_self_attention = False
 
     def __deepcopy__(self, memo):
         return self  # ModelPatcher.clone deep-copies model_options; the patch is shared, like a function
 
     # ------------------------------------------------------------ installation
-    def install(self, model_options):
-        """A copy of ``model_options`` with this patch added after whatever is already there."""
-        opts = dict(model_options)
-        to = dict(opts.get("transformer_options", {}))
-        opts["transformer_options"] = to
-        to["optimized_attention_override"] = self._override_chained_to(to.get("optimized_attention_override"))
-        wrappers = {kind: {key: list(fns) for key, fns in by_key.items()} for kind, by_key in to.get("wrappers", {}).items()}
-        wrappers.setdefault(comfy.patcher_extension.WrappersMP.APPLY_MODEL, {}).setdefault(self.key, []).append(self._apply_model)
-        to["wrappers"] = wrappers
+    def apply_to(self, model_patcher):
+        """A clone of ``model_patcher`` with this patch added after whatever is already there (the node's way)."""
+        patched = model_patcher.clone()
+        self._chain_override(patched.model_options)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key, self._apply_model)
         if self.kind == UNET:
-            patches = {name: list(fns) for name, fns in to.get("patches", {}).items()}
-            patches.setdefault("attn1_patch", []).append(self._enter_self_attention)
-            patches.setdefault("attn1_output_patch", []).append(self._leave_self_attention)
-            to["patches"] = patches
+            patched.set_model_attn1_patch(self._enter_self_attention)
+            patched.set_model_attn1_output_patch(self._leave_self_attention)
+        return patched
+
+    def install(self, model_options):
+        """A copy of ``model_options`` with this patch added (the guider's redirected pass, which has no patcher).
+
+        The same patch as ``apply_to``, through the helpers ComfyUI has for plain ``model_options``; it has none for
+        attn1 patches, so those are appended as ``ModelPatcher.set_model_patch`` does."""
+        opts = comfy.model_patcher.create_model_options_clone(model_options)
+        self._chain_override(opts)
+        comfy.patcher_extension.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, self.key,
+                                                     self._apply_model, opts, is_model_options=True)
+        if self.kind == UNET:
+            patches = opts["transformer_options"].setdefault("patches", {})
+            patches["attn1_patch"] = patches.get("attn1_patch", []) + [self._enter_self_attention]
+            patches["attn1_output_patch"] = patches.get("attn1_output_patch", []) + [self._leave_self_attention]
         return opts
+
+    def _chain_override(self, model_options):
+        """Set the attention override, calling any existing one (ComfyUI has no helper for this option)."""
+        to = model_options.setdefault("transformer_options", {})
+        to["optimized_attention_override"] = self._override_chained_to(to.get("optimized_attention_override"))
 
     def _enter_self_attention(self, n, context, value, extra_options):
         self._in_self_attention = True
@@ -136,7 +157,7 @@ class SelfRectifyingAttention:
                                      f"which does not split into the mask batch of {latent_mask.shape[0]}")
                 latent_mask = latent_mask.repeat(chunks, 1, 1)
             text_length = c_crossattn.shape[1] if (self.kind == FLUX and c_crossattn is not None) else 0
-            state = _CallState(latent_mask, text_length)
+            state = _CallState(latent_mask, text_length, (x.shape[-2], x.shape[-1], str(x.device), chunks, x.shape[0]))
         transformer_options[self.key] = state
         self._in_self_attention = False
         try:
@@ -145,23 +166,43 @@ class SelfRectifyingAttention:
             transformer_options.pop(self.key, None)
 
     # ------------------------------------------------------------ attention
-    def _blocked(self, state, length, transformer_options):
+    def _token_grid(self, state, length, transformer_options):
+        """``(grid, offset)`` of the image tokens in this attention's sequence, or None (not a token grid)."""
         if self.kind == UNET:
             shape = transformer_options.get("activations_shape")
             if shape is None or shape[-2] * shape[-1] != length:
                 return None
-            grid, offset = (shape[-2], shape[-1]), 0
-        else:
-            grid = core.flux_image_grid(*state.latent_mask.shape[-2:])
-            offset = state.text_length
-            if offset + grid[0] * grid[1] > length:
-                raise RuntimeError(f"FLUX attention over {length} tokens cannot hold {offset} text tokens followed by "
-                                   f"a {grid[0]}x{grid[1]} image grid; this model's token layout is not FLUX's")
-        key = (grid, offset, length)
+            return (shape[-2], shape[-1]), 0
+        grid = core.flux_image_grid(*state.latent_mask.shape[-2:])
+        offset = state.text_length
+        if offset + grid[0] * grid[1] > length:
+            raise RuntimeError(f"FLUX attention over {length} tokens cannot hold {offset} text tokens followed by "
+                               f"a {grid[0]}x{grid[1]} image grid; this model's token layout is not FLUX's")
+        return grid, offset
+
+    def _blocked(self, state, length, transformer_options):
+        """Bool ``[B|1, length]`` token mask of this call (row-group form), or None when nothing is masked."""
+        place = self._token_grid(state, length, transformer_options)
+        if place is None:
+            return None
+        key = place + (length,)
         if key not in state.blocked:
-            blocked = core.blocked_tokens(core.grid_mask(state.latent_mask, *grid), length, offset)
+            blocked = core.blocked_tokens(core.grid_mask(state.latent_mask, *place[0]), length, place[1])
             state.blocked[key] = blocked if bool(blocked.any()) else None  # None: nothing to rectify at this grid
         return state.blocked[key]
+
+    def _split(self, state, length, transformer_options):
+        """``(groups, mask batch)`` for the gathered form, computed once per latent and token grid (the only host
+        synchronisation; later steps reuse it), or None when nothing is masked."""
+        place = self._token_grid(state, length, transformer_options)
+        if place is None:
+            return None
+        key = state.key + place + (length,)
+        if key not in self._split_cache:
+            blocked = core.blocked_tokens(core.grid_mask(state.latent_mask, *place[0]), length, place[1])
+            groups = core.token_split(blocked)
+            self._split_cache[key] = (groups, blocked.shape[0]) if groups else None
+        return self._split_cache[key]
 
     def _override_chained_to(self, previous):
         def override(func, *args, **kwargs):
@@ -185,6 +226,20 @@ class SelfRectifyingAttention:
             length = qh.shape[2]
             if kh.shape[2] != length:
                 return backend(*args, **kwargs)  # keys from elsewhere (reference tokens, ...): not SRA's self-attention
+            if core.strategy_for(qh.device) == core.GATHERED_KEYS:
+                split = self._split(state, length, to)
+                if split is None or split[1] not in (1, qh.shape[0]):
+                    return backend(*args, **kwargs)
+
+                def dense(q_in, k_out, v_out, mask):
+                    """The back-end, dense over gathered heads-first tensors; its own layout out: [b,H,n,D]."""
+                    return backend(q_in, k_out, v_out, q_in.shape[1],
+                                   **dict(options, mask=mask, skip_reshape=True, skip_output_reshape=True))
+
+                return core.rectified_attention_gathered(
+                    qh, kh, vh, split[0], full=lambda: backend(*args, **kwargs), dense=dense, strength=self.strength,
+                    query_scale=self.query_scale, attn_mask=options.get("mask"),
+                    heads_first_out=options.get("skip_output_reshape", False), head_groups=core.GATHER_HEAD_GROUPS)
             blocked = self._blocked(state, length, to)
             if blocked is None or blocked.shape[0] not in (1, qh.shape[0]):
                 return backend(*args, **kwargs)  # no grid or nothing masked here, or a batch the mask was not made for
@@ -259,9 +314,7 @@ class SelfRectifyingAttentionNode(io.ComfyNode):
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
         patch = SelfRectifyingAttention(mask, model_kind(model), strength, start_percent, end_percent, unet_blocks)
-        patched = model.clone()
-        patched.model_options = patch.install(patched.model_options)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(patch.apply_to(model))
 
 
 class RemovalGuiderNode(io.ComfyNode):

@@ -7,13 +7,13 @@ A widened FLUX then needs ``[noise 16 | condition 48]`` on every call: the loade
 from values the conditioning node stored in the conditioning. ``concat_cond`` feeds ComfyUI's own ``c_concat``,
 which the samplers already batch, split for CFG and slice per area, so every sampler and scheduler gets it.
 """
+import comfy.lora
 import comfy.model_base
 import comfy.model_management
 import comfy.utils
 import folder_paths
 import node_helpers
 import torch
-from comfy.weight_adapter import LoRAAdapter
 from comfy_api.latest import io
 
 from ..erasers import omnieraser as core
@@ -40,19 +40,29 @@ def _listed(keys):
     return shown + (f", … ({len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else "")
 
 
-def comfy_patches(mapping):
-    """``LoraMapping`` → the patch dict ``ModelPatcher.add_patches`` takes (keys with their row offsets)."""
-    patches = {}
+def comfy_target(patch):
+    """A ``LoraPatch``'s key in ``ModelPatcher.add_patches``: the weight's name, with its rows for a fused weight."""
+    key = "diffusion_model." + patch.target.key
+    return key if patch.target.offset is None else (key, patch.target.offset)
+
+
+def comfy_patches(mapping, lora):
+    """The patch dict ``ModelPatcher.add_patches`` takes, built by ComfyUI's own ``comfy.lora.load_lora``.
+
+    The mapping decides which ComfyUI weight (and rows of a fused one) each LoRA module patches: ComfyUI's key map
+    (``comfy.lora.model_lora_keys_unet``) knows some of the namings OmniEraser files come in, the core mapping all of
+    them and works without ComfyUI (trainer, merge), so it is the one source. ComfyUI then reads the adapters (A/B,
+    up/down, alpha, DoRA scales) as for any LoRA; the widening travels as the ``reshape_weight`` key ComfyUI's LoRA
+    adapter reads (``comfy/weight_adapter/lora.py``), trained norm scales as ``set_weight``.
+    """
+    to_load, extra = {}, {}
     for patch in mapping.patches:
-        key = "diffusion_model." + patch.target.key
-        if patch.target.offset is not None:
-            key = (key, patch.target.offset)
+        to_load[patch.module] = comfy_target(patch)
+        if patch.reshape is not None:
+            extra[f"{patch.module}.reshape_weight"] = torch.tensor(list(patch.reshape))
         if patch.kind == "set":
-            patches[key] = ("set", (patch.weight,))
-        else:
-            reshape = list(patch.reshape) if patch.reshape is not None else None
-            patches[key] = LoRAAdapter(set(patch.source_keys), (patch.up, patch.down, patch.alpha, None, None, reshape))
-    return patches
+            extra[f"{patch.module}.set_weight"] = patch.weight
+    return comfy.lora.load_lora({**lora, **extra}, to_load, log_missing=False)
 
 
 class OmniEraserConcat:
@@ -94,6 +104,9 @@ def apply_omnieraser_lora(model, lora, strength):
     if not isinstance(model.model, comfy.model_base.Flux):
         raise ValueError(f"OmniEraser needs a FLUX.1-dev MODEL; this MODEL is {type(model.model).__name__}.")
     shapes = _original_shapes(model)
+    if shapes.get("img_in.weight", (0, 0))[1] == 4 * (core.LATENT_CHANNELS + core.CONDITION_CHANNELS):
+        raise ValueError("This FLUX already has OmniEraser's 256-wide img_in: it is a merged OmniEraser model. Use "
+                         "'OmniEraser Merged Model' on it instead of loading the LoRA again.")
     mapping = core.map_lora(lora, shapes)
     if mapping.unmatched:
         raise ValueError(
@@ -106,14 +119,21 @@ def apply_omnieraser_lora(model, lora, strength):
             f"The LoRA widens img_in to {widened} input features; OmniEraser's layout needs {expected} "
             "(16 noise + 48 condition channels, 2x2 packed).")
     patched = model.clone()
-    patches = comfy_patches(mapping)
+    patches = comfy_patches(mapping, lora)
     applied = patched.add_patches(patches, strength)
-    if len(applied) != len(patches):
-        missing = sorted(str(k) for k in set(patches) - set(applied))
-        raise ValueError(f"ComfyUI could not patch these FLUX weights: {_listed(missing)}.")
+    missing = {comfy_target(p) for p in mapping.patches} - set(applied)
+    if missing:
+        raise ValueError(f"ComfyUI could not patch these FLUX weights: {_listed(sorted(map(str, missing)))}.")
     if widened is not None:
-        patched.add_object_patch("concat_cond", OmniEraserConcat(patched.model))
+        use_omnieraser_condition(patched)
     return patched, mapping
+
+
+def use_omnieraser_condition(model):
+    """Make ``model`` (a ModelPatcher, changed in place) read OmniEraser's 48-channel condition: the object patch
+    on ``concat_cond``, active while this MODEL is loaded."""
+    model.add_object_patch("concat_cond", OmniEraserConcat(model.model))
+    return model
 
 
 class OmniEraserLoraLoader(io.ComfyNode):
@@ -128,7 +148,9 @@ class OmniEraserLoraLoader(io.ComfyNode):
                 "theSure/Omnieraser's pytorch_lora_weights.safetensors widens img_in to 256 input features and "
                 "makes the model read the 48-channel OmniEraser condition; the ControlNet version's LoRA is a plain "
                 "FLUX LoRA. diffusers/PEFT, kohya and ComfyUI namings are accepted; keys that match nothing are an "
-                "error."),
+                "error. On cards that cannot hold the whole FLUX (8-12 GB) ComfyUI re-applies the LoRA to every "
+                "offloaded weight at every step: save a merged model once with 'Save OmniEraser Merged FLUX' and load "
+                "it with UNETLoader + 'OmniEraser Merged Model' instead."),
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1-dev MODEL from UNETLoader / Load Diffusion Model."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),

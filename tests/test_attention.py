@@ -222,6 +222,155 @@ def test_half_precision_runs_and_matches():
     torch.testing.assert_close(out.float(), _reference(q, k, v, blocked), atol=3e-2, rtol=3e-2)
 
 
+# ------------------------------------------------------------------ the accelerator strategy on CPU tensors
+
+STRATEGIES = [sra.ROW_GROUPS, sra.GATHERED_KEYS]
+
+
+def rectify(strategy, q, k, v, blocked, **kwargs):
+    """SRA by the named strategy (selected explicitly, whatever the tensors' device)."""
+    if strategy == sra.ROW_GROUPS:
+        return sra.self_rectifying_attention(q, k, v, blocked, **kwargs)
+    return sra.rectified_attention_gathered(q, k, v, sra.token_split(blocked), **kwargs)
+
+
+def test_strategy_by_device():
+    assert sra.strategy_for("cpu") == sra.ROW_GROUPS
+    assert sra.strategy_for("cuda:0") == sra.GATHERED_KEYS
+    assert sra.strategy_for(torch.device("mps")) == sra.GATHERED_KEYS
+
+
+def test_token_split_groups_items_that_share_a_mask():
+    blocked = torch.zeros(4, 10, dtype=torch.bool)
+    blocked[[0, 2], 2:5] = True      # cond/uncond of item 0 (CFG batch: [c0, c1, u0, u1])
+    blocked[[1, 3], 6:] = True       # item 1
+    groups = sra.token_split(blocked)
+    assert len(groups) == 2
+    by_first = {int(g.inside[0]): g for g in groups}
+    assert by_first[2].items.tolist() == [0, 2] and by_first[2].inside.tolist() == [2, 3, 4]
+    assert by_first[2].outside.tolist() == [0, 1, 5, 6, 7, 8, 9]
+    assert by_first[6].items.tolist() == [1, 3]
+    shared = sra.token_split(blocked[:1].expand(3, -1))
+    assert len(shared) == 1 and shared[0].items == slice(None)
+    contiguous = sra.token_split(torch.cat([blocked[:1], blocked[:1], blocked[1:2]]))
+    assert sorted((g.items.start, g.items.stop) for g in contiguous) == [(0, 2), (2, 3)]
+    full_and_empty = torch.zeros(2, 10, dtype=torch.bool)
+    full_and_empty[0] = True
+    assert sra.token_split(full_and_empty) == []  # nothing to rectify: plain attention everywhere
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("per_item", [False, True])
+@pytest.mark.parametrize("query_scale", [1.0, 0.3])
+def test_both_strategies_equal_the_explicit_softmax_rule(strategy, per_item, query_scale):
+    q, k, v = _qkv(batch=4)
+    g = torch.Generator().manual_seed(1)
+    blocked = torch.rand(2 if per_item else 1, 30, generator=g) > 0.6
+    if per_item:  # a CFG batch: items 0/2 and 1/3 share a mask, so groups gather non-contiguous items
+        blocked = blocked.repeat(2, 1)
+    out = rectify(strategy, q, k, v, blocked, query_scale=query_scale)
+    torch.testing.assert_close(out, _reference(q, k, v, blocked, query_scale), atol=1e-5, rtol=1e-5)
+
+
+class RecordingDense:
+    """The dense back-end of the gathered strategy, recording what it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, q, k, v, mask):
+        self.calls.append((q.clone(), k.clone(), v.clone(), mask))
+        return sra.sdpa_dense(q, k, v, mask)
+
+
+@pytest.mark.parametrize("head_groups", [1, 2])
+def test_gathered_strategy_keeps_the_full_call_and_gives_inside_queries_only_outside_keys(head_groups):
+    q, k, v = _qkv()
+    blocked = torch.zeros(1, 30, dtype=torch.bool)
+    blocked[0, 3:9] = True
+    blocked[0, 20:23] = True
+    inside, outside = blocked[0].nonzero().squeeze(1), (~blocked[0]).nonzero().squeeze(1)
+    full_calls = []
+
+    def full():
+        full_calls.append(1)
+        return sra.plain_attention(q, k, v)
+
+    plain = sra.plain_attention(q, k, v)
+    dense = RecordingDense()
+    out = sra.rectified_attention_gathered(q, k, v, sra.token_split(blocked), full=full, dense=dense,
+                                           head_groups=head_groups)
+    assert len(full_calls) == 1
+    assert len(dense.calls) == head_groups  # 3 heads: all at once, or 2 + 1
+    heads_seen = 0
+    for dq, dk, dv, mask in dense.calls:
+        hs = slice(heads_seen, heads_seen + dq.shape[1])
+        heads_seen += dq.shape[1]
+        assert mask is None  # no mask tensor: flash-eligible
+        assert torch.equal(dq, q[:, hs][:, :, inside]) and torch.equal(dk, k[:, hs][:, :, outside])
+        assert torch.equal(dv, v[:, hs][:, :, outside])
+    assert heads_seen == 3
+    assert torch.equal(out[:, ~blocked[0]], plain[:, ~blocked[0]])  # outside rows: the full call's own output
+    torch.testing.assert_close(out, _reference(q, k, v, blocked), atol=1e-5, rtol=1e-5)
+    # poisoned masked values do not move the masked queries by one bit
+    v_poisoned = v.clone()
+    v_poisoned[:, :, inside] = 1e30
+    again = sra.rectified_attention_gathered(q, k, v_poisoned, sra.token_split(blocked), head_groups=head_groups)
+    assert torch.equal(again.view(2, 30, 3, 8)[:, inside], out.view(2, 30, 3, 8)[:, inside])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_both_strategies_heads_first_full_empty_and_strength(strategy):
+    q, k, v = _qkv()
+    plain = sra.plain_attention(q, k, v)
+    blocked = torch.zeros(1, 30, dtype=torch.bool)
+    blocked[0, 10:20] = True
+    heads_first = rectify(strategy, q, k, v, blocked, heads_first_out=True)
+    assert heads_first.shape == q.shape
+    torch.testing.assert_close(heads_first.transpose(1, 2).reshape(2, 30, -1), _reference(q, k, v, blocked),
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(rectify(strategy, q, k, v, torch.zeros(1, 30, dtype=torch.bool)), plain)
+    full = rectify(strategy, q, k, v, torch.ones(1, 30, dtype=torch.bool))
+    assert torch.equal(full, plain)
+    per_item = torch.zeros(2, 30, dtype=torch.bool)
+    per_item[0] = True  # item 0 fully covered, item 1 partly
+    per_item[1, :4] = True
+    out = rectify(strategy, q, k, v, per_item)
+    assert torch.equal(out[0], plain[0]) and not out.isnan().any()
+    torch.testing.assert_close(out[1:], _reference(q[1:], k[1:], v[1:], per_item[1:]), atol=1e-5, rtol=1e-5)
+    half = rectify(strategy, q, k, v, blocked, strength=0.5)
+    torch.testing.assert_close(half, 0.5 * plain + 0.5 * _reference(q, k, v, blocked), atol=1e-5, rtol=1e-5)
+    assert torch.equal(rectify(strategy, q, k, v, blocked, strength=0.0), plain)
+
+
+@pytest.mark.parametrize("pad_ndim", [2, 3, 4])
+@pytest.mark.parametrize("additive", [False, True])
+def test_gathered_strategy_respects_the_callers_mask(pad_ndim, additive):
+    q, k, v = _qkv(batch=1)
+    blocked = torch.zeros(1, 30, dtype=torch.bool)
+    blocked[0, 20:] = True
+    pad = torch.ones(1, 1, 30, 30, dtype=torch.bool)
+    pad[..., 25:] = False          # keys 25.. are padding for everyone
+    pad[:, :, 22, :20] = False     # query 22 may only see keys 20..24, all blocked -> keeps plain
+    plain = sra.plain_attention(q, k, v, pad)
+    given = pad.reshape(pad.shape[-(pad_ndim):]) if pad_ndim < 4 else pad
+    if additive:
+        given = torch.zeros(given.shape).masked_fill(~given, float("-inf"))
+
+    def full():
+        return sra.plain_attention(q, k, v, sra._sdpa_mask(given))
+
+    out = sra.rectified_attention_gathered(q, k, v, sra.token_split(blocked), full=full, attn_mask=given)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out[:, 22], plain[:, 22], atol=1e-6, rtol=1e-6)
+    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(8)
+    rule = pad.clone()
+    rule[:, :, 20:, 20:] = False
+    rule[:, :, 22] = pad[:, :, 22]
+    want = logits.masked_fill(~rule, float("-inf")).softmax(-1) @ v
+    torch.testing.assert_close(out, want.transpose(1, 2).reshape(1, 30, -1), atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------ guidance
 
 def test_removal_guidance_form_and_scale_zero():

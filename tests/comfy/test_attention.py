@@ -6,7 +6,6 @@ probability to masked keys is exactly 0), compares every row with the explicit s
 unmasked queries (FLUX text tokens included) keep the back-end's plain output (to float rounding: the back-end
 runs them as a subset of the queries).
 """
-import copy
 import math
 import sys
 
@@ -74,9 +73,18 @@ def _inputs(patcher, batch=1, height=12, width=10, seed=3):
     return x, sigma, extra
 
 
+def sampling_options(patcher, cond_or_uncond=(0,)):
+    """The transformer_options a sampler gives the model: the MODEL's own, plus its patcher-level wrappers (merged
+    as ``comfy.sampler_helpers.prepare_model_patcher`` does)."""
+    from comfy import patcher_extension
+    to = patcher_extension.copy_nested_dicts(patcher.model_options.get("transformer_options", {}))
+    patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
+    to["cond_or_uncond"] = list(cond_or_uncond)
+    return to
+
+
 def forward(patcher, x, sigma, extra, spy=None):
-    to = copy.copy(patcher.model_options.get("transformer_options", {}))
-    to["cond_or_uncond"] = [0]
+    to = sampling_options(patcher)
     if spy is not None:
         to["optimized_attention_override"] = spy.chained_to(to.get("optimized_attention_override"))
     return patcher.model.apply_model(x, sigma, transformer_options=to, **extra)
@@ -108,8 +116,9 @@ def object_mask(height, width, box):
 class Spy:
     """Chained on top of EraseKit's override: checks every self-attention call it sees."""
 
-    def __init__(self, latent_mask, flux, only_block=None):
+    def __init__(self, latent_mask, flux, only_block=None, exact_outside=False):
         self.latent_mask = latent_mask
+        self.exact_outside = exact_outside  # the gathered form returns the back-end's own rows: bit for bit
         self.flux = flux
         self.only_block = only_block  # e.g. "output": other blocks must stay plain
         self.checked = []
@@ -161,6 +170,8 @@ class Spy:
             # runs them as a subset of the queries, which can change the last bits of its rounding only
             self.worst_outside = max(self.worst_outside, (rows[:, ~inside] - plain[:, ~inside]).abs().max().item())
             torch.testing.assert_close(rows[:, ~inside], plain[:, ~inside], atol=OUTSIDE_ATOL, rtol=0)
+            if self.exact_outside:
+                assert torch.equal(rows[:, ~inside], plain[:, ~inside])
             if self.flux:
                 torch.testing.assert_close(rows[:, :SEQ_TEXT], plain[:, :SEQ_TEXT], atol=OUTSIDE_ATOL, rtol=0)
                 self.text_rows_checked += 1
@@ -172,15 +183,22 @@ class Spy:
 
 # ------------------------------------------------------------------ tests
 
+@pytest.fixture(params=["row_groups", "gathered_keys"])
+def strategy(request, comfy, monkeypatch):
+    """Each device's form on these CPU tensors: the CPU's row groups, and the accelerators' gathered keys."""
+    monkeypatch.setattr(pack_core(comfy), "STRATEGY_BY_DEVICE_TYPE", {"cpu": request.param})
+    return request.param
+
+
 @pytest.mark.parametrize("kind", ["sd15", "sdxl", "flux"])
 @pytest.mark.parametrize("size", [(12, 10), (13, 9)])
-def test_masked_queries_never_attend_to_masked_keys(comfy, kind, size):
+def test_masked_queries_never_attend_to_masked_keys(comfy, strategy, kind, size):
     patcher = tiny_flux() if kind == "flux" else tiny_unet(kind)
     h, w = size
     mask = object_mask(h, w, (3, 2, 9, 7))
     patched = apply_sra(comfy, patcher, mask)
     x, sigma, extra = _inputs(patcher, height=h, width=w)
-    spy = Spy(core.latent_mask(mask, h, w), flux=kind == "flux")
+    spy = Spy(core.latent_mask(mask, h, w), flux=kind == "flux", exact_outside=strategy == "gathered_keys")
     out = forward(patched, x, sigma, extra, spy)
     assert torch.isfinite(out).all()
     levels = {length for _, length in spy.checked}
@@ -193,21 +211,21 @@ def test_masked_queries_never_attend_to_masked_keys(comfy, kind, size):
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl", "flux"])
-def test_empty_mask_is_bit_for_bit_the_unpatched_model(comfy, kind):
+def test_empty_mask_is_bit_for_bit_the_unpatched_model(comfy, strategy, kind):
     patcher = tiny_flux() if kind == "flux" else tiny_unet(kind)
     x, sigma, extra = _inputs(patcher, batch=2)
     patched = apply_sra(comfy, patcher, torch.zeros(1, 96, 80))
     assert torch.equal(forward(patched, x, sigma, extra), forward(patcher, x, sigma, extra))
 
 
-def test_full_mask_never_gives_nan(comfy):
+def test_full_mask_never_gives_nan(comfy, strategy):
     patcher = tiny_unet()
     x, sigma, extra = _inputs(patcher)
     out = forward(apply_sra(comfy, patcher, torch.ones(1, 96, 80)), x, sigma, extra)
     assert torch.isfinite(out).all()
 
 
-def test_output_blocks_only_and_percent_range(comfy):
+def test_output_blocks_only_and_percent_range(comfy, strategy):
     patcher = tiny_unet("sd15")
     mask = object_mask(12, 10, (3, 2, 9, 7))
     x, sigma, extra = _inputs(patcher)
@@ -220,7 +238,7 @@ def test_output_blocks_only_and_percent_range(comfy):
     assert torch.equal(forward(late, x, sigma, extra), forward(patcher, x, sigma, extra))
 
 
-def test_strength_zero_is_plain_and_strength_blends(comfy):
+def test_strength_zero_is_plain_and_strength_blends(comfy, strategy):
     patcher = tiny_unet()
     mask = object_mask(12, 10, (3, 2, 9, 7))
     x, sigma, extra = _inputs(patcher)
@@ -231,7 +249,7 @@ def test_strength_zero_is_plain_and_strength_blends(comfy):
     assert (half - plain).abs().mean() < (full - plain).abs().mean()
 
 
-def test_composes_with_existing_override_wrappers_and_patches(comfy):
+def test_composes_with_existing_override_wrappers_and_patches(comfy, strategy):
     from comfy import patcher_extension as pe
     patcher = tiny_unet()
     calls = {"override": 0, "wrapper": 0, "patch": 0}
@@ -265,14 +283,17 @@ def test_composes_with_existing_override_wrappers_and_patches(comfy):
 
 
 @pytest.mark.parametrize("backend", ["attention_basic", "attention_pytorch", "attention_sub_quad", "attention_split"])
-def test_every_attention_backend(comfy, monkeypatch, backend):
+def test_every_attention_backend(comfy, strategy, monkeypatch, backend):
     from comfy.ldm.flux import math as flux_math
     from comfy.ldm.modules import attention
-    query_rows = []
+    query_rows, dense_calls = [], []
 
-    def counting(q, *args, **kwargs):  # the back-end, recording how many query rows each call gets
-        query_rows.append(q.shape[2] if kwargs.get("skip_reshape") else q.shape[1])
-        return getattr(attention, backend).__wrapped__(q, *args, **kwargs)
+    def counting(q, k, *args, **kwargs):  # the back-end, recording the query and key rows of each call
+        rows = (q.shape[2], k.shape[2]) if kwargs.get("skip_reshape") else (q.shape[1], k.shape[1])
+        query_rows.append(rows[0])
+        if rows[0] < rows[1] and kwargs.get("mask") is None:
+            dense_calls.append(rows)
+        return getattr(attention, backend).__wrapped__(q, k, *args, **kwargs)
 
     func = attention.wrap_attn(counting)
     # groups of 16 queries: slices, gathers and several calls per attention go through each back-end
@@ -285,13 +306,20 @@ def test_every_attention_backend(comfy, monkeypatch, backend):
         x, sigma, extra = _inputs(patcher)
         spy = Spy(core.latent_mask(mask, 12, 10), flux=flux)
         query_rows.clear()
+        dense_calls.clear()
         out = forward(apply_sra(comfy, patcher, mask), x, sigma, extra, spy)
         assert spy.checked and torch.isfinite(out).all()
-        assert 16 in query_rows  # full groups reached the back-end (no token grid here has 16 tokens)
+        if strategy == "row_groups":
+            assert 16 in query_rows  # full groups reached the back-end (no token grid here has 16 tokens)
+        else:  # the inside queries reached the back-end dense, over the outside keys only (L - inside of them)
+            grid = (6, 5) if flux else (12, 10)
+            inside = int(core.grid_mask(core.latent_mask(mask, 12, 10), *grid).sum())
+            text = SEQ_TEXT if flux else 0
+            assert (inside, text + grid[0] * grid[1] - inside) in dense_calls, dense_calls
 
 
 @pytest.mark.parametrize("concat_channels", [16 + 64, 48], ids=["fill", "omnieraser"])
-def test_flux_fill_and_batched_masks(comfy, concat_channels):
+def test_flux_fill_and_batched_masks(comfy, strategy, concat_channels):
     """FLUX Fill (16 image + 64 mask channels concatenated) and OmniEraser's 48-channel condition: the same token
     layout; per-item masks and cond/uncond batches."""
     patcher = tiny_flux(in_channels=16 + concat_channels)
@@ -303,14 +331,12 @@ def test_flux_fill_and_batched_masks(comfy, concat_channels):
     extra = {"c_crossattn": torch.randn(4, SEQ_TEXT, 32, generator=g), "y": torch.randn(4, 16, generator=g),
              "guidance": torch.full((4,), 30.0), "c_concat": torch.randn(4, concat_channels, 12, 10, generator=g)}
     patched = apply_sra(comfy, patcher, mask)
-    to = copy.copy(patched.model_options["transformer_options"])
-    to["cond_or_uncond"] = [0, 1]
+    to = sampling_options(patched, (0, 1))
     out = patched.model.apply_model(x, torch.full((4,), 0.7), transformer_options=to, **extra)
     # per-item masks: item i of each chunk follows mask i, so each item equals a batch-1 run with its own mask
     for i in range(4):
         single = apply_sra(comfy, patcher, mask[i % 2:i % 2 + 1])
-        to1 = copy.copy(single.model_options["transformer_options"])
-        to1["cond_or_uncond"] = [0]
+        to1 = sampling_options(single)
         one = single.model.apply_model(x[i:i + 1], torch.full((1,), 0.7), transformer_options=to1,
                                        **{k: v[i:i + 1] for k, v in extra.items()})
         torch.testing.assert_close(out[i:i + 1], one, atol=1e-5, rtol=1e-5)
@@ -352,7 +378,7 @@ def _conds(seed, length=11):
 
 
 @pytest.mark.parametrize("cfg", [1.0, 2.5])
-def test_guider_scale_zero_is_plain_cfg_exactly(comfy, cfg):
+def test_guider_scale_zero_is_plain_cfg_exactly(comfy, strategy, cfg):
     from comfy.samplers import CFGGuider
     patcher = tiny_unet()
     positive, negative = _conds(1), _conds(2)
@@ -368,7 +394,7 @@ def test_guider_scale_zero_is_plain_cfg_exactly(comfy, cfg):
     assert torch.isfinite(guided).all() and not torch.equal(guided, _sample(plain, patcher))
 
 
-def test_guider_form_and_suppression(comfy, monkeypatch):
+def test_guider_form_and_suppression(comfy, strategy, monkeypatch):
     """One step: plain + 9 (redirected - plain), the redirected pass using logit scale 0.3 in step 0."""
     from comfy import samplers
     patcher = tiny_unet()
