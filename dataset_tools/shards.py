@@ -597,13 +597,19 @@ def shards_to_folder(source, output, host=None):
 def convert(source, output, to=None, shard_size=SHARD_SIZE, host=None):
     """Convert a dataset into the other format (``to``: "webdataset" or "folder"; default: the one it is not)."""
     given = "webdataset" if is_shard_dataset(source) else "folder"
+    if given == "folder" and not is_url(os.fspath(source)) and not os.path.isdir(source):
+        raise UsageError(f"dataset {source} does not exist (give a triplet folder, a shard folder or a shard pattern)")
     to = to or ("folder" if given == "webdataset" else "webdataset")
     if to not in FORMATS:
         raise UsageError(f"format {to!r} is not one of {FORMATS}")
     if to == given:
         raise UsageError(f"{source} is already in the {given} format")
-    return shards_to_folder(source, output, host) if to == "folder" else folder_to_shards(source, output, shard_size,
-                                                                                           host)
+    try:
+        if to == "folder":
+            return shards_to_folder(source, output, host)
+        return folder_to_shards(source, output, shard_size, host)
+    except FileNotFoundError as error:  # a pattern that names no shard
+        raise UsageError(str(error)) from None
 
 
 def run_stats(backend, written, existing, skipped, failed, shards, size, seconds, workers=1):
