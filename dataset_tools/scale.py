@@ -108,7 +108,9 @@ def stream(units, worker, args, workers, check_interrupt=None, num_gpus=0, num_c
         # Ray 2.60-2.63 take the retry limit only as a generic remote argument (deprecated for 2.64)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         dataset = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-            worker, fn_constructor_args=args, compute=ray.data.ActorPoolStrategy(size=max(1, min(workers, len(units)))),
+            # one task per actor at a time: a crash then costs only its own unit a try
+            worker, fn_constructor_args=args, compute=ray.data.ActorPoolStrategy(
+                size=max(1, min(workers, len(units))), max_tasks_in_flight_per_actor=1),
             num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=-1, max_task_retries=1)
     finished = set()
     for row in dataset.iter_rows():

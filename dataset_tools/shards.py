@@ -99,6 +99,9 @@ class ShardFile:
         self.settings_id, self.settings = settings_id, settings
         self.fs, self.base = filesystem(self.root)
         self.local = not is_url(self.root)
+        if self.local:  # partial writes of this shard by a killed attempt (a retried task writes it again)
+            for stale in self.fs.glob(f"{self.base.rstrip('/')}/{TMP_PREFIX}{name}-*"):
+                self.fs.rm_file(stale)
         handle, self.tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{name}-", suffix=".tar",
                                             dir=self.base if self.local else None)
         self._file = os.fdopen(handle, "wb")
@@ -155,7 +158,8 @@ class ShardFile:
 
 
 def _write_local(path, data):
-    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}")
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{stem}-{os.getpid()}{suffix}")
     with open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
@@ -252,7 +256,7 @@ class ShardStore:
         path = filesystem(shard_files(self.root, name)[1])[1]
         try:
             with self.fs.open(path, "rb") as handle:
-                return pyarrow_parquet().read_table(handle).to_pylist()
+                return pyarrow_parquet().read_table(handle, use_threads=False).to_pylist()
         except Exception as error:  # pyarrow raises its own errors for a damaged file
             raise ManifestDamaged(f"{shard_files(self.root, name)[1]} is not a readable shard index ({error}); "
                                   f"{repair_hint(self.root)}") from None
@@ -275,8 +279,9 @@ class ShardWriter:
 
     On opening, the finished shards are listed (``is_finished``, ``samples``): a store that holds samples is
     refused unless ``resume`` or ``append``, and ``settings`` are checked against dataset.json with the folder
-    format's rule (``triplets.adopt_settings``). Partial writes a killed run left (``.tmp-*``) are deleted: this
-    writer is the only one, before any worker starts. ``target()`` is what a worker needs to write a shard."""
+    format's rule (``triplets.adopt_settings``). ``target()`` is what a worker needs to write a shard; a shard's
+    partial writes are deleted when it is written again, the others by ``remove_partial_writes`` once a whole run
+    is over."""
 
     def __init__(self, root, resume=False, settings=None, append=False):
         self.root = os.fspath(root)
@@ -296,6 +301,9 @@ class ShardWriter:
                 self.root, info["runs"] if info else [], settings, samples, append)
             if runs is not None:
                 write_json(self.root, DATASET_INFO, {"version": 1, "runs": runs})
+
+    def remove_partial_writes(self):
+        """Delete the ``.tmp-*`` files a killed worker or run left (call when no writer of this store runs)."""
         for path in self.store.temporary():
             self.store.fs.rm_file(path)
 
@@ -610,6 +618,11 @@ def convert(source, output, to=None, shard_size=SHARD_SIZE, host=None):
         return folder_to_shards(source, output, shard_size, host)
     except FileNotFoundError as error:  # a pattern that names no shard
         raise UsageError(str(error)) from None
+
+
+def stats_name(shard=None):
+    """``_stats.json``, or ``_stats-shard-i-of-N.json`` for a run started by hand as shard (i, N)."""
+    return STATS if shard is None else f"_stats-shard-{shard[0]}-of-{shard[1]}.json"
 
 
 def run_stats(backend, written, existing, skipped, failed, shards, size, seconds, workers=1):

@@ -106,7 +106,7 @@ def _parquet_entries(path, what):
     """Paths of a parquet file: its ``url`` (or ``path``, ``file``, ``video``, ``image``) column."""
     parquet = require("pyarrow.parquet", "scale", f"{what} listed in a parquet file", package="pyarrow")
     with open_file(path) as handle:
-        table = parquet.read_table(handle)
+        table = parquet.read_table(handle, use_threads=False)
     column = next((name for name in PATH_COLUMNS if name in table.column_names), None)
     if column is None:
         raise UsageError(f"{path} has no column of paths: it needs one of {', '.join(PATH_COLUMNS)} "

@@ -297,18 +297,19 @@ def run_synth_job(job, host=None):
     write_summary(job, summary)
     if job.format == "webdataset":
         write_stats(job, writer, summary, time.perf_counter() - started)
+        if job.shard is None:  # a whole run is over: no writer of this store runs (hand-started shards may)
+            writer.remove_partial_writes()
     return summary
 
 
 def write_stats(job, writer, summary, seconds):
     """``_stats.json`` of a shard dataset: this run's counts, skips and failures by reason, throughput."""
-    from .shards import STATS, run_stats
+    from .shards import run_stats, stats_name
 
     stats = run_stats("ray" if job.ray is not None else "local", summary["written"], summary["existing"],
                       summary["skipped"], summary["failed"], summary["shards"], summary["bytes"], seconds, job.workers)
     stats.update(samples=writer.samples, shards_total=len(writer.counts), planned=summary["planned"])
-    write_output_json(job.output, STATS if not job.shard else STATS.replace(".json", summary_path(job).name[7:]),
-                      stats)
+    write_output_json(job.output, stats_name(parse_shard(job.shard) if job.shard else None), stats)
 
 
 def failed_samples(summary):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from ..jobs import Host, Skips, UsageError, check_input, check_output_folder, content_hash, describe_os_error
 from .scale import backend as scale_backend
-from .shards import (SHARD_SIZE, STATS, ShardWriter, VideoShards, check_output_format, read_output_json, run_stats,
-                     write_output_json)
+from .shards import (SHARD_SIZE, ShardWriter, VideoShards, check_output_format, read_output_json, run_stats,
+                     stats_name, write_output_json)
 from .sources import is_url, join
 from .triplets import TripletWriter, encode_triplet, parse_shard, remove_unused_output
 from .video_decode import VIDEO_EXTENSIONS, find_videos
@@ -296,7 +296,9 @@ def run_video_job(job, host=None):
                                   summary["already_present"], summary["skipped"], {}, summary["shards"],
                                   summary["bytes"], time.perf_counter() - started, job.workers)
                 stats.update(samples=writer.samples, shards_total=len(writer.counts), videos=len(videos))
-                write_output_json(job.output, STATS if shard is None else f"_stats-{summary_name(shard)}", stats)
+                write_output_json(job.output, stats_name(shard), stats)
+                if shard is None:  # the run is over: no writer of this store runs (hand-started shards may)
+                    writer.remove_partial_writes()
         except OSError:
             pass  # the disk that refused the samples refuses the summary too: the error says so
     return summary

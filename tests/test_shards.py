@@ -260,6 +260,8 @@ def test_the_trainer_reads_shards_under_two_processes_with_disjoint_samples(shar
         shards = sorted({{shard_of[sid] for sid in seen}})
         with open(os.path.join({str(tmp_path)!r}, f"rank{{rank}}.json"), "w") as handle:
             json.dump({{"seen": seen, "shards": shards}}, handle)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # gloo's threads end before the interpreter does
     """))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
