@@ -2,13 +2,15 @@
 of Video4Removal mining with 1 and 2 workers on each, and the write throughput of WebDataset shards against the
 same samples written as a triplet folder.
 
-    python benchmarks/scale.py [--samples 400] [--size 512] [--variants 4] [--format webdataset]
+    python benchmarks/scale.py [--samples 800] [--size 512] [--variants 4] [--rounds 2] [--format webdataset]
 
 Targets: Ray within 15 % of the single-machine path at the same worker count; >= 1.7x from 1 to 2 workers where
 the machine is quiet (the load average is printed: other processes on the machine take cores from both paths).
 
-Ray runs on this machine with as many CPUs as workers; its start-up is timed apart (a cluster runs before a job
-starts), the actors' start-up (imports, the plan) is part of the job. Both paths write the same output format
+Ray runs on this machine with as many CPUs as workers and its workers at the single-machine path's priority
+(``RAY_worker_niceness=0``; Ray's default 15 makes them yield to every other process, which on a shared machine
+measures the neighbours, not Ray). Ray's start-up is timed apart (a cluster runs before a job starts); the actors'
+start-up (a process each, imports, the plan) is part of the job, a fixed cost of a few seconds. Both paths write the same output format
 (``--format``, WebDataset shards by default: what a cluster writes) from the same inputs: backgrounds and instances
 of ../shared/data for synthesis; for mining, ../shared/data's videos and tests/data's, each also mirrored and played
 backwards (``--variants``: distinct content, so no clip is a copy of another).
@@ -24,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ERASEKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def make_clips(folder, variants):
+def make_clips(folder, variants, rounds):
     """Distinct static-camera clips from the shared videos: each video as it is, mirrored, played backwards, or
-    both (the first ``variants`` of these four per video), so no two clips share content (a copy is mined once)."""
+    both (the first ``variants`` of these four per video), so no two clips share content (a copy is mined once);
+    each clip plays its video forwards then backwards ``rounds`` times (long clips: a task's start-up is paid once)."""
     import cv2
 
     sources = [DATA / "video" / "road_cars.avi", DATA / "video" / "highway_busy.avi",
@@ -45,7 +48,7 @@ def make_clips(folder, variants):
         for k, (mirror, backwards) in enumerate([(False, False), (True, False), (False, True), (True, True)][:variants]):
             path = folder / f"{source.stem}-{k}.avi"
             writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, frames[0].shape[1::-1])
-            for frame in (frames[::-1] if backwards else frames):
+            for frame in ((frames[::-1] + frames) if backwards else (frames + frames[::-1])) * rounds:
                 writer.write(cv2.flip(frame, 1) if mirror else frame)
             writer.release()
             clips.append(path)
@@ -85,6 +88,7 @@ def compare(name, make_job, run, count, workdir):
         seconds, summary = timed(run, make_job(workdir / f"{name}-local-{workers}", workers, None))
         rows.append(("single machine", workers, seconds, count(summary)))
         started = time.perf_counter()
+        os.environ["RAY_worker_niceness"] = "0"
         ray.init(num_cpus=workers, object_store_memory=300 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
         startup = time.perf_counter() - started
         try:
@@ -121,10 +125,11 @@ def shard_write_throughput(folder, workdir, shard_size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=400, help="synthesis samples per run")
+    parser.add_argument("--samples", type=int, default=800, help="synthesis samples per run")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--blend", default="feather", help="matting is the official blend and the slowest")
     parser.add_argument("--variants", type=int, default=4, choices=(1, 2, 3, 4), help="clips made of each video")
+    parser.add_argument("--rounds", type=int, default=2, help="forwards-and-backwards plays of its video per clip")
     parser.add_argument("--format", default="webdataset", choices=("webdataset", "folder"))
     parser.add_argument("--shard-size", type=int, default=8, help="samples per shard (units of work for synthesis)")
     args = parser.parse_args()
@@ -134,7 +139,7 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="erasekit-scale-"))
     try:
         print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
-        clips = make_clips(workdir, args.variants)
+        clips = make_clips(workdir, args.variants, args.rounds)
         tables = {
             "synthesis": compare("synth", lambda out, w, ray: synth_job(out, args, w, ray), run_synth_job,
                                  lambda s: s["written"], workdir),

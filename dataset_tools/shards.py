@@ -522,13 +522,10 @@ def open_triplets(spec):
 
 
 def dataset_fingerprint(spec):
-    """Changes whenever a reader of ``spec`` (either format) could see something else: for shards, the tars' and
-    indices' sizes and times."""
+    """Changes whenever a reader of the shards ``spec`` names could see something else: the tars' and indices'
+    sizes and times (at URLs: their names)."""
     from ..jobs import fingerprint
-    from .triplets import dataset_fingerprint as folder_fingerprint
 
-    if not is_shard_dataset(spec):
-        return folder_fingerprint(spec)
     paths = shard_paths(spec)
     if any(is_url(p) for p in paths):
         return "|".join(paths)

@@ -594,7 +594,12 @@ def dataset_fingerprint(root):
     """Changes whenever a reader of ``root`` could see something else: the manifests' sizes and times and the
     sample folders' times (a writer renames every file into place, which changes its folder's time). Cheap on
     datasets of millions of samples: no sample file is read or listed. The root folder's own time is left out:
-    run summaries rewritten there change no sample."""
+    run summaries rewritten there change no sample. For WebDataset shards: the shards' and indices' sizes and
+    times (``shards.dataset_fingerprint``)."""
+    from .shards import dataset_fingerprint as shards_fingerprint, is_shard_dataset
+
+    if is_shard_dataset(root):
+        return shards_fingerprint(root)
     root = Path(root)
     return fingerprint(*(root / sub for sub in SUBDIRS), *manifest_paths(root), recursive=False)
 
@@ -614,8 +619,10 @@ def preview_triplets(job, host=None):
 
     A batch needs one size: samples of another size than the first are an error (UsageError naming the sizes)
     or, with ``skip_other_sizes`` (a dataset mined from videos of several sizes), left out."""
+    from .shards import open_triplets
+
     host = host or Host()
-    dataset = TripletDataset(job.dataset_folder)
+    dataset = open_triplets(job.dataset_folder)  # a triplet folder or WebDataset shards
     if len(dataset) == 0:
         raise UsageError(f"the triplet dataset {job.dataset_folder} has no samples to preview")
     if job.start >= len(dataset):

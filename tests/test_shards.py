@@ -272,3 +272,19 @@ def test_the_trainer_reads_shards_under_two_processes_with_disjoint_samples(shar
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])
     assert not set(ranks[0]["shards"]) & set(ranks[1]["shards"])
     assert len(ranks[0]["shards"]) == 2 and len(ranks[1]["shards"]) == 1  # shards 0 and 2, shard 1
+
+
+def test_the_preview_job_and_node_fingerprints_read_shards(folder_run, shard_run, tmp_path):
+    import shutil
+
+    from erasekit.dataset_tools.triplets import TripletPreview, dataset_fingerprint, preview_triplets
+
+    from_shards = preview_triplets(TripletPreview(str(shard_run), start=2, count=3))
+    from_folder = preview_triplets(TripletPreview(str(folder_run), start=2, count=3))
+    assert [i["record"] for i in from_shards] == [i["record"] for i in from_folder]
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(from_shards, from_folder) for k in SUBS)
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_run, copy)
+    before = dataset_fingerprint(copy)
+    (copy / "shard-000002.parquet").unlink()  # a reader now sees fewer samples
+    assert dataset_fingerprint(copy) != before
