@@ -286,13 +286,24 @@ def _listing(path, recursive):
             yield f"file {os.path.relpath(os.path.join(root, name), path)} {info.st_size} {info.st_mtime_ns}"
 
 
+def _open_binary(path):
+    """An open binary file at a local path or an fsspec URL (``s3://...``: fsspec comes with torch)."""
+    if isinstance(path, str) and "://" in path:
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
 def content_hash(path, chunk: int = 1 << 20) -> str:
     """What a file holds, as 16 hex digits: a hash of its size, its first and its last ``chunk`` bytes (the whole
     file when it is at most two chunks). Two different files of the same name and size get different hashes; a
-    copy or a renamed file the same one. Reading two MiB keeps it cheap on long videos."""
+    copy or a renamed file the same one. Reading two MiB keeps it cheap on long videos. ``path`` may be an fsspec
+    URL."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
+    with _open_binary(path) as handle:
+        size = handle.seek(0, os.SEEK_END)
+        handle.seek(0)
         digest.update(f"{size}:".encode())
         if size <= 2 * chunk:
             digest.update(handle.read())

@@ -161,8 +161,10 @@ def analyse(root, host=None):
 
 
 def check(root, host=None):
-    """(Analysis, findings): nothing is changed."""
-    result = analyse(root, host)
+    """(Analysis, findings) of a dataset in either format: nothing is changed."""
+    from .shards import is_shard_dataset
+
+    result = analyse_shards(root, host) if is_shard_dataset(root) else analyse(root, host)
     return result, result.findings()
 
 
@@ -200,6 +202,10 @@ def _move_aside(root, relative, aside):
 
 def repair(root, host=None):
     """Mend the dataset at ``root`` (see the module doc); returns a report dict. Nothing is deleted."""
+    from .shards import is_shard_dataset
+
+    if is_shard_dataset(root):
+        return repair_shards(root, host)
     root = Path(root)
     handles = _lock_manifests(check_input(root, "dataset folder"))
     try:
@@ -249,3 +255,155 @@ def repair(root, host=None):
     finally:
         for handle in handles:
             handle.close()
+
+
+# --- WebDataset shards ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ShardAnalysis:
+    """What ``analyse_shards`` found in a shard folder: per finished shard its good and bad index rows."""
+
+    root: str
+    good: dict = field(default_factory=dict)  # shard name -> [index row]
+    bad: dict = field(default_factory=dict)  # shard name -> [(row or None, why)]
+    unreadable: list = field(default_factory=list)  # shard names whose index or tar cannot be read
+    unfinished: list = field(default_factory=list)  # tars without an index
+    temporary: list = field(default_factory=list)  # partial writes
+    settings: list = field(default_factory=list)
+
+    @property
+    def samples(self):
+        return sum(len(rows) for rows in self.good.values())
+
+    def findings(self):
+        found = list(self.settings)
+        found += [Finding(os.path.basename(p), "a partial write of a killed run (the next run or repair removes it)")
+                  for p in self.temporary]
+        found += [Finding(f"{name}.tar", "has no index: a run stopped before finishing this shard (--resume writes it "
+                          "again; repair moves it aside)") for name in self.unfinished]
+        found += [Finding(f"{name}.parquet", why) for name, why in self.unreadable]
+        for name, problems in self.bad.items():
+            found += [Finding(f"{name}.tar" + (f":{row['key']}" if row else ""), why) for row, why in problems]
+        return found
+
+
+def _shard_problem(dataset, index, row, members):
+    """Why sample ``index`` of a ShardDataset (one shard's rows) is damaged, or None."""
+    from .triplets import parse_manifest_line
+
+    for member in ("source", "mask", "target", "json"):
+        name = f"{row['key']}.{member}.png" if member != "json" else f"{row['key']}.json"
+        if members.get(name) != (row[f"{member}_offset"], row[f"{member}_size"]):
+            return f"its {member} member {name} is not where the index says"
+    try:
+        stored = dataset._read(0, row["json_offset"], row["json_size"]).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return f"its record cannot be read ({error})"
+    if stored != row["record"]:
+        return "its .json record differs from the index"
+    record, why = parse_manifest_line(stored)
+    if record is None or record["id"] != row["id"]:
+        return why or "its record names another sample"
+    try:
+        check_origin(record.get("origin"))
+        dataset[index]
+    except ValueError as error:
+        return str(error).replace(dataset.shards[0] + ":", "")
+    return None
+
+
+def analyse_shards(root, host=None):
+    """Sort every shard of the shard folder ``root`` (local or a URL): finished shards' samples good or bad (each
+    member where the index says, the record the same in both, PNGs readable, sizes right, masks binary; ids once),
+    tars without an index, partial writes, dataset.json."""
+    import tarfile
+
+    from .shards import ShardDataset, ShardStore, shard_files
+
+    host = host or Host()
+    store = ShardStore(root)
+    if not store.exists():
+        raise UsageError(f"dataset folder {root} does not exist")
+    result = ShardAnalysis(os.fspath(root), unfinished=store.unfinished(), temporary=store.temporary())
+    try:
+        store.read_info()
+    except UsageError as error:
+        result.settings.append(Finding(DATASET_INFO, str(error).split(";")[0]))
+    names = store.finished()
+    seen = {}
+    for done, name in enumerate(names, 1):
+        host.check_interrupt()
+        tar_path = shard_files(store.root, name)[0]
+        try:
+            dataset = ShardDataset(tar_path)
+            with store.fs.open(shard_files(store.base, name)[0], "rb") as handle:
+                with tarfile.open(fileobj=handle, mode="r:") as tar:
+                    members = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+        except (UsageError, ValueError, OSError, tarfile.TarError) as error:
+            result.unreadable.append((name, str(error).split("; nothing was changed")[0]))
+            continue
+        good, bad = [], []
+        rows = dataset._rows
+        for index, row in enumerate(rows):
+            if row["id"] in seen:
+                bad.append((row, f"repeats sample {row['id']!r} of {seen[row['id']]}.tar"))
+                continue
+            problem = _shard_problem(dataset, index, row, members)
+            if problem:
+                bad.append((row, problem))
+            else:
+                seen[row["id"]] = name
+                good.append(row)
+        named = {f"{row['key']}.{m}.png" for row in rows for m in SUBDIRS} | {f"{row['key']}.json" for row in rows}
+        bad += [(None, f"member {member} is named by no index row") for member in sorted(set(members) - named)]
+        result.good[name] = good
+        if bad:
+            result.bad[name] = bad
+        host.progress(done, len(names), "shards")
+    return result
+
+
+def repair_shards(root, host=None):
+    """Mend a shard folder; nothing is deleted: partial writes, tars without an index and shards whose index cannot
+    be read go to ``recovered/<time>/`` (a resumed run makes such shards again); a shard with damaged samples is
+    written again with its good ones, the original moved aside first. Returns a report dict."""
+    from .shards import ShardFile, ShardStore, shard_files
+
+    result = analyse_shards(root, host)
+    store = ShardStore(root)
+    aside = "/".join([store.base.rstrip("/"), RECOVERED, time.strftime("%Y%m%d-%H%M%S", time.gmtime())])
+    moved = []
+
+    def move(path):
+        store.fs.makedirs(aside, exist_ok=True)
+        target = f"{aside}/{path.rsplit('/', 1)[-1]}"
+        store.fs.mv(path, target)
+        moved.append(target)
+
+    for path in result.temporary:
+        move(path)
+    for name in result.unfinished:
+        move(shard_files(store.base, name)[0])
+    for name, _ in result.unreadable:
+        for path in shard_files(store.base, name):
+            if store.fs.exists(path):
+                move(path)
+    rewritten = []
+    for name, problems in result.bad.items():
+        from .shards import ShardDataset
+
+        dataset = ShardDataset(shard_files(store.root, name)[0])
+        keep = {row["id"] for row in result.good[name]}
+        fresh = ShardFile(store.root, f"{name}.repaired")
+        for index, record in enumerate(dataset.records):
+            if record["id"] in keep:
+                fresh.add(record["id"], dataset.encoded(index), record)
+        fresh.commit()
+        for path in shard_files(store.base, name):
+            move(path)
+        for old, new in zip(shard_files(store.base, f"{name}.repaired"), shard_files(store.base, name)):
+            store.fs.mv(old, new)
+        rewritten.append(name)
+    return {"samples": result.samples, "rebuilt": [], "rejected_lines": 0,
+            "rejected_records": [row["id"] for problems in result.bad.values() for row, _ in problems if row],
+            "moved": moved, "manifests_rewritten": rewritten, "recovered": aside if moved else None}

@@ -3,12 +3,14 @@
 Batch jobs must not die on one bad file, so the readers here return ``(array, None)`` or
 ``(None, reason)`` where ``reason`` is a short fixed phrase (the run summary counts files per reason).
 """
+import io
 import warnings
 
 import numpy as np
 from PIL import Image
 
 from ..erasers.layout import binarize
+from .sources import is_url, read_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -20,11 +22,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _open_fully(path):
-    """Decode the whole file now, so truncated files fail here instead of later."""
+    """Decode the whole file (a local path or an fsspec URL) now, so truncated files fail here instead of later."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(io.BytesIO(read_bytes(path)) if is_url(path) else path)
             image.load()
         return image, None
     except FileNotFoundError:

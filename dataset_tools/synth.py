@@ -332,13 +332,18 @@ def sample_id(index):
 def collect_backgrounds(folder, annotations=None):
     """Sorted background image paths under ``folder`` (recursive) and their obstacle boxes.
 
-    ``annotations``: a COCO file whose ``file_name`` entries are relative to ``folder``; objects covering
-    less than 40 % of their image become obstacles (official rule). Returns (paths, obstacles, ``Skips``).
+    ``folder`` may also be a list of paths (``.txt``), a parquet file of paths, or an fsspec URL of a folder
+    (``sources.expand``); paths are strings, URLs kept as such. ``annotations``: a COCO file whose ``file_name``
+    entries are relative to ``folder``; objects covering less than 40 % of their image become obstacles (official
+    rule). Returns (paths, obstacles, ``Skips``).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
+    from .sources import expand, is_url, join
+
+    if not is_url(str(folder)) and not Path(folder).exists():
         raise FileNotFoundError(f"background folder {folder} does not exist")
-    paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = [str(p) for p in expand([folder], IMAGE_EXTENSIONS, "backgrounds")]
+    if not is_url(str(folder)) and Path(folder).is_dir():
+        paths.sort()
     obstacles, skips = {}, Skips()
     if annotations:
         try:
@@ -346,7 +351,7 @@ def collect_backgrounds(folder, annotations=None):
         except ValueError as error:
             skips.add(str(error), Path(annotations).name)
         for name, boxes in inst.coco_obstacles(annotations).items():
-            obstacles[str(folder / name)] = boxes
+            obstacles[join(str(folder), name) if is_url(str(folder)) else str(Path(folder) / name)] = boxes
     return paths, obstacles, skips
 
 
@@ -472,6 +477,19 @@ def make_sample(plan, index):
     return sample_id(index), None, None, problems
 
 
+def make_encoded(plan, index):
+    """``make_sample`` + PNG encoding, so a worker hands the writer only bytes to store: (sample id, EncodedTriplet
+    or None, record or None, problems). Every back-end (in process, a process pool, a Ray task) makes a sample with
+    this function; an error in one sample is its problem, never the run's end."""
+    try:
+        sid, sample, record, problems = make_sample(plan, index)
+        if sample is not None:
+            sample = encode_triplet(sample["source"], sample["mask"], sample["target"])
+        return sid, sample, record, problems
+    except Exception as error:  # one bad item must not kill the run; the summary names it
+        return sample_id(index), None, None, [(f"error: {type(error).__name__}: {error}", None)]
+
+
 _WORKER_PLAN = None
 
 
@@ -481,18 +499,45 @@ def _init_worker(plan):
 
 
 def _work(index):
-    """make_sample + PNG encoding, so a worker process hands the writer only bytes to store."""
+    return make_encoded(_WORKER_PLAN, index)
+
+
+def shard_indices(plan, shard, shard_size):
+    """The sample indices of WebDataset shard ``shard`` (``shards.synth_shard_name``): shard·N … (shard+1)·N − 1."""
+    return range(shard * shard_size, min(plan.num_samples, (shard + 1) * shard_size))
+
+
+def write_shard(plan, shard, shard_size, target):
+    """Make the samples of shard ``shard`` with ``make_encoded`` and write the shard (``target``:
+    ``shards.ShardWriter.target()``). Returns its summary: the commit's (shard, samples, bytes), ``planned``,
+    ``redrawn``, ``failed`` [(reason, sample id)] and ``skipped`` [(reason, file)]."""
+    from .shards import open_shard, synth_shard_name
+
+    indices = shard_indices(plan, shard, shard_size)
+    output = open_shard(target, synth_shard_name(shard))
+    failed, skipped, redrawn = [], [], 0
     try:
-        sid, sample, record, problems = make_sample(_WORKER_PLAN, index)
-        if sample is not None:
-            sample = encode_triplet(sample["source"], sample["mask"], sample["target"])
-        return sid, sample, record, problems
-    except Exception as error:  # one bad item must not kill the run; the summary names it
-        return sample_id(index), None, None, [(f"error: {type(error).__name__}: {error}", None)]
+        for index in indices:
+            sid, sample, record, problems = make_encoded(plan, index)
+            skipped += [(reason, name) for reason, name in problems if name is not None]
+            if sample is None:
+                failed.append((problems[-1][0] if problems else "no draw succeeded", sid))
+                continue
+            output.add(sid, sample, record)
+            redrawn += bool(problems)
+        result = output.commit()
+    except BaseException:
+        output.abort()
+        raise
+    return {**result, "planned": len(indices), "redrawn": redrawn, "failed": failed, "skipped": skipped}
+
+
+def _shard_work(unit):
+    return write_shard(_WORKER_PLAN, *unit)
 
 
 def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=None, check_interrupt=None,
-                  summary=None):
+                  summary=None, results=None):
     """Write the plan's samples (those of ``shard`` = "i/N" when given) to a triplet folder (a path, or an open
     ``TripletWriter``).
 
@@ -501,6 +546,9 @@ def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=Non
     reason)}; the last two as ``jobs.Skips`` dicts (count, first names). Samples already in the folder are not
     redone (``resume``); a failing item is counted, never fatal. A write that fails (a full disk) stops the run:
     the summary says so under "stopped" and the error is raised.
+
+    ``results(plan, indices)``: another back-end making the samples (``scale.sample_results`` on Ray), yielding
+    ``make_encoded``'s tuples in any order; by default this process (``workers`` = 1) or a process pool.
     """
     shard_index, shard_count = parse_shard(shard) if shard is not None else (0, 1)
     todo_all = [i for i in range(plan.num_samples) if i % shard_count == shard_index]
@@ -518,6 +566,8 @@ def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=Non
         def consume(result):
             nonlocal done
             sid, sample, record, problems = result
+            if writer.has(sid):  # a retried task of another back-end sends its samples again
+                return
             for reason, name in problems:
                 if name is not None:
                     skipped.add(reason, name)
@@ -536,7 +586,12 @@ def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=Non
             if progress:
                 progress(done, len(todo_all))
 
-        if workers <= 1:
+        if results is not None:
+            for result in results(plan, todo):
+                if check_interrupt:
+                    check_interrupt()
+                consume(result)
+        elif workers <= 1:
             _init_worker(plan)
             for index in todo:
                 if check_interrupt:
@@ -550,4 +605,61 @@ def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=Non
                     if check_interrupt:
                         check_interrupt()
                     consume(result)
+    return summary
+
+
+def run_synthesis_shards(plan, writer, shard_size, workers=1, shard=None, progress=None, check_interrupt=None,
+                         summary=None, results=None):
+    """Write the plan's samples as WebDataset shards of ``shard_size`` (``--format webdataset``) through a
+    ``shards.ShardWriter``: every shard not yet finished (of ``shard`` = "i/N": shards k with k % N == i) is made by
+    ``write_shard``, in this process, a process pool (``workers``) or another back-end (``results(plan, units)``
+    yielding ``write_shard``'s summaries; ``scale.shard_results`` on Ray). Finished shards are skipped.
+
+    Returns (and fills) the summary of ``run_synthesis`` plus ``shards`` (finished shards of this run) and
+    ``bytes`` (written)."""
+    shard_index, shard_count = parse_shard(shard) if shard is not None else (0, 1)
+    from .shards import synth_shard_name
+
+    count = -(-plan.num_samples // shard_size)
+    mine = [k for k in range(count) if k % shard_count == shard_index]
+    todo = [(k, shard_size, writer.target()) for k in mine if not writer.is_finished(synth_shard_name(k))]
+    summary = {} if summary is None else summary
+    planned = sum(len(shard_indices(plan, k, shard_size)) for k in mine)
+    existing = sum(writer.counts.get(synth_shard_name(k), 0) for k in mine)
+    summary.update(planned=planned, existing=existing, written=0, redrawn=0, failed={}, skipped={}, shards=0, bytes=0)
+    skipped, failed = Skips(), Skips()
+    done = planned - sum(len(shard_indices(plan, k, shard_size)) for k, _, _ in todo)
+    if progress:
+        progress(done, planned)
+    if results is not None:
+        produced = results(plan, todo)
+    elif workers <= 1:
+        _init_worker(plan)
+        produced = (_shard_work(unit) for unit in todo)
+    else:
+        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(plan,))
+        produced = pool.imap_unordered(_shard_work, todo, chunksize=1)
+    try:
+        for result in produced:
+            if check_interrupt:
+                check_interrupt()
+            for reason, name in result["skipped"]:
+                skipped.add(reason, name)
+            for reason, sid in result["failed"]:
+                failed.add(reason, sid)
+            if "shard" in result:
+                writer.finish(result)
+                summary["shards"] += 1
+                summary["bytes"] += result["bytes"]
+                summary["written"] += result["samples"]
+            summary["redrawn"] += result["redrawn"]
+            summary["skipped"], summary["failed"] = skipped.as_dict(), failed.as_dict()
+            done += result["planned"]
+            if progress:
+                progress(done, planned)
+    finally:
+        if results is None and workers > 1:
+            pool.terminate()
+            pool.join()
     return summary

@@ -4,6 +4,8 @@ Example::
 
     erasekit-synth --backgrounds photos/ --coco instances.json --coco-images coco/train2017 \\
         --clip-model models/clip-vit-large-patch14 --output data/syn --workers 4 --shard 0/8
+    erasekit-synth --backgrounds s3://bucket/sa1b.parquet --coco instances.json --coco-images coco/train2017 \\
+        --output s3://bucket/syn4removal --format webdataset --ray HEAD:6379 --workers 256
 
 Sample ``i`` depends only on ``--seed`` and ``i``; shards (``i % N``), workers and resumed runs make the
 same samples. A sample that meets a bad file is drawn again with another one, and the bad files are named. A
@@ -23,6 +25,7 @@ import sys
 from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, Skips, cli_main
 from . import instances as inst
 from . import synth
+from .scale import add_arguments as add_scale_arguments
 from .synth_job import SynthJob, failed_samples, run_synth_job
 
 
@@ -61,6 +64,7 @@ def build_parser():
     existing.add_argument("--append", action="store_true",
                           help="add samples made with another recipe to a folder that holds samples (each new "
                                "sample records its recipe)")
+    add_scale_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     return parser

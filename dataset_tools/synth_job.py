@@ -16,14 +16,17 @@ on an error before writing a sample leaves no output folder behind.
 """
 from __future__ import annotations
 
-import json
-import os
+import functools
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..jobs import Host, Skips, UsageError, check_input, check_output_folder, fingerprint
 from . import instances as inst
 from . import synth
+from .scale import backend as scale_backend
+from .shards import SHARD_SIZE, check_output_format, read_output_json, write_output_json
+from .sources import check_source, is_url
 from .triplets import TripletWriter, manifest_name, parse_shard, remove_unused_output
 
 INSTANCE_CACHE = "instances.json"
@@ -61,7 +64,10 @@ class SynthJob:
     shard: str | None = None  # "i/N": only samples with index % N == i, into the shard's own manifest
     resume: bool = False  # continue a folder that holds samples made with the same recipe
     append: bool = False  # add samples made with another recipe to a folder that holds samples (recorded per sample)
-    device: str = "cpu"  # torch device of CLIP scoring and SAM
+    device: str = "cpu"  # torch device of CLIP scoring and SAM (on Ray: a GPU actor pool where the cluster has GPUs)
+    format: str = "folder"  # folder (source/ mask/ target/ + manifest) | webdataset (tar shards + parquet indices)
+    shard_size: int = SHARD_SIZE  # samples per WebDataset shard
+    ray: str | None = None  # run on Ray: "local" (a Ray on this machine) or a cluster address; None: this machine
 
     @property
     def use_clip(self):
@@ -76,6 +82,10 @@ class SynthJob:
                 raise UsageError(str(error)) from None
         if self.workers < 1:
             raise UsageError(f"workers must be >= 1, got {self.workers}")
+        check_output_format(self)
+        if self.sam_images and is_url(str(self.output)):
+            raise UsageError("SAM proposals are saved next to the dataset: give a local output folder with "
+                             "--sam-images (or make the instances first, then write to the URL)")
         if self.num_samples is not None and self.num_samples < 1:
             raise UsageError(f"num_samples must be >= 1 (or unset: one per background), got {self.num_samples}")
         if len(self.coco) != len(self.coco_images):
@@ -86,7 +96,7 @@ class SynthJob:
         if not self.coco and not self.instances and not self.sam_images:
             raise UsageError("no instance source: give COCO annotations with their images, instance folders "
                              "(image + mask pairs), or a SAM model with SAM images")
-        check_input(self.backgrounds, "background folder")
+        check_source(self.backgrounds, "background folder")
         for kind, paths in (("instance folder", self.instances), ("COCO image folder", self.coco_images),
                             ("SAM image folder", self.sam_images)):
             for path in paths:
@@ -98,7 +108,8 @@ class SynthJob:
         for kind, path in (("CLIP model", self.clip_model), ("SAM model", self.sam_model)):
             if path:
                 check_input(path, kind, kind="any")
-        check_output_folder(self.output)
+        if not is_url(str(self.output)):
+            check_output_folder(self.output)
         try:
             synth.SynthConfig(size=self.size, min_side=self.min_side, blend=self.blend, feather_px=self.feather_px)
         except ValueError as error:
@@ -153,29 +164,34 @@ def cached_instances(job, host):
     """Collect (and CLIP-score) the instances, or reuse ``<output>/instances.json`` from an earlier run with the
     same sources and models. Returns (instances, ``Skips`` of the files left out, save) where ``save()`` stores the
     table (called once a plan is made: a run that cannot make one leaves no table behind)."""
-    cache = Path(job.output) / INSTANCE_CACHE
     key = instance_key(job)
-    if (job.resume or job.append) and cache.is_file():
+    if job.resume or job.append:
         try:
-            data = json.loads(cache.read_text(encoding="utf-8"))
-            if data.get("key") == key:
+            data = read_output_json(job.output, INSTANCE_CACHE)
+            if data is not None and data.get("key") == key:
                 return [inst.Instance(**i) for i in data["instances"]], Skips(data["skips"]), lambda: None
         except (ValueError, TypeError, KeyError):
             pass  # a damaged or older cache is rebuilt
     skips = Skips()
     instances = collect_instances(job, skips, host)
     if job.use_clip and instances:
-        from .clip_score import ClipScorer
+        progress = lambda done, total: host.progress(done, total, "CLIP scores")  # noqa: E731
+        if job.ray is not None:  # an actor pool holds the model (on GPUs where the cluster has them)
+            from . import scale
 
-        scorer = ClipScorer.from_folder(job.clip_model, job.device)
-        instances = inst.score_instances(instances, scorer, skips=skips, check_interrupt=host.check_interrupt,
-                                         progress=lambda done, total: host.progress(done, total, "CLIP scores"))
+            instances, clip_skips = scale.score_instances(instances, job.clip_model, job.workers,
+                                                          host.check_interrupt, progress)
+            skips.update(clip_skips)
+        else:
+            from .clip_score import ClipScorer
+
+            scorer = ClipScorer.from_folder(job.clip_model, job.device)
+            instances = inst.score_instances(instances, scorer, skips=skips, check_interrupt=host.check_interrupt,
+                                             progress=progress)
 
     def save():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".tmp-{os.getpid()}-{INSTANCE_CACHE}")
-        tmp.write_text(json.dumps({"key": key, "skips": skips.as_dict(), "instances": [i.to_json() for i in instances]}))
-        os.replace(tmp, cache)
+        write_output_json(job.output, INSTANCE_CACHE,
+                          {"key": key, "skips": skips.as_dict(), "instances": [i.to_json() for i in instances]})
 
     return instances, skips, save
 
@@ -186,10 +202,21 @@ def summary_path(job):
 
 
 def write_summary(job, summary):
-    path = summary_path(job)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, path)
+    write_output_json(job.output, summary_path(job).name, summary)
+
+
+def open_writer(job, settings, shard):
+    """The job's writer: a ``TripletWriter`` (folder) or a ``shards.ShardWriter`` (webdataset)."""
+    resume = job.resume or shard is not None  # shards of one run share the output
+    if job.format == "webdataset":
+        from .shards import ShardWriter
+
+        return ShardWriter(job.output, resume=resume, settings=settings, append=job.append)
+    return TripletWriter(job.output, resume=resume, shard=shard, settings=settings, append=job.append)
+
+
+def written_samples(writer):
+    return writer.samples if hasattr(writer, "samples") else len(writer)
 
 
 def run_synth_job(job, host=None):
@@ -202,36 +229,57 @@ def run_synth_job(job, host=None):
     them. An error before the first sample leaves no output folder behind."""
     host = host or Host()
     job.check()
-    created = not Path(job.output).exists()
+    local = not is_url(str(job.output))
+    created = local and not Path(job.output).exists()
     shard = parse_shard(job.shard) if job.shard else None
-    summary = {}
+    summary, started = {}, time.perf_counter()
     try:
-        writer = TripletWriter(job.output, resume=job.resume or shard is not None, shard=shard,
-                               settings=job.settings(), append=job.append)
+        writer = open_writer(job, job.settings(), shard)
     except BaseException:
         if created:
             remove_unused_output(job.output)
         raise
+    close = getattr(writer, "close", lambda: None)
     try:
-        instances, skips, save_instances = cached_instances(job, host)
-        backgrounds, obstacles, background_skips = synth.collect_backgrounds(job.backgrounds, job.background_annotations)
-        skips.update(background_skips)
-        if not instances and skips:
-            raise ValueError("no usable instance: every instance file was left out ("
-                             + "; ".join(skips.lines()) + "); fix or replace those files")
-        config = synth.SynthConfig(size=job.size, min_side=job.min_side, blend=job.blend, feather_px=job.feather_px)
-        try:
-            plan = synth.build_plan(backgrounds, obstacles, instances, config, job.seed, job.num_samples,
-                                    job.filters(), job.backgrounds)
-        except ValueError as error:  # nothing survives the filters, no backgrounds: the settings cannot make samples
-            raise UsageError(str(error)) from None
-        save_instances()
-        summary.update(settings_id=writer.settings_id)
-        synth.run_synthesis(plan, writer, job.workers, job.shard, job.resume,
-                            lambda done, total: host.progress(done, total, "samples"), host.check_interrupt, summary)
+        with scale_backend(job.ray, job.workers):
+            instances, skips, save_instances = cached_instances(job, host)
+            backgrounds, obstacles, background_skips = synth.collect_backgrounds(job.backgrounds,
+                                                                                 job.background_annotations)
+            skips.update(background_skips)
+            if not instances and skips:
+                raise ValueError("no usable instance: every instance file was left out ("
+                                 + "; ".join(skips.lines()) + "); fix or replace those files")
+            config = synth.SynthConfig(size=job.size, min_side=job.min_side, blend=job.blend,
+                                       feather_px=job.feather_px)
+            try:
+                plan = synth.build_plan(backgrounds, obstacles, instances, config, job.seed, job.num_samples,
+                                        job.filters(), job.backgrounds)
+            except ValueError as error:  # nothing survives the filters, no backgrounds: the settings cannot make samples
+                raise UsageError(str(error)) from None
+            save_instances()
+            summary.update(settings_id=writer.settings_id)
+            progress = lambda done, total: host.progress(done, total, "samples")  # noqa: E731
+            if job.format == "webdataset":
+                results = None
+                if job.ray is not None:
+                    from . import scale
+
+                    results = functools.partial(scale.shard_results, workers=job.workers,
+                                                check_interrupt=host.check_interrupt)
+                synth.run_synthesis_shards(plan, writer, job.shard_size, job.workers, job.shard, progress,
+                                           host.check_interrupt, summary, results)
+            else:
+                results = None
+                if job.ray is not None:
+                    from . import scale
+
+                    results = functools.partial(scale.sample_results, workers=job.workers,
+                                                check_interrupt=host.check_interrupt)
+                synth.run_synthesis(plan, writer, job.workers, job.shard, job.resume, progress,
+                                    host.check_interrupt, summary, results)
     except BaseException:
-        writer.close()
-        if created and not len(writer):
+        close()
+        if created and not written_samples(writer):
             remove_unused_output(job.output)
             raise
         if summary:
@@ -241,13 +289,27 @@ def run_synth_job(job, host=None):
                 pass  # the disk that refused the samples refuses the summary too: the error says so
         raise
     finally:
-        writer.close()
+        close()
     files = Skips(summary["skipped"])
     files.update(skips)
     summary.update(skipped=files.as_dict(), instances=len(plan.instances), classes=len(plan.class_stats),
                    filters=plan.filters)
     write_summary(job, summary)
+    if job.format == "webdataset":
+        write_stats(job, writer, summary, time.perf_counter() - started)
+        if job.shard is None:  # a whole run is over: no writer of this store runs (hand-started shards may)
+            writer.remove_partial_writes()
     return summary
+
+
+def write_stats(job, writer, summary, seconds):
+    """``_stats.json`` of a shard dataset: this run's counts, skips and failures by reason, throughput."""
+    from .shards import run_stats, stats_name
+
+    stats = run_stats("ray" if job.ray is not None else "local", summary["written"], summary["existing"],
+                      summary["skipped"], summary["failed"], summary["shards"], summary["bytes"], seconds, job.workers)
+    stats.update(samples=writer.samples, shards_total=len(writer.counts), planned=summary["planned"])
+    write_output_json(job.output, stats_name(parse_shard(job.shard) if job.shard else None), stats)
 
 
 def failed_samples(summary):

@@ -260,6 +260,60 @@ def write_dataset_info(root, runs):
     os.replace(tmp, path)
 
 
+def adopt_settings(root, runs, settings, samples, append):
+    """What a writer of a dataset holding ``samples`` samples made under ``runs`` (dataset.json) does with
+    ``settings``: ``(runs to record, or None when nothing changes; settings id; settings every new record carries,
+    or None)``. Settings an earlier run used are accepted; a dataset without samples records them afresh; other
+    settings are refused (UsageError listing the differences) unless ``append``. One rule for both formats."""
+    sid = settings_id(settings)
+    same = next((run for run in runs if run.get("settings_id") == sid), None)
+    if same is not None:
+        return None, sid, settings if same.get("appended") else None
+    if not samples:  # nothing made yet: earlier settings (of a run that made nothing) are not kept
+        return [{"settings_id": sid, "settings": settings}], sid, None
+    if not append:
+        raise UsageError(settings_refusal(root, runs, settings, samples))
+    return runs + [{"settings_id": sid, "settings": settings, "appended": True}], sid, settings
+
+
+def settings_refusal(root, runs, settings, samples):
+    """The sentence refusing to mix: what differs, and the three ways on."""
+    ways = ("run with the same settings to resume it, pass --append (a node: append) to add samples made with "
+            "these settings (each new sample then records them), or choose another folder")
+    if not runs:
+        return (f"{root} holds {samples} samples made before EraseKit recorded a dataset's settings "
+                f"(no {DATASET_INFO}), so resuming could mix two recipes: {ways}")
+    closest = min(runs, key=lambda run: len(settings_differences(run.get("settings"), settings)))
+    differences = settings_differences(closest.get("settings"), settings)
+    return f"{root} holds {samples} samples made with other settings ({'; '.join(differences)}): {ways}"
+
+
+def manifest_record(sample_id, encoded, record, settings_id=None, settings=None):
+    """The manifest record of one sample (a line of ``manifest.jsonl``, and a shard's ``.json`` member): the id,
+    file names, size, ``origin`` and the caller's other keys, ``settings_id`` and, for appended runs, ``settings``.
+    Checks the id, the origin and that ``encoded`` is an ``EncodedTriplet``."""
+    check_sample_id(sample_id)
+    if not isinstance(encoded, EncodedTriplet):
+        raise ValueError(f"a sample needs an EncodedTriplet from encode_triplet, got {type(encoded).__name__}")
+    if not isinstance(record, dict):
+        raise ValueError(f"record must be a dict, got {type(record).__name__}")
+    check_origin(record.get("origin"))
+    full = {
+        "id": sample_id,
+        "source": f"source/{sample_id}.png",
+        "mask": f"mask/{sample_id}.png",
+        "target": f"target/{sample_id}.png",
+        "width": encoded.width,
+        "height": encoded.height,
+        **{k: v for k, v in record.items() if k not in ("id", "source", "mask", "target", "width", "height")},
+    }
+    if settings_id is not None:
+        full["settings_id"] = settings_id
+        if settings is not None:
+            full["settings"] = settings
+    return full
+
+
 class TripletWriter:
     """Atomic, resumable writer of a triplet dataset folder.
 
@@ -340,36 +394,13 @@ class TripletWriter:
 
     def _adopt_settings(self, settings, append):
         """Check ``settings`` against dataset.json (under a lock: shards open at once) and record them."""
-        sid = settings_id(settings)
         with open(self.root / f".{DATASET_INFO}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             info = read_dataset_info(self.root)
-            runs = info["runs"] if info else []
-            same = next((run for run in runs if run.get("settings_id") == sid), None)
-            if same is not None:
-                self.settings_id = sid
-                self._settings_in_records = settings if same.get("appended") else None
-                return
-            if not self._known:  # nothing made yet: earlier settings (of a run that made nothing) are not kept
-                write_dataset_info(self.root, [{"settings_id": sid, "settings": settings}])
-                self.settings_id = sid
-                return
-            if not append:
-                raise UsageError(self._refusal(runs, settings))
-            write_dataset_info(self.root, runs + [{"settings_id": sid, "settings": settings, "appended": True}])
-            self.settings_id, self._settings_in_records = sid, settings
-
-    def _refusal(self, runs, settings):
-        """The sentence refusing to mix: what differs, and the three ways on."""
-        ways = ("run with the same settings to resume it, pass --append (a node: append) to add samples made with "
-                "these settings (each new sample then records them), or choose another folder")
-        if not runs:
-            return (f"{self.root} holds {len(self._known)} samples made before EraseKit recorded a dataset's settings "
-                    f"(no {DATASET_INFO}), so resuming could mix two recipes: {ways}")
-        closest = min(runs, key=lambda run: len(settings_differences(run.get("settings"), settings)))
-        differences = settings_differences(closest.get("settings"), settings)
-        return (f"{self.root} holds {len(self._known)} samples made with other settings ({'; '.join(differences)}): "
-                f"{ways}")
+            runs, self.settings_id, self._settings_in_records = adopt_settings(
+                self.root, info["runs"] if info else [], settings, len(self._known), append)
+            if runs is not None:
+                write_dataset_info(self.root, runs)
 
     def _rewrite_manifest(self, records):
         tmp = self.manifest_path.with_name(f"{self._tmp_tag}{self.manifest_path.name}")
@@ -395,27 +426,9 @@ class TripletWriter:
 
     def write_encoded(self, sample_id, encoded, record):
         """``write`` for an ``EncodedTriplet`` (validated and PNG-encoded elsewhere, e.g. in a worker process)."""
-        check_sample_id(sample_id)
         if sample_id in self._known:
             raise ValueError(f"sample {sample_id!r} already exists in {self.root}")
-        if not isinstance(encoded, EncodedTriplet):
-            raise ValueError(f"write_encoded needs an EncodedTriplet from encode_triplet, got {type(encoded).__name__}")
-        if not isinstance(record, dict):
-            raise ValueError(f"record must be a dict, got {type(record).__name__}")
-        check_origin(record.get("origin"))
-        full = {
-            "id": sample_id,
-            "source": f"source/{sample_id}.png",
-            "mask": f"mask/{sample_id}.png",
-            "target": f"target/{sample_id}.png",
-            "width": encoded.width,
-            "height": encoded.height,
-            **{k: v for k, v in record.items() if k not in ("id", "source", "mask", "target", "width", "height")},
-        }
-        if self.settings_id is not None:
-            full["settings_id"] = self.settings_id
-            if self._settings_in_records is not None:
-                full["settings"] = self._settings_in_records
+        full = manifest_record(sample_id, encoded, record, self.settings_id, self._settings_in_records)
         line = json.dumps(full) + "\n"  # serialise first: a record that is not JSON must not leave files
         finals = self._files_of(sample_id)
         temps = [p.with_name(f"{self._tmp_tag}{p.name}") for p in finals]
@@ -475,24 +488,55 @@ def _ends_with_newline(path):
         return handle.read(1) == b"\n"
 
 
-def _read_rgb(path):
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def _decode(data, where):
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if image is None:
-        raise ValueError(f"{path} is missing or not a readable image")
+        raise ValueError(f"{where} is missing or not a readable image")
+    return image
+
+
+def decode_rgb(data, where):
+    """RGB uint8 H×W×3 of a sample's PNG bytes, or ValueError naming ``where`` (the file or shard member)."""
+    image = _decode(data, where)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"{path} must be an 8-bit RGB image, found dtype {image.dtype} shape {image.shape}")
+        raise ValueError(f"{where} must be an 8-bit RGB image, found dtype {image.dtype} shape {image.shape}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _read_mask(path):
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError(f"{path} is missing or not a readable image")
+def decode_mask(data, where):
+    """Bool H×W mask of a sample's PNG bytes (0 or 255 only), or ValueError naming ``where``."""
+    image = _decode(data, where)
     if image.dtype != np.uint8 or image.ndim != 2:
-        raise ValueError(f"{path} must be an 8-bit single-channel mask, found dtype {image.dtype} shape {image.shape}")
+        raise ValueError(f"{where} must be an 8-bit single-channel mask, found dtype {image.dtype} shape {image.shape}")
     if not set(np.unique(image).tolist()) <= {0, 255}:
-        raise ValueError(f"{path} is not binary: it holds values other than 0 and 255")
+        raise ValueError(f"{where} is not binary: it holds values other than 0 and 255")
     return image > 0
+
+
+def _file_bytes(path):
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""
+
+
+def _read_rgb(path):
+    return decode_rgb(_file_bytes(path), path)
+
+
+def _read_mask(path):
+    return decode_mask(_file_bytes(path), path)
+
+
+def check_sample_sizes(sample, record, where):
+    """``sample`` if its source, target and mask are the size ``record`` says, else ValueError naming the file
+    (``where(key)``)."""
+    expected = (record.get("height"), record.get("width"))
+    for key in SUBDIRS:
+        if sample[key].shape[:2] != expected:
+            raise ValueError(f"{where(key)} is {sample[key].shape[1]}×{sample[key].shape[0]} but the manifest says "
+                             f"{expected[1]}×{expected[0]} for sample {record['id']!r}")
+    return sample
 
 
 class TripletDataset:
@@ -535,17 +579,9 @@ class TripletDataset:
 
     def __getitem__(self, index):
         record = self.records[index]
-        source = _read_rgb(self.root / record["source"])
-        target = _read_rgb(self.root / record["target"])
-        mask = _read_mask(self.root / record["mask"])
-        expected = (record.get("height"), record.get("width"))
-        for key, array in (("source", source), ("target", target), ("mask", mask)):
-            if array.shape[:2] != expected:
-                raise ValueError(
-                    f"{self.root / record[key]} is {array.shape[1]}×{array.shape[0]} but the manifest says "
-                    f"{expected[1]}×{expected[0]} for sample {record['id']!r}"
-                )
-        return {"source": source, "mask": mask, "target": target, "record": record}
+        sample = {"source": _read_rgb(self.root / record["source"]), "mask": _read_mask(self.root / record["mask"]),
+                  "target": _read_rgb(self.root / record["target"]), "record": record}
+        return check_sample_sizes(sample, record, lambda key: self.root / record[key])
 
     def validate(self):
         """Read every sample once; raises on the first bad file."""
@@ -558,7 +594,12 @@ def dataset_fingerprint(root):
     """Changes whenever a reader of ``root`` could see something else: the manifests' sizes and times and the
     sample folders' times (a writer renames every file into place, which changes its folder's time). Cheap on
     datasets of millions of samples: no sample file is read or listed. The root folder's own time is left out:
-    run summaries rewritten there change no sample."""
+    run summaries rewritten there change no sample. For WebDataset shards: the shards' and indices' sizes and
+    times (``shards.dataset_fingerprint``)."""
+    from .shards import dataset_fingerprint as shards_fingerprint, is_shard_dataset
+
+    if is_shard_dataset(root):
+        return shards_fingerprint(root)
     root = Path(root)
     return fingerprint(*(root / sub for sub in SUBDIRS), *manifest_paths(root), recursive=False)
 
@@ -578,8 +619,10 @@ def preview_triplets(job, host=None):
 
     A batch needs one size: samples of another size than the first are an error (UsageError naming the sizes)
     or, with ``skip_other_sizes`` (a dataset mined from videos of several sizes), left out."""
+    from .shards import open_triplets
+
     host = host or Host()
-    dataset = TripletDataset(job.dataset_folder)
+    dataset = open_triplets(job.dataset_folder)  # a triplet folder or WebDataset shards
     if len(dataset) == 0:
         raise UsageError(f"the triplet dataset {job.dataset_folder} has no samples to preview")
     if job.start >= len(dataset):

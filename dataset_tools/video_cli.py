@@ -2,6 +2,11 @@
 
     erasekit-video VIDEOS_OR_FOLDERS... -o DATASET [--workers N] [--shard i/N] [--resume | --append]
                    [--outside-changes mask|reject] [--grounding-dino DIR --sam-model PATH --prompt "car"]
+                   [--format webdataset [--shard-size N]] [--ray [ADDRESS]]
+
+Videos may also be listed in a text file (one path or URL per line) or a parquet file of paths, and be at any
+fsspec URL; ``--format webdataset`` writes tar shards (a video's pairs to its own shards) to a folder or a URL;
+``--ray`` runs the videos as Ray Data tasks on this machine or a cluster (``dataset_tools/scale.py``).
 
 Each video is mined in its own process (a file that crashes OpenCV's decoder loses only itself, and is tried
 once more with PyAV). The run summary (every video with its status, reason and counts; the videos left out by
@@ -22,6 +27,7 @@ import sys
 from dataclasses import fields
 
 from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, Skips, UsageError, cli_main
+from .scale import add_arguments as add_scale_arguments
 from .video_job import VideoJob, failed_videos, run_video_job, summary_path
 from .video_mining import MASK_AUGMENTATIONS, OUTSIDE_CHANGES, PairingConfig
 
@@ -34,7 +40,8 @@ def build_parser():
         description="Mine real removal pairs (frame with object, object mask, same view empty) from "
                     "static-camera videos (OmniEraser's Video4Removal recipe).",
     )
-    parser.add_argument("videos", nargs="+", help="video files or folders of videos (searched recursively)")
+    parser.add_argument("videos", nargs="+", help="video files, folders of videos (searched recursively), lists of "
+                                                  "paths (.txt) or parquet files of paths; local or fsspec URLs")
     parser.add_argument("-o", "--output", required=True, help="triplet dataset folder to write")
     parser.add_argument("--workers", type=int, default=1, help="videos mined at once, each in its own process")
     parser.add_argument("--shard", default=None, help="i/N: mine every N-th video starting at i, into its own manifest in the shared folder")
@@ -58,6 +65,7 @@ def build_parser():
                        help="SAM / SAM 2 weights: transformers folder or checkpoint file")
     group.add_argument("--prompt", default=None, help='object class to segment, e.g. "car" or "person. bicycle."')
     group.add_argument("--device", default="cpu", help="torch device for the segmenters")
+    add_scale_arguments(parser)
     return parser
 
 
@@ -72,7 +80,8 @@ def job_from_args(args):
                     max_frames=args.max_frames, workers=args.workers, shard=args.shard, resume=args.resume,
                     append=args.append,
                     timeout=args.timeout, grounding_dino=args.grounding_dino, sam_model=args.sam_model,
-                    prompt=args.prompt, device=args.device)
+                    prompt=args.prompt, device=args.device, format=args.format, shard_size=args.shard_size,
+                    ray=args.ray)
 
 
 def run(args, host):

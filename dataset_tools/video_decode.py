@@ -12,7 +12,6 @@ for such a file (``video_mining.mine_task``, ``video_isolation.VideoWorkerPool``
 from __future__ import annotations
 
 import math
-import os
 import queue
 from fractions import Fraction
 from pathlib import Path
@@ -229,20 +228,8 @@ def read_frames(path, start=0, count=16, step=1, host=None, decoder="opencv"):
 
 
 def find_videos(inputs):
-    """Video files named in ``inputs`` (files, or folders searched recursively), sorted, no duplicates."""
-    found = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS))
-        elif item.exists():
-            found.append(item)
-        else:
-            raise FileNotFoundError(f"{item} does not exist (expected a video file or a folder of videos)")
-    unique, seen = [], set()
-    for path in found:
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique
+    """Video files named in ``inputs`` (files, folders searched recursively, lists of paths or URLs, parquet files of
+    paths; local or fsspec URLs: ``sources.expand``), sorted within each folder, no duplicates."""
+    from .sources import expand
+
+    return expand(inputs, VIDEO_EXTENSIONS, "video input")

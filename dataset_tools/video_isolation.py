@@ -10,6 +10,10 @@ settings, segmenter spec)``, then one task's fields per task and ``None`` to sto
 ``(event type name, event fields)`` for every event of ``video_mining.mine_task``. Only builtins and numpy arrays
 cross the pipe, so neither side needs to import the other's modules by name; ``run`` hands the caller typed
 events again.
+
+Object masks can come from the parent instead of a segmenter loaded in each child (``segment``: on Ray, a
+GPU actor pool serves every mining process): the child then asks ``("segment", image, zone)`` and waits for the
+mask (or ``("error", message)``), so the mining algorithm is the same either way.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from .video_mining import EVENT_TYPES, PairingConfig, PairMined, VideoFinished, 
 KILLED = "killed (likely out of memory)"
 CRASHED = "crashed the decoder"
 HUNG = "decoder hung"
+SEGMENT = "segment"  # a child's request for an object mask (not an event)
 
 WORKER_SCRIPT = Path(__file__).with_name("_video_worker.py")
 _EVENTS_BY_NAME = {cls.__name__: cls for cls in EVENT_TYPES}
@@ -70,12 +75,16 @@ class VideoWorkerPool:
     another's messages.
     """
 
-    def __init__(self, config=PairingConfig(), workers=1, segmenter_spec=None, timeout=600.0):
+    def __init__(self, config=PairingConfig(), workers=1, segmenter_spec=None, timeout=600.0, segment=None,
+                 segment_name="segmenter"):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.config_dict = asdict(config)
         self.workers = workers
-        self.segmenter_spec = segmenter_spec
+        # ``segment(image, zone)`` → mask or None, answered here for every child (``segment_name`` is its
+        # mask_source); else each child loads the segmenter of ``segmenter_spec`` itself
+        self.segment = segment
+        self.segmenter_spec = {"remote": segment_name} if segment is not None else segmenter_spec
         self.timeout = timeout
         self._workers = []
 
@@ -175,7 +184,12 @@ class VideoWorkerPool:
                     continue
                 if worker.connection in ready:
                     try:
-                        event = from_wire(worker.connection.recv())
+                        message = worker.connection.recv()
+                        if message[0] == SEGMENT:
+                            worker.since = time.monotonic()
+                            worker.connection.send(self._segment(*message[1:]))
+                            continue
+                        event = from_wire(message)
                     except (EOFError, OSError):
                         finished, retry = self._crashed(index, hung=False)
                     else:
@@ -196,6 +210,28 @@ class VideoWorkerPool:
                     yield finished
 
 
+    def _segment(self, image, zone):
+        """The answer to a child's segmentation request: ("mask", mask or None) or ("error", why)."""
+        try:
+            return "mask", self.segment(image, zone)
+        except Exception as error:  # the child's video ends with this reason
+            return "error", f"{type(error).__name__}: {error}"
+
+
+class PipeSegmenter:
+    """A child's segmenter whose masks the parent computes (``VideoWorkerPool(segment=...)``)."""
+
+    def __init__(self, connection, name):
+        self.connection, self.name = connection, name
+
+    def __call__(self, image, zone=None):
+        self.connection.send((SEGMENT, image, zone))
+        kind, value = self.connection.recv()
+        if kind == "error":
+            raise RuntimeError(f"the segmenter failed: {value}")
+        return value
+
+
 def serve(fd):
     """The child's side: mine the tasks the parent sends over the pipe ``fd`` until it says stop (or closes)."""
     import cv2
@@ -205,7 +241,9 @@ def serve(fd):
     _, config_dict, segmenter_spec = connection.recv()
     config = PairingConfig.from_dict(config_dict)
     segmenter, segmenter_error = None, None
-    if segmenter_spec:
+    if segmenter_spec and "remote" in segmenter_spec:
+        segmenter = PipeSegmenter(connection, segmenter_spec["remote"])
+    elif segmenter_spec:
         try:
             from .segmenters import load_text_segmenter
 

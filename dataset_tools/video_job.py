@@ -19,14 +19,18 @@ refused unless ``append``.
 """
 from __future__ import annotations
 
-import json
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..jobs import Host, Skips, UsageError, check_input, check_output_folder, content_hash, describe_os_error
-from .triplets import TripletWriter, parse_shard, remove_unused_output
+from .scale import backend as scale_backend
+from .shards import (SHARD_SIZE, ShardWriter, VideoShards, check_output_format, read_output_json, run_stats,
+                     stats_name, write_output_json)
+from .sources import is_url, join
+from .triplets import TripletWriter, encode_triplet, parse_shard, remove_unused_output
 from .video_decode import VIDEO_EXTENSIONS, find_videos
 from .video_isolation import VideoWorkerPool
 from .video_mining import PairingConfig, PairMined, VideoFinished, VideoProgress, VideoReport, VideoTask, video_id
@@ -66,12 +70,16 @@ class VideoJob:
     grounding_dino: str | None = None  # GroundingDINO transformers folder (object masks; with sam_model, prompt)
     sam_model: str | None = None  # SAM / SAM 2 transformers folder or checkpoint file
     prompt: str | None = None  # object classes GroundingDINO looks for, e.g. "car"
-    device: str = "cpu"  # torch device of the segmenters
+    device: str = "cpu"  # torch device of the segmenters (on Ray: a GPU actor pool where the cluster has GPUs)
+    format: str = "folder"  # folder (source/ mask/ target/ + manifest) | webdataset (tar shards + parquet indices)
+    shard_size: int = SHARD_SIZE  # pairs per WebDataset shard (a video's pairs go to its own shards)
+    ray: str | None = None  # run on Ray: "local" (a Ray on this machine) or a cluster address; None: this machine
 
     def check(self):
         """UsageError for settings that cannot run; returns the segmenter spec (or None)."""
         if self.workers < 1:
             raise UsageError(f"workers must be >= 1, got {self.workers}")
+        check_output_format(self)
         if self.max_frames is not None and self.max_frames < 1:
             raise UsageError(f"max_frames must be >= 1 (or unset for whole videos), got {self.max_frames}")
         if self.shard is not None:
@@ -92,32 +100,25 @@ class VideoJob:
         return {**self.settings(spec), "max_frames": self.max_frames}
 
 
-def summary_path(root, shard):
+def summary_name(shard):
     if shard is None:
-        return Path(root) / f"{SUMMARY}.json"
+        return f"{SUMMARY}.json"
     index, count = parse_shard(shard)
-    return Path(root) / f"{SUMMARY}-shard-{index}-of-{count}.json"
+    return f"{SUMMARY}-shard-{index}-of-{count}.json"
 
 
-def write_summary(path, summary):
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def summary_path(root, shard):
+    return join(os.fspath(root), summary_name(shard))
 
 
-def finished_videos(path, params):
+def finished_videos(root, shard, params):
     """Videos a previous run with the same settings finished (ok or skipped for a reason), by content hash;
     crashed ones are tried again."""
-    if not path.is_file():
-        return {}
     try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        previous = read_output_json(root, summary_name(shard))
+    except (OSError, ValueError):
         return {}
-    if previous.get("params") != params:
+    if previous is None or previous.get("params") != params:
         return {}
     return {content_of(v["video_id"]): v for v in previous.get("videos", [])
             if v.get("status") in ("ok", "skipped") and v.get("video_id")}
@@ -181,21 +182,25 @@ def run_video_job(job, host=None):
         raise UsageError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) in {', '.join(map(str, job.videos))}")
     if shard is not None:
         videos = videos[shard[0]::shard[1]]
-    check_output_folder(job.output)
+    if not is_url(str(job.output)):
+        check_output_folder(job.output)
     ids, unmined = identify(videos, host)
-    created = not Path(job.output).exists()
+    created = not is_url(str(job.output)) and not Path(job.output).exists()
     try:
         # shards of one run share the folder, so a shard never refuses samples written by the others
-        writer = TripletWriter(job.output, resume=job.resume or shard is not None, shard=shard,
-                               settings=job.settings(spec), append=job.append)
+        resume = job.resume or shard is not None
+        if job.format == "webdataset":
+            writer = ShardWriter(job.output, resume=resume, settings=job.settings(spec), append=job.append)
+        else:
+            writer = TripletWriter(job.output, resume=resume, shard=shard, settings=job.settings(spec),
+                                   append=job.append)
     except BaseException:
         if created:
             remove_unused_output(job.output)
         raise
 
     params = job.params(spec)
-    path = summary_path(job.output, shard)
-    done_before = finished_videos(path, params) if job.resume or job.append else {}
+    done_before = finished_videos(job.output, shard, params) if job.resume or job.append else {}
     reports = dict(unmined)
     for video in videos:
         if video in ids and content_of(ids[video]) in done_before:
@@ -204,54 +209,142 @@ def run_video_job(job, host=None):
     tasks = [VideoTask(index, str(v), 0, job.max_frames, video_id=ids[v]) for index, v in enumerate(todo)]
     summary = {"params": params, "settings_id": writer.settings_id, "videos": [], "written": 0, "already_present": 0,
                "samples": 0, "skipped": {}}
-    written, fractions = Counter(), {}
+    if job.format == "webdataset":
+        summary.update(shards=0, bytes=0)
+    written, fractions, sinks = Counter(), {}, {}
+    started = time.perf_counter()
 
     def publish():
         summary["videos"] = [reports[v] for v in videos if v in reports]
-        summary["samples"] = len(writer)
+        summary["samples"] = writer.samples if job.format == "webdataset" else len(writer)
         summary["skipped"] = skipped_videos(summary["videos"]).as_dict()
-        write_summary(path, summary)
+        write_output_json(job.output, summary_name(shard), summary)
+
+    def store(index, sample_id, record, encoded):
+        """One pair into the dataset: the folder, or the shards of its video."""
+        try:
+            if job.format == "webdataset":
+                if index not in sinks:
+                    sinks[index] = VideoShards(writer.target(), tasks[index].video_id, job.shard_size)
+                if not sinks[index].add(sample_id, encoded(), record):
+                    summary["already_present"] += 1
+                    return
+            elif writer.has(sample_id):
+                summary["already_present"] += 1
+                return
+            else:
+                writer.write_encoded(sample_id, encoded(), record)
+        except OSError as error:
+            summary["stopped"] = f"could not write sample {sample_id}: {describe_os_error(error)}"
+            raise
+        summary["written"] += 1
+        written[index] += 1
+
+    def shards_done(index, results):
+        """A video's shards are written (here, or by its Ray task): count them, and what was there before."""
+        for result in results:
+            writer.finish(result)
+            summary["shards"] += 1
+            summary["bytes"] += result["bytes"]
+            if result.get("existing"):
+                summary["already_present"] += result["samples"]
+            elif index not in sinks:  # written by a Ray task: its pairs were not counted here
+                summary["written"] += result["samples"]
+                written[index] += result["samples"]
 
     def consume(event):
         if isinstance(event, VideoProgress):
             fractions[event.job] = event.done / max(1, event.total)
         elif isinstance(event, PairMined):
-            if writer.has(event.sample_id):
-                summary["already_present"] += 1
-                return
-            try:
-                writer.write(event.sample_id, event.source, event.mask, event.target, event.record)
-            except OSError as error:
-                summary["stopped"] = f"could not write sample {event.sample_id}: {describe_os_error(error)}"
-                raise
-            summary["written"] += 1
-            written[event.job] += 1
+            store(event.job, event.sample_id, event.record,
+                  lambda: encode_triplet(event.source, event.mask, event.target))
+        elif isinstance(event, PairEncoded):
+            store(event.job, event.sample_id, event.record, lambda: event.encoded)
+        elif isinstance(event, ShardsWritten):
+            shards_done(event.job, event.results)
         elif isinstance(event, VideoFinished):
+            if job.format == "webdataset" and event.job in sinks:
+                shards_done(event.job, sinks[event.job].finish())
+                del sinks[event.job]
             report = event.report.as_dict()
             report["written"] = written.pop(event.job, 0)
             reports[todo[event.job]] = report
             fractions.pop(event.job, None)
-            host.log(f"{todo[event.job].name}: {report['status']}, {report['pairs']} pairs, {report['written']} "
+            host.log(f"{Path(todo[event.job]).name}: {report['status']}, {report['pairs']} pairs, {report['written']} "
                      f"written" + (f" ({report['reason']})" if report["reason"] else ""))
             publish()
         finished = len(reports) + sum(fractions.values())
         host.progress(round(finished, 2), len(videos), "videos")
 
-    with writer:
+    try:
+        host.progress(len(reports), len(videos), "videos")
+        if tasks:
+            with scale_backend(job.ray, job.workers):
+                for event in mining_events(job, tasks, spec, writer):
+                    host.check_interrupt()
+                    host.event(event)
+                    consume(event)
+    finally:
+        for sink in sinks.values():
+            sink.abort()  # a stopped run: the video is mined again next time
+        if hasattr(writer, "close"):
+            writer.close()
         try:
-            host.progress(len(reports), len(videos), "videos")
-            if tasks:
-                with VideoWorkerPool(job.pairing, min(job.workers, len(tasks)), spec, job.timeout) as pool:
-                    for event in pool.run(tasks):
-                        host.check_interrupt()
-                        host.event(event)
-                        consume(event)
-        finally:
-            try:
-                publish()  # whatever stops the run, the summary describes what was done
-            except OSError:
-                pass  # the disk that refused the samples refuses the summary too: the error says so
+            publish()  # whatever stops the run, the summary describes what was done
+            if job.format == "webdataset":
+                stats = run_stats("ray" if job.ray is not None else "local", summary["written"],
+                                  summary["already_present"], summary["skipped"], {}, summary["shards"],
+                                  summary["bytes"], time.perf_counter() - started, job.workers)
+                stats.update(samples=writer.samples, shards_total=len(writer.counts), videos=len(videos))
+                write_output_json(job.output, stats_name(shard), stats)
+                if shard is None:  # the run is over: no writer of this store runs (hand-started shards may)
+                    writer.remove_partial_writes()
+        except OSError:
+            pass  # the disk that refused the samples refuses the summary too: the error says so
     return summary
+
+
+@dataclass
+class PairEncoded:
+    """A pair of task ``job`` already PNG-encoded where it was mined (a Ray task), with its manifest record."""
+
+    job: int
+    sample_id: str
+    encoded: object  # triplets.EncodedTriplet
+    record: dict
+
+
+@dataclass
+class ShardsWritten:
+    """The shards a Ray task wrote for the video of task ``job`` (``ShardFile.commit`` results)."""
+
+    job: int
+    results: list
+
+
+def mining_events(job, tasks, spec, writer):
+    """The typed events of mining ``tasks``: from isolated processes on this machine, or from Ray tasks (which
+    send their pairs encoded, or write the video's shards themselves)."""
+    if job.ray is None:
+        with VideoWorkerPool(job.pairing, min(job.workers, len(tasks)), spec, job.timeout) as pool:
+            yield from pool.run(tasks)
+        return
+    from . import scale
+
+    target = writer.target() if job.format == "webdataset" else None
+    for payload in scale.video_results(tasks, job.pairing, spec, job.timeout, job.workers, target, job.shard_size):
+        if payload[0] == "pair":
+            yield PairEncoded(*payload[1:])
+        elif payload[0] == "finished":
+            _, finished, results = payload
+            if results:
+                yield ShardsWritten(finished.job, results)
+            yield finished
+        else:  # "died"
+            task = payload[1]
+            yield VideoFinished(task.job, VideoReport(video=task.path, status="crashed", problem="task died",
+                                                      reason=f"{Path(task.path).name}: {scale.TASK_DIED}",
+                                                      video_id=task.video_id))
 
 
 @dataclass

@@ -887,25 +887,32 @@ def mine_task(task, config, emit, segmenter=None, check_interrupt=None):
     A file OpenCV cannot open or get a frame from is tried once more with PyAV (a file that crashes OpenCV's
     decoder is retried by the process pool, which sees the crash); the report and every record name the decoder
     that produced the pairs, and the report says why the first one was given up."""
+    from .sources import local_copy
+
     vid = task.video_id or video_id(task.path)
     decoder, fallback = task.decoder, task.fallback
-    while True:
-        report, mined = _mine_with(task, vid, decoder, config, emit, segmenter, check_interrupt)
-        if decoder == "opencv" and not mined and report.status == "skipped" and report.problem == CANNOT_DECODE:
-            fallback, decoder = report.reason, "pyav"
-            continue
-        break
+    try:
+        with local_copy(task.path) as local:  # a video at a URL is decoded from a temporary local copy
+            while True:
+                report, mined = _mine_with(task, local, vid, decoder, config, emit, segmenter, check_interrupt)
+                if decoder == "opencv" and not mined and report.status == "skipped" and report.problem == CANNOT_DECODE:
+                    fallback, decoder = report.reason, "pyav"
+                    continue
+                break
+    except OSError as error:  # the copy of a remote file failed
+        report = VideoReport(video=str(task.path), status="skipped", problem="cannot be read",
+                             reason=f"{task.path} cannot be read: {error}", decoder=decoder)
     if fallback and report.status == "skipped" and report.problem == CANNOT_DECODE:
         report.reason = f"{fallback}; {report.reason}"
-    report.video_id, report.fallback = vid, fallback
+    report.video, report.video_id, report.fallback = str(task.path), vid, fallback
     emit(VideoFinished(task.job, report))
 
 
-def _mine_with(task, vid, decoder, config, emit, segmenter, check_interrupt):
-    """(report, pairs emitted) of one try of ``task`` with ``decoder``."""
+def _mine_with(task, local, vid, decoder, config, emit, segmenter, check_interrupt):
+    """(report, pairs emitted) of one try of ``task`` (its file at the local path ``local``) with ``decoder``."""
     mined = 0
     try:
-        generator = mine_video(task.path, config, segmenter, task.start, task.stop,
+        generator = mine_video(local, config, segmenter, task.start, task.stop,
                                lambda done, total: emit(VideoProgress(task.job, done, total)), check_interrupt,
                                decoder)
         while True:

@@ -66,3 +66,24 @@ def model_path(folder, name, url=None):
         if name and os.path.isfile(os.path.join(base, name, "config.json")):
             return os.path.join(base, name)
     return model_file(folder, name, url)
+
+
+def dataset_source(value, what="dataset"):
+    """A training dataset typed into a node: a triplet folder or a WebDataset shard folder (as ``dataset_folder``),
+    a shard file or pattern (``shards/shard-{000000..000009}.tar``, ``shards/*.tar``) relative to ComfyUI's
+    output (or input) folder or absolute, or an fsspec URL (``s3://...``, taken as it is)."""
+    from ..dataset_tools.shards import shard_paths
+    from ..dataset_tools.sources import is_url
+
+    value = (value or "").strip()
+    if is_url(value) or not (value.endswith(".tar") or any(c in value for c in "{*?[")):
+        return value if is_url(value) else dataset_folder(value, what)
+    bases = [folder_paths.get_output_directory(), folder_paths.get_input_directory()]
+    candidates = [value] if os.path.isabs(value) else [os.path.join(base, value) for base in bases]
+    for candidate in candidates:
+        try:
+            shard_paths(candidate)
+            return candidate
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"{what} {value!r} names no WebDataset shard (looked in {', '.join(candidates)})")

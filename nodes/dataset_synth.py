@@ -137,10 +137,12 @@ class PreviewTripletDataset(io.ComfyNode):
             display_name="Load Triplet Dataset Samples",
             category=CATEGORY,
             description=("Reads samples of a triplet dataset folder (source/, mask/, target/, manifest*.jsonl: "
-                         "from paste synthesis or video mining), validating them, as IMAGE/MASK batches."),
+                         "from paste synthesis or video mining) or of a folder of WebDataset shards, validating "
+                         "them, as IMAGE/MASK batches."),
             inputs=[
                 io.String.Input("dataset_folder", default="erasekit_syn4removal", tooltip="Triplet dataset "
-                                "folder; absolute or relative to ComfyUI's output folder."),
+                                "folder, or folder of WebDataset shards (*.tar + *.parquet); absolute or relative "
+                                "to ComfyUI's output folder."),
                 io.Int.Input("start", default=0, min=0, max=1 << 30, tooltip="Index of the first sample (samples "
                              "are ordered by id)."),
                 io.Int.Input("count", default=4, min=1, max=256, tooltip="How many samples to load; they must "

@@ -23,7 +23,7 @@ from comfy_api.latest import io
 from ..erasers import omnieraser as oe
 from ..erasers.attention import split_heads
 from ..train import curves, loop, memory
-from ..train.datasets import folder_fingerprint
+from ..train.datasets import dataset_fingerprint
 from ..train.eraser_lora import (CAPTION, LEARNING_RATE, PACKED_INPUT, EraserJob, FluxAdapter, MemoryFacts,
                                  lora_metadata, official_lora_targets, train_eraser)
 from ..train.lora import LoraTarget, save_lora_file
@@ -228,7 +228,7 @@ def train_omnieraser(model, vae, positive, dataset, job: EraserJob, interrupt_pr
         log.warning("training interrupted: partial LoRA saved to %s", path)
 
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference mode
-        result = train_eraser(job, adapter, ComfyHost(), folders=[_paths.dataset_folder(dataset)],
+        result = train_eraser(job, adapter, ComfyHost(), folders=[_paths.dataset_source(dataset)],
                               partial_lora=save_partial, check_memory=memory_check(adapter.device))
     trained, _ = apply_omnieraser_lora(model, result.lora_state, 1.0)
     return trained, result.lora_state, result.history, result.heldout_loss
@@ -265,8 +265,10 @@ class TrainOmniEraserLora(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip=f"CLIPTextEncode of the fixed caption {CAPTION!r} "
                                       "(DualCLIPLoader type flux); it is encoded once and reused every step."),
                 io.String.Input("dataset", default="", tooltip="Triplet dataset folder (source/, mask/, target/, "
-                                "manifest.jsonl), absolute or inside ComfyUI's output (or input) folder. The last sample is "
-                                "held out to measure the final loss. The node runs again when the folder's files change."),
+                                "manifest.jsonl) or WebDataset shards (a shard folder, or a pattern such as "
+                                "shards/shard-{000000..000009}.tar, or an s3:// URL), absolute or inside ComfyUI's "
+                                "output (or input) folder. The last sample is held out to measure the final loss. The "
+                                "node runs again when the dataset's files change."),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=LEARNING_RATE, min=1e-7, max=1.0, step=1e-6,
                                tooltip="Base learning rate (OmniEraser: 3e-5, multiplied by the accumulation "
@@ -322,7 +324,7 @@ class TrainOmniEraserLora(io.ComfyNode):
     def fingerprint_inputs(cls, dataset=None, **_):
         """Run again when the dataset folder's files change (ComfyUI would otherwise reuse the old LoRA)."""
         try:
-            return folder_fingerprint(_paths.dataset_folder(dataset))
+            return dataset_fingerprint(_paths.dataset_source(dataset))
         except (OSError, ValueError):
             return dataset  # execute reports the problem
 

@@ -17,7 +17,7 @@ from comfy_api.latest import io
 from ..jobs import require
 from ..train import curves, loop
 from ..train import sd_inpaint as core
-from ..train.datasets import folder_fingerprint
+from ..train.datasets import dataset_fingerprint
 from . import _paths
 from ._host import ComfyHost
 
@@ -83,8 +83,10 @@ class TrainSDInpaintEraser(io.ComfyNode):
                                tooltip="Frozen CLIP vision model with projection (clip-vit-large-patch14, 768-d) "
                                        "in models/clip_vision; used for visual guidance."),
                 io.String.Input("dataset_folder", default="erasekit_syn4removal",
-                                tooltip="Triplet dataset folder (source/, mask/, target/, manifest.jsonl); "
-                                        "absolute or relative to ComfyUI's output (or input) folder."),
+                                tooltip="Triplet dataset folder (source/, mask/, target/, manifest.jsonl) or "
+                                        "WebDataset shards (a shard folder, a pattern such as "
+                                        "shards/shard-{000000..000009}.tar, or an s3:// URL); absolute or relative "
+                                        "to ComfyUI's output (or input) folder."),
                 io.String.Input("output_name", default="smarteraser_trained",
                                 tooltip="Name of the trained model folder in models/smarteraser (replaced when a "
                                         "run finishes) and of the run folder in output/erasekit_train."),
@@ -140,7 +142,7 @@ class TrainSDInpaintEraser(io.ComfyNode):
     def fingerprint_inputs(cls, dataset_folder=None, **_):
         """Run again when the dataset folder's files change (ComfyUI would otherwise reuse the old result)."""
         try:
-            return folder_fingerprint(_paths.dataset_folder(dataset_folder, "dataset_folder"))
+            return dataset_fingerprint(_paths.dataset_source(dataset_folder, "dataset_folder"))
         except (OSError, ValueError):
             return dataset_folder  # execute reports the problem
 
@@ -154,7 +156,7 @@ class TrainSDInpaintEraser(io.ComfyNode):
             require(module, extra="train", feature=feature)
         name = _output_name(output_name)
         base = base_model_path(base_model)
-        dataset = _paths.dataset_folder(dataset_folder, "dataset_folder")
+        dataset = _paths.dataset_source(dataset_folder, "dataset_folder")
         vision = _paths.model_file("clip_vision", clip_vision,
                                    "https://huggingface.co/openai/clip-vit-large-patch14") if visual_guidance else None
         run_dir = os.path.join(folder_paths.get_output_directory(), RUNS_FOLDER, name)

@@ -1,5 +1,9 @@
 """Training samples over the triplet format: paired random crops and mask augmentation.
 
+``open_triplets`` reads a dataset in either format: a triplet folder, or WebDataset shards (a shard folder, a
+``.tar``, a pattern such as ``shards/shard-{000000..000099}.tar``; local or an fsspec URL). Both readers order
+samples by id, so sample ``i`` and its crops are the same in both.
+
 ``PairedCropDataset`` wraps any indexable of triplets (``dataset_tools.triplets.TripletDataset`` or a list
 of dicts with uint8 ``source``/``target`` H×W×3 and a ``mask`` H×W: bool, uint8 0/255 or 0/1, or float in [0, 1]) and yields crops at the
 training size in ComfyUI's layout, so model-specific step functions and the nodes share one format:
@@ -132,6 +136,10 @@ class PairedCropDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.triplets)
 
+    def rank_items(self, rank, world):
+        """The indices process ``rank`` of ``world`` trains on (``rank_items``); None: all, by position."""
+        return rank_items(self.triplets, rank, world)
+
     def key(self, index, draw):
         """The canonical key of ``(index, draw)``: identical keys give identical samples."""
         return int(index), int(draw) % self.variants if self.variants else int(draw)
@@ -167,6 +175,46 @@ class PairedCropDataset(torch.utils.data.Dataset):
         }
 
 
+def open_triplets(spec):
+    """The reader of a dataset in either format (``dataset_tools.shards.open_triplets``)."""
+    from ..dataset_tools.shards import open_triplets as open_either
+
+    return open_either(spec)
+
+
+def _shards_of(triplets):
+    """For each sample of ``triplets`` (a shard reader, or a ``Subset``/``ConcatDataset`` of them) the shard file
+    that holds it; None when some sample comes from a folder."""
+    if isinstance(triplets, torch.utils.data.Subset):
+        inner = _shards_of(triplets.dataset)
+        return None if inner is None else [inner[i] for i in triplets.indices]
+    if isinstance(triplets, torch.utils.data.ConcatDataset):
+        parts = [_shards_of(part) for part in triplets.datasets]
+        return None if any(p is None for p in parts) else [shard for part in parts for shard in part]
+    shards = getattr(triplets, "shards", None)
+    if shards is None or not hasattr(triplets, "shard_of"):
+        return None
+    return [shards[position] for position in triplets.shard_of]
+
+
+def rank_items(triplets, rank, world):
+    """The sample indices process ``rank`` of ``world`` trains on when the samples come from WebDataset shards:
+    those of its own shards (the k-th shard, by name, goes to process k % world), so each process reads only its
+    own shards and no two draw the same sample. None for one process or a folder dataset (every process then
+    takes its own positions of one shared order)."""
+    if world <= 1:
+        return None
+    shards = _shards_of(triplets)
+    if shards is None:
+        return None
+    order = {shard: k for k, shard in enumerate(sorted(set(shards)))}
+    if len(order) < world:
+        raise ValueError(f"the dataset has {len(order)} shards for {world} training processes: each process reads "
+                         "its own shards, so write at least one shard per process (a smaller --shard-size, or "
+                         "erasekit-dataset convert --shard-size)")
+    return [index for index, shard in enumerate(shards) if order[shard] % world == rank]
+
+
 def collate(samples):
     """Stack samples into a batch: IMAGE-layout tensors plus lists of indices and cache keys."""
     return {
@@ -189,3 +237,13 @@ def folder_fingerprint(folder):
             stat = os.stat(path)
             digest.update(f"{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def dataset_fingerprint(spec):
+    """``folder_fingerprint`` of a dataset folder (either format), or the shard files' sizes and times of a shard
+    pattern or URL: a node training on it runs again when it changes."""
+    if os.path.isdir(os.fspath(spec)):
+        return folder_fingerprint(spec)
+    from ..dataset_tools.shards import dataset_fingerprint as shards_fingerprint
+
+    return shards_fingerprint(spec)

@@ -28,6 +28,7 @@ from ..erasers import omnieraser as oe
 from ..jobs import Host
 from . import caching, flow_matching, lora, loop, memory
 from .datasets import PairedCropDataset, collate, smarteraser_mask_augmenter
+from .datasets import open_triplets as open_dataset
 
 log = logging.getLogger(__name__)
 
@@ -298,10 +299,8 @@ class TrainingData:
 
 
 def open_triplets(folders):
-    """One indexable over several triplet dataset folders (``dataset_tools.triplets.TripletDataset``)."""
-    from ..dataset_tools.triplets import TripletDataset
-
-    parts = [TripletDataset(f) for f in folders]
+    """One indexable over several datasets: triplet folders or WebDataset shards (``train.datasets.open_triplets``)."""
+    parts = [open_dataset(f) for f in folders]
     if len(parts) == 1:
         return parts[0]
     return torch.utils.data.ConcatDataset(parts)
@@ -349,6 +348,9 @@ class CachedKeys(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.samples)
+
+    def rank_items(self, rank, world):
+        return self.samples.rank_items(rank, world)
 
     def __getitem__(self, key):
         index, draw = self.samples.key(*key)

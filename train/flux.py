@@ -189,7 +189,9 @@ def erase(model, adapter, source, mask, steps=8, seed=0, guidance=GUIDANCE, sche
 def add_arguments(parser: argparse.ArgumentParser):
     """Options of ``erasekit-train flux`` (defaults = the OmniEraser recipe)."""
     parser.add_argument("--model", required=True, help="diffusers FLUX.1-dev folder (transformer/, vae/, text encoders)")
-    parser.add_argument("--data", required=True, nargs="+", help="triplet dataset folder(s) (source/, mask/, target/, manifest.jsonl)")
+    parser.add_argument("--data", required=True, nargs="+",
+                        help="triplet dataset folder(s) (source/, mask/, target/, manifest.jsonl) or WebDataset shards "
+                             "(a shard folder, or a pattern such as shards/shard-{000000..000099}.tar; local or a URL)")
     parser.add_argument("--output", required=True, help="output folder: LoRA, checkpoints/, loss_curve.png, logs/")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     parser.add_argument("--resolution", type=int, default=1024, help="paired random crop size in px (official 1024)")

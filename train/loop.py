@@ -8,7 +8,8 @@ The caller supplies what is model specific:
   draws exactly what the uninterrupted run drew.
 - ``params``: ``{name: Parameter}``, the trainable parameters (e.g. ``train.lora.inject_lora``'s result).
 - ``dataset``: indexable by the keys ``(index, draw)`` (see ``train.datasets.PairedCropDataset``). The data
-  order is a reproducible permutation per epoch; the position in it is part of the training state.
+  order is a reproducible permutation per epoch; the position in it is part of the training state. A dataset
+  with ``rank_items(rank, world)`` (WebDataset shards) gives each process its own samples to permute.
 
 What the loop owns: AdamW (fused on CUDA, or bitsandbytes' 8-bit AdamW), diffusers' LR schedules, gradient
 accumulation, bf16 autocast (or fp16 with a gradient scaler), gradient clipping, an attention back-end whose
@@ -197,21 +198,35 @@ class KeyBatches(torch.utils.data.Sampler):
 
     Global position p → epoch p // n, item ``perm_epoch[p % n]``, draw p. Process ``rank`` of ``world``
     takes micro-batch m's positions ((m·world + rank)·batch … +batch).
+
+    ``items``: the indices this process may draw (a sharded dataset gives each process its own shards, see
+    ``train.datasets.rank_items``). It then walks its own permutation of them: position p of this process →
+    epoch p // len(items), item ``items[perm_epoch[p % len(items)]]``, draw p·world + rank (no two processes
+    draw the same key).
     """
 
-    def __init__(self, num_items, seed, batch_size, start_micro=0, rank=0, world=1):
-        self.num_items, self.seed, self.batch_size = num_items, seed, batch_size
+    def __init__(self, num_items, seed, batch_size, start_micro=0, rank=0, world=1, items=None):
+        self.items = None if items is None else list(items)
+        if self.items is not None and not self.items:
+            raise ValueError(f"process {rank} of {world} has no samples to train on")
+        self.num_items = num_items if self.items is None else len(self.items)
+        self.seed, self.batch_size = seed, batch_size
         self.start_micro, self.rank, self.world = start_micro, rank, world
         self._epoch, self._perm = None, None
 
     def _item(self, position):
         epoch = position // self.num_items
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 1))
+            parts = (self.seed, epoch, 1) if self.items is None else (self.seed, epoch, 1, self.rank)
+            generator = torch.Generator().manual_seed(derive_seed(*parts))
             self._epoch, self._perm = epoch, torch.randperm(self.num_items, generator=generator).tolist()
-        return self._perm[position % self.num_items]
+        index = self._perm[position % self.num_items]
+        return index if self.items is None else self.items[index]
 
     def batch_keys(self, micro):
+        if self.items is not None:
+            first = micro * self.batch_size
+            return [(self._item(p), p * self.world + self.rank) for p in range(first, first + self.batch_size)]
         first = (micro * self.world + self.rank) * self.batch_size
         return [(self._item(p), p) for p in range(first, first + self.batch_size)]
 
@@ -468,7 +483,8 @@ def train(step_fn: Callable, params: dict, dataset, config: LoopConfig, *, model
         step, history = state["step"], [tuple(h) for h in state["history"]]
         log.info("resumed from %s at step %d", checkpoint, step)
 
-    sampler = KeyBatches(len(dataset), config.seed, config.batch_size, step * config.grad_accum, rank, world)
+    own = dataset.rank_items(rank, world) if hasattr(dataset, "rank_items") else None  # a sharded dataset
+    sampler = KeyBatches(len(dataset), config.seed, config.batch_size, step * config.grad_accum, rank, world, own)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                                          collate_fn=collate_fn)
     batches = iter(loader)

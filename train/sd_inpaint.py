@@ -31,7 +31,7 @@ import torch
 from ..erasers import layout, smarteraser
 from ..jobs import CliHost, require
 from . import caching, cro, epsilon, loop
-from .datasets import PairedCropDataset, collate, smarteraser_mask_augmenter
+from .datasets import PairedCropDataset, collate, open_triplets, smarteraser_mask_augmenter
 
 TRAIN_PROMPT = "Remove the instance of object"  # train_region_inpaint.sh --clip_vtext
 CONDITION_DROPOUT = 0.1  # --random_condition_abandon 0.1
@@ -476,9 +476,7 @@ def build_dataset(dataset_dir, resolution, seed, mask_augmentation=True, variant
 
     ``variants`` = K fixes K crop/augmentation versions per sample (what makes latents cacheable).
     """
-    from ..dataset_tools.triplets import TripletDataset
-
-    return PairedCropDataset(TripletDataset(dataset_dir), resolution, seed=seed,
+    return PairedCropDataset(open_triplets(dataset_dir), resolution, seed=seed,
                              augment_mask=smarteraser_mask_augmenter if mask_augmentation else None,
                              resize_short_side=resolution, variants=variants)
 
@@ -528,7 +526,9 @@ def add_arguments(parser):
     parser.add_argument("--model", required=True,
                         help="diffusers SD-inpainting folder (unet/ with 9 input channels, vae/, text_encoder/, "
                              "tokenizer/, scheduler/); the SmartEraser release is one")
-    parser.add_argument("--data", required=True, help="triplet dataset folder (source/, mask/, target/, manifest.jsonl)")
+    parser.add_argument("--data", required=True,
+                        help="triplet dataset folder (source/, mask/, target/, manifest.jsonl) or WebDataset shards "
+                             "(a shard folder, or a pattern such as shards/shard-{000000..000099}.tar; local or a URL)")
     parser.add_argument("--output", required=True,
                         help="output folder: model/ (diffusers + clip_mlp_weight.pth), checkpoints/, loss_curve.png, logs/")
     parser.add_argument("--clip-vision", default=None,
