@@ -26,6 +26,7 @@ from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, Skips, cli_main
 from . import instances as inst
 from . import synth
 from .scale import add_arguments as add_scale_arguments
+from .triplets import add_resume_arguments
 from .synth_job import SynthJob, failed_samples, run_synth_job
 
 
@@ -58,12 +59,7 @@ def build_parser():
     parser.add_argument("--max-area", type=float, default=inst.MAX_AREA)
     parser.add_argument("--workers", type=int, default=1, help="processes making samples")
     parser.add_argument("--shard", help="i/N: make only samples with index %% N == i (independent jobs, one folder)")
-    existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true",
-                          help="continue a folder that holds samples made with the same recipe")
-    existing.add_argument("--append", action="store_true",
-                          help="add samples made with another recipe to a folder that holds samples (each new "
-                               "sample records its recipe)")
+    add_resume_arguments(parser, "the same recipe", "another recipe")
     add_scale_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")

@@ -134,8 +134,8 @@ def collect_instances(job, skips, host):
     """Every instance of the job's sources (COCO files, folders, SAM proposals saved under the output); files
     left out are named in ``skips`` (a ``jobs.Skips``)."""
     found = []
-    for annotations, images in zip(job.coco, job.coco_images):
-        found += inst.coco_instances(annotations, images, skips)
+    for coco_file, images in zip(job.coco, job.coco_images):
+        found += inst.coco_instances(coco_file, images, skips)
     for folder in job.instances:
         found += inst.folder_instances(folder, job.class_name, skips)
     if job.sam_images:
@@ -259,22 +259,16 @@ def run_synth_job(job, host=None):
             save_instances()
             summary.update(settings_id=writer.settings_id)
             progress = lambda done, total: host.progress(done, total, "samples")  # noqa: E731
-            if job.format == "webdataset":
-                results = None
-                if job.ray is not None:
-                    from . import scale
+            results = None  # the single-machine path's own workers
+            if job.ray is not None:
+                from . import scale
 
-                    results = functools.partial(scale.shard_results, workers=job.workers,
-                                                check_interrupt=host.check_interrupt)
+                collect = scale.shard_results if job.format == "webdataset" else scale.sample_results
+                results = functools.partial(collect, workers=job.workers, check_interrupt=host.check_interrupt)
+            if job.format == "webdataset":
                 synth.run_synthesis_shards(plan, writer, job.shard_size, job.workers, job.shard, progress,
                                            host.check_interrupt, summary, results)
             else:
-                results = None
-                if job.ray is not None:
-                    from . import scale
-
-                    results = functools.partial(scale.sample_results, workers=job.workers,
-                                                check_interrupt=host.check_interrupt)
                 synth.run_synthesis(plan, writer, job.workers, job.shard, job.resume, progress,
                                     host.check_interrupt, summary, results)
     except BaseException:

@@ -276,6 +276,16 @@ def adopt_settings(root, runs, settings, samples, append):
     return runs + [{"settings_id": sid, "settings": settings, "appended": True}], sid, settings
 
 
+def add_resume_arguments(parser, same="the same settings", other="other settings"):
+    """``--resume`` / ``--append``, the two ways of writing into a folder that holds samples (``adopt_settings``),
+    for the commands that write triplet datasets."""
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help=f"continue a folder that holds samples made with {same}")
+    existing.add_argument("--append", action="store_true",
+                          help=f"add samples made with {other} to a folder that holds samples (each new sample "
+                               "records what made it)")
+
+
 def settings_refusal(root, runs, settings, samples):
     """The sentence refusing to mix: what differs, and the three ways on."""
     ways = ("run with the same settings to resume it, pass --append (a node: append) to add samples made with "

@@ -28,6 +28,7 @@ from dataclasses import fields
 
 from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, Skips, UsageError, cli_main
 from .scale import add_arguments as add_scale_arguments
+from .triplets import add_resume_arguments
 from .video_job import VideoJob, failed_videos, run_video_job, summary_path
 from .video_mining import MASK_AUGMENTATIONS, OUTSIDE_CHANGES, PairingConfig
 
@@ -45,12 +46,7 @@ def build_parser():
     parser.add_argument("-o", "--output", required=True, help="triplet dataset folder to write")
     parser.add_argument("--workers", type=int, default=1, help="videos mined at once, each in its own process")
     parser.add_argument("--shard", default=None, help="i/N: mine every N-th video starting at i, into its own manifest in the shared folder")
-    existing = parser.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true",
-                          help="continue a folder that holds samples made with the same settings")
-    existing.add_argument("--append", action="store_true",
-                          help="add samples made with other settings to a folder that holds samples (each new "
-                               "sample records its settings)")
+    add_resume_arguments(parser)
     parser.add_argument("--max-frames", type=int, default=None, help="mine only the first N frames of each video")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds without progress before a decoder counts as hung")
     defaults = PairingConfig()

@@ -1,9 +1,9 @@
 """Erase Diffusion's self-rectifying attention (SRA) and Attentive Eraser's removal guidance, in plain torch.
 
-SRA (../shared/METHODS.md section 2) replaces every self-attention: with the object mask m at the layer's
-token grid, the additive mask is m'_ij = -inf when m_i = 1 and m_j = 1, else 0. A query inside the mask may
-not attend to any key inside the mask (itself included), so the hole is filled from the background; queries
-outside the mask are untouched.
+SRA (the Erase Diffusion paper, CVPR 2025, "self-rectifying attention") replaces every self-attention: with the
+object mask m at the layer's token grid, the additive mask is m'_ij = -inf when m_i = 1 and m_j = 1, else 0. A query
+inside the mask may not attend to any key inside the mask (itself included), so the hole is filled from the
+background; queries outside the mask are untouched.
 
 Neither form builds an L x L mask. The strategy is picked per device (``strategy_for``):
 
@@ -49,7 +49,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Attentive Eraser defaults (official main.py / pipeline; METHODS.md section 2).
+from . import layout
+
+# Attentive Eraser defaults (official main.py / pipeline).
 REMOVAL_GUIDANCE_SCALE = 9.0
 SUPPRESSION_SCALE = 0.3
 SUPPRESSION_STEPS = 9
@@ -97,9 +99,9 @@ def check_mask_for_latent(mask, latent_height, latent_width, latent_batch):
 
 
 def latent_mask(mask, latent_height, latent_width):
-    """Bool ``[B,h,w]`` at latent resolution: binarised at 0.5, a latent pixel is inside if any pixel is."""
-    binary = (mask >= 0.5).to(torch.float32).unsqueeze(1)
-    return F.adaptive_max_pool2d(binary, (latent_height, latent_width)).squeeze(1) > 0
+    """Bool ``[B,h,w]`` at latent resolution: binarised (``layout.binarize``), a latent pixel is inside if any of
+    its pixels is."""
+    return layout.latent_mask(mask, latent_height, latent_width, cover="any").squeeze(1) > 0
 
 
 def grid_mask(mask, height, width):

@@ -240,7 +240,7 @@ def test_a_write_failure_mid_run_stops_cleanly_with_the_summary_written(road_vid
     from erasekit.dataset_tools import triplets
 
     calls = []
-    original = triplets.TripletWriter.write
+    original = triplets.TripletWriter.write_encoded  # what the mining job writes with
 
     def full_disk(self, *args, **kwargs):
         calls.append(1)
@@ -248,7 +248,7 @@ def test_a_write_failure_mid_run_stops_cleanly_with_the_summary_written(road_vid
             raise OSError(28, "No space left on device")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(triplets.TripletWriter, "write", full_disk)
+    monkeypatch.setattr(triplets.TripletWriter, "write_encoded", full_disk)
     out = tmp_path / "dataset"
     assert video_cli.main([str(road_video), "-o", str(out), *ROAD]) == EXIT_FAILED
     error = capsys.readouterr().err

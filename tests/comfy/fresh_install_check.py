@@ -5,6 +5,7 @@ points, and prints one JSON report on the last line of stdout.
     python fresh_install_check.py WORKDIR [WORKFLOW.json ...]
 """
 import importlib
+import importlib.util
 import json
 import sys
 import traceback
@@ -12,6 +13,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+
+def register_checkout_as_erasekit():
+    """The harness drives ComfyUI through the pack's own headless runtime (``erasekit.headless``). A fresh install
+    has the pack in custom_nodes only, not pip-installed, so the checkout is registered as ``erasekit`` for the
+    harness here; ComfyUI still loads the pack from custom_nodes under its folder name (relative imports only,
+    tests/test_layers.py)."""
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("erasekit", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["erasekit"] = module
+    spec.loader.exec_module(module)
+
+
+register_checkout_as_erasekit()
 from harness import ComfyHarness, find_comfyui  # noqa: E402
 
 

@@ -1,9 +1,7 @@
 """The dataset jobs through ComfyUI's executor: a node and its command write the same dataset byte for byte, and
 nodes that read files run again when those files change (their cache fingerprints)."""
-import asyncio
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import cv2
@@ -12,7 +10,6 @@ import pytest
 
 from erasekit.dataset_tools import synth_cli, video_cli
 from erasekit.dataset_tools.triplets import TripletWriter
-from harness import PromptError
 
 PAIRING = {"foreground_ratio": 0.04, "window_seconds": 6.0, "lighting_mse": 20.0, "mask_augment": "random",
            "outside_changes": "mask"}
@@ -37,24 +34,15 @@ class OneExecutor:
     """Prompts run through one PromptExecutor, so ComfyUI's output cache carries over between them (as in the
     server); ``run`` returns the ids of the nodes served from that cache."""
 
-    def __init__(self):
-        import execution
-        from harness import _Server
-
-        self.executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC)
+    def __init__(self, comfy):
+        self.runtime = comfy.runtime
+        self.executor = comfy.runtime.new_executor()
 
     def run(self, prompt):
         import copy
 
-        import execution
-
-        prompt = copy.deepcopy(prompt)  # the executor writes its fingerprints into the prompt, as into a fresh one
-        prompt_id = str(uuid.uuid4())
-        valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
-        assert valid, (error, node_errors)
-        self.executor.execute(prompt, prompt_id, {}, outputs)
-        if not self.executor.success:
-            raise PromptError(str([d for e, d in self.executor.status_messages if e == "execution_error"]))
+        # the executor writes its fingerprints into the prompt: a fresh copy each time, as the server sends
+        self.runtime.run(copy.deepcopy(prompt), executor=self.executor)
         cached = [d["nodes"] for e, d in self.executor.status_messages if e == "execution_cached"]
         return set(cached[0]) if cached else set()
 
@@ -133,7 +121,7 @@ def test_triplet_preview_node_gives_the_files_pixels(comfy, shared_data):
 
 
 def test_file_nodes_run_again_when_their_folder_or_file_changes(comfy, videos, shared_data):
-    run = OneExecutor()
+    run = OneExecutor(comfy)
     folder = comfy.output_dir / "cache_test"
     rng = np.random.default_rng(1)
 

@@ -311,7 +311,7 @@ def test_omnieraser_and_sra_run_on_comfyuis_fp8_matmul(comfy, monkeypatch):
     change FLUX's matmuls at all; the model is put in eval mode here to run the fast path."""
     import logging
 
-    from comfy import cli_args, model_management, model_patcher, ops, supported_models
+    from comfy import cli_args, model_management, model_patcher, supported_models
 
     nodes_oe = pack_module(comfy, "nodes.omnieraser")
     sra_node = comfy.node_class("EraseKitSelfRectifyingAttention")

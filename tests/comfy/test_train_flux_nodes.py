@@ -319,32 +319,25 @@ def test_training_graph_through_comfyui(comfy, triplets):
 def test_the_trainer_runs_again_when_its_dataset_folder_changes(comfy, triplets, tmp_path, monkeypatch):
     """One ComfyUI executor, the same prompt three times: ComfyUI's cache answers the second run, and the third, after
     a training pair was rewritten, executes the trainer again (its fingerprint is the folder's files)."""
-    import asyncio
-    import uuid
+    from comfy_api.latest import io
 
-    import execution
-    from harness import _Server
-
-    nodes = pack_module(comfy, "nodes.train_flux")
     dataset = tmp_path / "data"
     shutil.copytree(triplets, dataset)
     runs = []
 
     def counting_execute(cls, model, **inputs):
         runs.append(inputs["dataset"])
-        return nodes.io.NodeOutput(model, {}, torch.zeros(1, 8, 8, 3), 0.0)
+        return io.NodeOutput(model, {}, torch.zeros(1, 8, 8, 3), 0.0)
 
-    monkeypatch.setattr(nodes.TrainOmniEraserLora, "execute", classmethod(counting_execute))
+    # the class ComfyUI registered (a test that reloads the module makes a new one)
+    trainer = comfy.node_class("EraseKitTrainOmniEraserLora")
+    monkeypatch.setattr(trainer, "execute", classmethod(counting_execute))
     prompt = _graph(comfy, dataset, steps=1)
     del prompt["6"]  # nothing to save from the counting stand-in
-    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC)
+    executor = comfy.runtime.new_executor()
 
     def run():  # as the server does: a fresh copy of the prompt each time (ComfyUI writes into it)
-        prompt_id, fresh = str(uuid.uuid4()), copy.deepcopy(prompt)
-        valid, error, outputs, _ = asyncio.run(execution.validate_prompt(prompt_id, fresh, None))
-        assert valid, error
-        executor.execute(fresh, prompt_id, {}, outputs)
-        assert executor.success
+        comfy.runtime.run(copy.deepcopy(prompt), executor=executor)
 
     run()
     run()

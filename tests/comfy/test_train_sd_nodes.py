@@ -70,7 +70,7 @@ def sample_with(comfy, folder):
         "7": {"class_type": "EraseKitSmartEraserConditioning",
               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "clip_vision": ["2", 0],
                          "projector": ["1", 3], "image": ["3", 0], "mask": ["6", 0],
-                         "prompt": "Remove the instance of", "mask_area_ratio": 1.0}},
+                         "preset": "custom", "prompt": "Remove the instance of", "mask_area_ratio": 1.0}},
         "8": {"class_type": "KSampler",
               "inputs": {"model": ["7", 0], "positive": ["7", 1], "negative": ["7", 2], "latent_image": ["7", 3],
                          "seed": 0, "steps": 1, "cfg": 1.5, "sampler_name": "euler", "scheduler": "normal",
@@ -147,7 +147,7 @@ def test_training_nodes_import_without_the_train_extras_and_name_them_when_run(c
     importlib.reload(flux_nodes)
     vision = comfy.ensure_model("clip_vision", "tiny-clip-vision-768.safetensors").name
     try:
-        with pytest.raises(PromptError, match="pip install diffusers"):
+        with pytest.raises(PromptError, match="pip install 'diffusers>=0.35'"):
             comfy.run_prompt(prompt(vision, dataset, "no_extras", steps=1))
     finally:
         monkeypatch.undo()
