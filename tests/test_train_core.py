@@ -141,7 +141,7 @@ def test_a_widened_input_reads_all_features_in_the_slot_and_the_old_ones_in_the_
 
 
 def test_masks_are_binarised_by_one_rule_whatever_their_encoding():
-    from erasekit.train.datasets import binary_mask
+    from erasekit.erasers.layout import binarize as binary_mask  # the rule the training datasets apply
 
     pattern = np.zeros((4, 4), bool)
     pattern[1:3, 1:3] = True

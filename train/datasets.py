@@ -25,20 +25,10 @@ import cv2
 import numpy as np
 import torch
 
+from ..erasers.layout import binarize
+
 # OmniEraser's PairedRandomCrop upsamples an image smaller than the crop by this margin over the exact fit.
 UPSCALE_MARGIN = 1.1
-
-
-def binary_mask(mask):
-    """A bool mask from any mask array: bool as is; floats in [0, 1] at ≥ 0.5; integer masks (uint8 0/255 *or* 0/1,
-    and floats holding 0..255) at half their full scale, the scale being 1 when no value exceeds 1.
-
-    (``erasers/layout.py`` will hold the project's one binarisation rule; this follows it.)"""
-    mask = np.asarray(mask)
-    if mask.dtype == bool:
-        return mask
-    full_scale = 255.0 if mask.size and float(mask.max()) > 1 else 1.0
-    return mask >= 0.5 * full_scale if np.issubdtype(mask.dtype, np.floating) else mask > 0.5 * full_scale
 
 
 def _as_mask(mask, where):
@@ -47,7 +37,7 @@ def _as_mask(mask, where):
         mask = mask[..., 0]
     if mask.ndim != 2:
         raise ValueError(f"{where}: mask must be H×W, got shape {mask.shape}")
-    return binary_mask(mask)
+    return binarize(mask)
 
 
 def check_triplet(sample, where="sample"):
