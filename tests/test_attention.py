@@ -191,16 +191,23 @@ def test_strength_blends_towards_plain():
     assert torch.equal(sra.self_rectifying_attention(q, k, v, blocked, strength=0.0), plain)
 
 
-@pytest.mark.parametrize("pad_ndim", [2, 3, 4])
-def test_callers_padding_mask_is_respected_and_rows_without_keys_stay_plain(pad_ndim):
+def _callers_mask_case(pad_ndim):
+    """Tokens 20.. blocked; a caller's boolean mask in which keys 25.. are padding for everyone and query 22 may only
+    see keys 20..24, all blocked (so it keeps plain attention); the mask as given with ``pad_ndim`` dimensions."""
     q, k, v = _qkv(batch=1)
     blocked = torch.zeros(1, 30, dtype=torch.bool)
     blocked[0, 20:] = True
     pad = torch.ones(1, 1, 30, 30, dtype=torch.bool)
-    pad[..., 25:] = False          # keys 25.. are padding for everyone
-    pad[:, :, 22, :20] = False     # query 22 may only see keys 20..24, all blocked -> keeps plain
-    plain = sra.plain_attention(q, k, v, pad)
+    pad[..., 25:] = False
+    pad[:, :, 22, :20] = False
     given = pad.reshape(pad.shape[-(pad_ndim):]) if pad_ndim < 4 else pad
+    return q, k, v, blocked, pad, given
+
+
+@pytest.mark.parametrize("pad_ndim", [2, 3, 4])
+def test_callers_padding_mask_is_respected_and_rows_without_keys_stay_plain(pad_ndim):
+    q, k, v, blocked, pad, given = _callers_mask_case(pad_ndim)
+    plain = sra.plain_attention(q, k, v, pad)
     out = sra.self_rectifying_attention(q, k, v, blocked, attn_mask=given, query_chunk=4)
     assert not out.isnan().any()
     torch.testing.assert_close(out[:, 22], plain[:, 22], atol=1e-6, rtol=1e-6)
@@ -345,14 +352,8 @@ def test_both_strategies_heads_first_full_empty_and_strength(strategy):
 @pytest.mark.parametrize("pad_ndim", [2, 3, 4])
 @pytest.mark.parametrize("additive", [False, True])
 def test_gathered_strategy_respects_the_callers_mask(pad_ndim, additive):
-    q, k, v = _qkv(batch=1)
-    blocked = torch.zeros(1, 30, dtype=torch.bool)
-    blocked[0, 20:] = True
-    pad = torch.ones(1, 1, 30, 30, dtype=torch.bool)
-    pad[..., 25:] = False          # keys 25.. are padding for everyone
-    pad[:, :, 22, :20] = False     # query 22 may only see keys 20..24, all blocked -> keeps plain
+    q, k, v, blocked, pad, given = _callers_mask_case(pad_ndim)
     plain = sra.plain_attention(q, k, v, pad)
-    given = pad.reshape(pad.shape[-(pad_ndim):]) if pad_ndim < 4 else pad
     if additive:
         given = torch.zeros(given.shape).masked_fill(~given, float("-inf"))
 
