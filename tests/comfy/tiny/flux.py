@@ -51,7 +51,9 @@ def _save(tensors, path):
 
 def random_like_shapes(shapes, seed, dtype=torch.bfloat16, std_scale=1.0):
     """Seeded weights for a shape table: linear/conv weights uniform with std std_scale/sqrt(fan_in), biases
-    small, norm scales 1. One generator, keys in sorted order: the same call always writes the same bytes."""
+    small, norm scales 1. One generator, keys in sorted order: the same call always writes the same bytes. ``dtype``
+    is the file's storage, as in the real files; on a CPU ComfyUI computes every model in float32
+    (tests/comfy/test_compute_dtype.py)."""
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for key in sorted(shapes):

@@ -19,7 +19,8 @@ UNET_CONFIG = dict(image_size=32, in_channels=9, out_channels=4, model_channels=
 
 
 def seeded_weights(shapes, seed, dtype=torch.float16):
-    """N(0, 1/fan_in) matrices, small biases, unit norm scales; keys in sorted order so the bytes are stable."""
+    """N(0, 1/fan_in) matrices, small biases, unit norm scales; keys in sorted order so the bytes are stable. fp16 is
+    the file's storage, as in the released checkpoint; ComfyUI computes in float32 on a CPU (test_compute_dtype.py)."""
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for key in sorted(shapes):
