@@ -30,6 +30,8 @@ T5_TOKENS = 512  # the official pipeline pads the prompt's T5 tokens to max_sequ
 LORA_RANK = 32
 CONDITION_CHANNELS = 48  # 16 background + 16 foreground + 16 inverted mask
 LATENT_CHANNELS = 16
+# img_in's input features after the widening: noise and condition channels, each 2x2-packed (16·4 + 48·4 = 256).
+WIDENED_IN_FEATURES = 4 * (LATENT_CHANNELS + CONDITION_CHANNELS)
 # FLUX VAE latent normalisation (diffusers ``vae.config.shift_factor`` / ``scaling_factor``; ComfyUI latent_formats.Flux).
 FLUX_LATENT_SHIFT = 0.1159
 FLUX_LATENT_SCALE = 0.3611
@@ -469,14 +471,18 @@ def storage_dtype(source_dtype, ndim, dtype):
     return dtype
 
 
-def to_storage_dtype(weight, dtype):
-    """``weight`` as stored (``storage_dtype``); float8 rounds to nearest, saturated at its largest finite value
-    (a plain cast turns larger values into NaN)."""
-    target = storage_dtype(weight.dtype, weight.ndim, dtype)
+def _cast(weight, target):
+    """``weight`` in ``target``; float8 rounds to nearest, saturated at its largest finite value (a plain cast turns
+    larger values into NaN)."""
     if target in FLOAT8 and weight.dtype != target:
         limit = torch.finfo(target).max
         return weight.to(torch.float32).clamp(-limit, limit).to(target)
     return weight.to(target)
+
+
+def to_storage_dtype(weight, dtype):
+    """``weight`` as stored in a file that asks for ``dtype`` (``storage_dtype``), cast by ``_cast``."""
+    return _cast(weight, storage_dtype(weight.dtype, weight.ndim, dtype))
 
 
 def storage_plan(shapes, dtypes, mapping, dtype=None):
@@ -496,7 +502,7 @@ def _patches_by_key(mapping):
 
 def merged_weights(weights, mapping, strength=1.0, dtype=None):
     """Yield ``(key, weight)`` for every ComfyUI-named FLUX weight with the LoRA merged, one at a time (so a merge
-    of a 12 B model holds one merged weight at once). ``dtype``: the stored dtype (``to_storage_dtype``); None keeps
+    of a 12 B model holds one merged weight at once). ``dtype``: the stored dtype (``storage_dtype``); None keeps
     each weight's own. ``weights`` is any mapping (a state dict, a lazy view of a loaded model)."""
     by_key = _patches_by_key(mapping)
     missing = sorted(set(by_key) - set(weights))
@@ -507,7 +513,7 @@ def merged_weights(weights, mapping, strength=1.0, dtype=None):
         patches = by_key.get(key)
         stored = storage_dtype(weight.dtype, weight.ndim, dtype)
         # merged on the CPU: a model loaded on a small GPU has no room for float32 copies of its largest weights
-        yield key, to_storage_dtype(merge_weight(weight.to("cpu"), patches, strength) if patches else weight, stored)
+        yield key, _cast(merge_weight(weight.to("cpu"), patches, strength) if patches else weight, stored)
 
 
 def merge_lora(weights, mapping, strength=1.0, dtype=None):

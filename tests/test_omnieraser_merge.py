@@ -115,3 +115,13 @@ def test_merge_job_is_atomic_and_refuses_to_overwrite(tmp_path):
     with pytest.raises(RuntimeError, match="does not match the planned"):
         merge.write_safetensors_streamed(str(tmp_path / "bad.safetensors"), plan, wrong.items())
     assert not (tmp_path / "bad.safetensors").exists() and not (tmp_path / "bad.safetensors.partial").exists()
+
+
+def test_a_float8_model_merged_in_its_own_dtype_keeps_its_1d_weights_float8(tmp_path):
+    # a FLUX loaded in fp8 has fp8 biases and norm scales too; dtype None ("same as the model") keeps each as it is
+    weights = {k: v.to(torch.float8_e4m3fn) for k, v in comfy_weights().items()}
+    mapping = mapping_for(weights, lora_for(weights))
+    path = merge.save_merged_flux(weights, mapping, str(tmp_path / "fp8.safetensors"))
+    loaded = load_file(path)
+    assert {k: v.dtype for k, v in loaded.items()} == {k: torch.float8_e4m3fn for k in weights}
+    assert torch.equal(loaded["img_in.bias"].view(torch.uint8), weights["img_in.bias"].view(torch.uint8))
