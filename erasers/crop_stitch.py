@@ -199,10 +199,10 @@ def crop_box(image, mask, box, target_side=1024, multiple=16, upscale=True):
 
 
 # --------------------------------------------------------------------------------------------- several objects
-def object_boxes(mask, threshold=0.0):
-    """Bounding boxes ``(x0, y0, x1, y1)`` of the 8-connected objects of ``mask > threshold`` (the union of
-    the batch), in reading order; the same pixels ``mask_box`` bounds."""
-    hit = (mask > threshold).reshape(-1, mask.shape[-2], mask.shape[-1]).any(dim=0)
+def object_boxes(mask):
+    """Bounding boxes ``(x0, y0, x1, y1)`` of the 8-connected objects of ``mask > 0`` (the union of the batch), in
+    reading order; the same pixels ``mask_box`` bounds."""
+    hit = (mask > 0).reshape(-1, mask.shape[-2], mask.shape[-1]).any(dim=0)
     count, _, stats, _ = cv2.connectedComponentsWithStats(hit.cpu().numpy().astype(np.uint8), connectivity=8)
     if count <= 1:
         raise ValueError("The mask is empty: mark the object to remove (mask value 1) before cropping.")
@@ -253,9 +253,9 @@ def group_boxes(boxes, crop_box_of, distance=GROUP_DISTANCE):
     return sorted(zip(groups, crops), key=lambda pair: (pair[0][1], pair[0][0]))
 
 
-def object_groups(mask, crop_box_of, distance=GROUP_DISTANCE, threshold=0.0):
+def object_groups(mask, crop_box_of, distance=GROUP_DISTANCE):
     """The mask's objects (``object_boxes``) grouped by ``group_boxes``: ``[(group_box, crop_box)]``."""
-    return group_boxes(object_boxes(mask, threshold), crop_box_of, distance)
+    return group_boxes(object_boxes(mask), crop_box_of, distance)
 
 
 def whole_image_size(height, width, short_side=1024, multiple=16):
@@ -427,18 +427,23 @@ def _canvas(info, grow, blur_radius):
 
 
 def paste_alpha(original_image, result_crop, info, mask, paste_back="change-aware", grow=0, blur_radius=5.0,
-                change_threshold=CHANGE_THRESHOLD, reference=None):
+                change_threshold=CHANGE_THRESHOLD, reference=None, box_only=False):
     """The alpha ``[B,box_h,box_w]`` with which ``stitch`` pastes the result into the crop box (see ``PASTE_BACK``).
 
     The change map compares the result with ``reference`` (default ``original_image``), the photo the eraser's
-    crop was cut from.
+    crop was cut from. ``box_only``: feather only the mask inside the crop box, as if it were 0 outside (one part
+    of a split photo: a neighbouring group's mask cannot feather into it).
     """
     if paste_back not in PASTE_BACK:
         raise ValueError(f"paste_back must be one of {PASTE_BACK}, got {paste_back!r}.")
     if paste_back == "whole crop":
         return border_alpha(info)[None]
     (y0, y1, x0, x1), inner = _canvas(info, grow, blur_radius)
-    alpha = feather_mask(mask[:, y0:y1, x0:x1], grow, blur_radius, info.feather_scale)[inner]
+    around = mask[:, y0:y1, x0:x1]
+    if box_only:
+        around = torch.zeros_like(around)
+        around[inner] = mask[:, info.y0 : info.y1, info.x0 : info.x1]
+    alpha = feather_mask(around, grow, blur_radius, info.feather_scale)[inner]
     if paste_back == "mask":
         return alpha
     _check_result_size(result_crop, info)
@@ -468,22 +473,25 @@ def stitch(original_image, result_crop, info, mask, paste_back="change-aware", g
     in the pixels of ``info.feather_scale``. Every pixel where the alpha is 0, or where the scaled-back result
     equals the input, is returned bit-identical to ``original_image``. SmartEraser's demo: ``paste_back="mask",
     grow=0, blur_radius=5``. ``reference``: the photo the crop was cut from, when ``original_image`` is already
-    the result of earlier pastes (``stitch_parts``); the change map is taken against it.
+    the result of earlier pastes (as in ``stitch_parts``); the change map is taken against it.
     """
     mask = _check_image_mask(original_image, mask)
     _check_photo_size(original_image, info)
     if reference is not None:
         _check_photo_size(reference, info, "reference photo")
-    batch = max(original_image.shape[0], result_crop.shape[0], mask.shape[0])
-    for name, count in (("image", original_image.shape[0]), ("result", result_crop.shape[0]), ("mask", mask.shape[0])):
-        if count not in (1, batch):
-            raise ValueError(f"The {name} batch ({count}) must be 1 or {batch}.")
-    patch = uncrop(result_crop, info).expand(batch, -1, -1, -1)
+    photo = layout.match_batches(original_image, result_crop, mask)[0]  # the photo at the batches' common size
+    patch = uncrop(result_crop, info)
     alpha = paste_alpha(original_image, result_crop, info, mask, paste_back, grow, blur_radius, change_threshold,
                         reference)
-    alpha = alpha.expand(batch, -1, -1).unsqueeze(-1)
+    return _paste_into(photo.clone(), patch, alpha, info)
 
-    out = original_image.expand(batch, -1, -1, -1).clone()
+
+def _paste_into(out, patch, alpha, info):
+    """Blend ``patch`` ``[B,box_h,box_w,3]`` into the crop box of ``out`` (in place, returned) through ``alpha``
+    ``[B,box_h,box_w]`` (batches 1 or out's); pixels where the alpha is 0 keep their bits."""
+    batch = out.shape[0]
+    patch = patch.expand(batch, -1, -1, -1)
+    alpha = alpha.expand(batch, -1, -1).unsqueeze(-1)
     region = out[:, info.y0 : info.y1, info.x0 : info.x1, :]
     blended = torch.lerp(region, patch.to(region.dtype), alpha.to(region.dtype))
     out[:, info.y0 : info.y1, info.x0 : info.x1, :] = torch.where(alpha > 0, blended, region)
@@ -512,11 +520,11 @@ def stitch_parts(original_image, results, infos, mask, paste_back="change-aware"
                  change_threshold=CHANGE_THRESHOLD, check_interrupt=None):
     """Paste the erased crops of one photo's parts into it in turn, each into the result of the one before.
 
-    Each paste is ``stitch`` with the mask kept to that crop's box (a neighbouring group's mask cannot feather
-    into it). The change map of every crop is taken against the photo the crops were cut from, not against the
-    photo after the earlier pastes: the crop node cuts every crop before any is erased, so where an earlier
-    paste erased something, a later crop's output still shows the photo as it was, and comparing it with the
-    erased photo would count that as the later eraser's change and paste the object back. With the grouping
+    Each paste is ``stitch``'s, into one copy of the photo, with the mask kept to that crop's box (a neighbouring
+    group's mask cannot feather into it). The change map of every crop is taken against the photo the crops were cut
+    from, not against the photo after the earlier pastes: the crop node cuts every crop before any is erased, so
+    where an earlier paste erased something, a later crop's output still shows the photo as it was, and comparing it
+    with the erased photo would count that as the later eraser's change and paste the object back. With the grouping
     rule (``GROUP_DISTANCE``) the boxes never overlap and the two agree; the rule decides for overlapping boxes.
     Every pixel outside all crop boxes is returned bit-identical.
     """
@@ -524,14 +532,15 @@ def stitch_parts(original_image, results, infos, mask, paste_back="change-aware"
         raise ValueError(f"Got {len(results)} erased crops for {len(infos)} crop infos: the stitch needs the "
                          "eraser's output of every crop, one per crop info.")
     mask = _check_image_mask(original_image, mask)
-    out = original_image
+    if not results:
+        return original_image
+    out = layout.match_batches(original_image, mask, *results)[0].clone()
     for result, info in zip(results, infos):
         if check_interrupt is not None:
             check_interrupt()
-        part_mask = mask
-        if info.parts > 1:
-            part_mask = torch.zeros_like(mask)
-            part_mask[:, info.y0 : info.y1, info.x0 : info.x1] = mask[:, info.y0 : info.y1, info.x0 : info.x1]
-        out = stitch(out, result, info, part_mask, paste_back, grow, blur_radius, change_threshold,
-                     reference=original_image)
+        _check_photo_size(original_image, info)
+        patch = uncrop(result, info)
+        alpha = paste_alpha(original_image, result, info, mask, paste_back, grow, blur_radius, change_threshold,
+                            box_only=info.parts > 1)
+        _paste_into(out, patch, alpha, info)
     return out

@@ -211,7 +211,7 @@ def _grow(mask: np.ndarray, count: int, metric: str) -> np.ndarray:
 
 def _shrink(mask: np.ndarray, count: int, metric: str) -> np.ndarray:
     # One pixel of background around the box is enough: every mask pixel is inside it.
-    x0, y0, x1, y1 = _expand(mask_box(mask), 1, mask.shape)
+    x0, y0, x1, y1 = mask_box(mask, pad=1)
     background = (~mask[y0:y1, x0:x1]).view(np.uint8)
     # A mask filling the image has no boundary to erode from: use a frame around the image instead.
     framed = cv2.countNonZero(background) == 0
@@ -378,7 +378,8 @@ def irregularize(mask: np.ndarray, choice: int | str = "random", rng: np.random.
 
 
 def smarteraser_eval_mask(mask: np.ndarray) -> np.ndarray:
-    """The mask SmartEraser evaluation and inference use: dilated to 1.10x its area (test-mode choice 3)."""
+    """SmartEraser's test-mode choice 3 (``irregularize``): the mask dilated to exactly 1.10x its area. The pack's
+    SmartEraser path uses ``smarteraser.evaluation_mask`` instead, which follows the official loop that overshoots."""
     return irregularize(mask, 3, test_mode=True)[0]
 
 

@@ -23,6 +23,7 @@ from PIL import Image
 from . import layout
 from .crop_stitch import (CONTEXT, GROUP_DISTANCE, CropInfo, _check_image_mask, context_box, object_groups,
                           working_crop)
+from .masks import FALLBACK_COVERAGE
 
 CONTEXT_TOKENS = 7  # SmartEraser tokenises every prompt to max_length 7 (BOS + 5 words + EOS)
 TOKEN_DIM = 768  # SD1.5 text width == CLIP ViT-L/14 projection width
@@ -34,7 +35,6 @@ DEFAULT_STEPS = 50
 # nominal 1.10x area, reached by a loop that overshoots (official_dilate_by_area).
 EVAL_MASK_AREA_RATIO = 1.10
 EVAL_DILATE_MAX_ITER = 100
-MAX_MASK_FRACTION = 0.7  # augment_mask keeps the original mask when the augmented one covers > 70 % of the image
 PASTE_BLUR_RADIUS = 5  # demo paste-back: original mask through a Gaussian blur of radius 5, at the 512-short-side scale
 CROP_SIZE = 512
 # The two ways the official code runs SmartEraser. "demo": app_remove.py (512 crop around the mask, the mask as
@@ -321,7 +321,7 @@ def evaluation_mask(mask):
     for item in mask.float().cpu():
         pixels = (item.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
         dilated = official_dilate_by_area(pixels)
-        if np.count_nonzero(dilated > 128) > MAX_MASK_FRACTION * dilated.size:
+        if np.count_nonzero(dilated > 128) > FALLBACK_COVERAGE * dilated.size:
             dilated = pixels
         items.append(torch.from_numpy((dilated > 128).astype(np.float32)))
     return torch.stack(items).to(mask)

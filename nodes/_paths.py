@@ -51,13 +51,19 @@ def dataset_folder(value, what="dataset folder"):
     return user_path(value, [folder_paths.get_output_directory(), folder_paths.get_input_directory()], what)
 
 
+def transformers_folders(*folders):
+    """Sub-folders holding a transformers model (config.json) in ComfyUI's model folders ``folders``."""
+    found = set()
+    for folder in folders:
+        for base in folder_paths.get_folder_paths(folder):
+            if os.path.isdir(base):
+                found.update(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json")))
+    return sorted(found)
+
+
 def model_choices(folder):
     """Model files and transformers model folders (sub-folders holding a config.json) in ComfyUI's ``folder``."""
-    found = set(folder_paths.get_filename_list(folder))
-    for base in folder_paths.get_folder_paths(folder):
-        if os.path.isdir(base):
-            found.update(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json")))
-    return sorted(found)
+    return sorted(set(folder_paths.get_filename_list(folder)) | set(transformers_folders(folder)))
 
 
 def model_path(folder, name, url=None):

@@ -1,4 +1,4 @@
-"""GroundingDINO and SAM / SAM 2 model choices of the dataset nodes, found in ComfyUI's model folders.
+"""GroundingDINO and SAM / SAM 2 model folders (Text to Mask's and the dataset nodes') and the dataset nodes' choices.
 
 GroundingDINO comes as a transformers folder (config.json + weights) in models/grounding-dino; SAM and SAM 2 as
 transformers folders in models/sams or models/sam2, or as the original checkpoint files ComfyUI users keep there.
@@ -7,35 +7,27 @@ import os
 
 import folder_paths
 
-from ._paths import register_folder
+from ._paths import register_folder, transformers_folders
 
 NONE = "none"
 DINO_FOLDER = register_folder("grounding-dino")
-SAM_FOLDERS = (register_folder("sams"), register_folder("sam2"))
+SAM_FOLDER = register_folder("sams")
+SAM2_FOLDER = register_folder("sam2")
+SAM_FOLDERS = (SAM_FOLDER, SAM2_FOLDER)
 DINO_URL = "https://huggingface.co/IDEA-Research/grounding-dino-tiny"
 SAM_URL = ("https://huggingface.co/facebook/sam2.1-hiera-large (transformers folder, or its sam2.1_hiera_large.pt "
            "checkpoint in models/sam2) or https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth "
            "(segment-anything checkpoint in models/sams)")
 
 
-def _model_folders(*names):
-    """Sub-folders holding a transformers model (config.json) in ComfyUI's model folders ``names``."""
-    found = set()
-    for name in names:
-        for base in folder_paths.get_folder_paths(name):
-            if os.path.isdir(base):
-                found.update(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "config.json")))
-    return sorted(found)
-
-
 def dino_choices():
-    return [NONE] + _model_folders(DINO_FOLDER)
+    return [NONE] + transformers_folders(DINO_FOLDER)
 
 
 def sam_choices():
     """none, transformers SAM / SAM 2 folders, and checkpoints in models/sams and models/sam2."""
     files = {f for name in SAM_FOLDERS for f in folder_paths.get_filename_list(name)}
-    return [NONE] + sorted(set(_model_folders(*SAM_FOLDERS)) | files)
+    return [NONE] + sorted(set(transformers_folders(*SAM_FOLDERS)) | files)
 
 
 def _resolve(names, choice, url, files_allowed):

@@ -199,8 +199,8 @@ class SelfRectifyingAttention:
             return None
         key = state.key + place + (length,)
         if key not in self._split_cache:
-            blocked = core.blocked_tokens(core.grid_mask(state.latent_mask, *place[0]), length, place[1])
-            groups = core.token_split(blocked)
+            blocked = self._blocked(state, length, transformer_options)
+            groups = core.token_split(blocked) if blocked is not None else None
             self._split_cache[key] = (groups, blocked.shape[0]) if groups else None
         return self._split_cache[key]
 

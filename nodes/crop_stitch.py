@@ -27,10 +27,6 @@ GROUP_DISTANCE_TOOLTIP = (
     "overlap or touch merge, so no pixel is erased twice.")
 
 
-def _as_batch(mask):
-    return mask.unsqueeze(0) if mask.ndim == 2 else mask
-
-
 def crop_outputs(image_id, image_tooltip, crop_info_tooltip, with_size=False):
     """The crop nodes' outputs, as lists: one item per crop (a single crop is a list of one)."""
     outputs = [
@@ -103,9 +99,9 @@ class CropAroundMask(io.ComfyNode):
                 group_distance) -> io.NodeOutput:
         options = dict(context=context, target_side=target_side, multiple=multiple, square=square, upscale=upscale)
         if split:
-            crops = core.crop_around_objects(image, _as_batch(mask), distance=group_distance, **options)
+            crops = core.crop_around_objects(image, mask, distance=group_distance, **options)
         else:
-            crops = [core.crop_around_mask(image, _as_batch(mask), **options)]
+            crops = [core.crop_around_mask(image, mask, **options)]
         return crop_lists(crops, with_size=True)
 
 
@@ -140,7 +136,7 @@ class WholeImageAtWorkingSize(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mask, short_side, multiple) -> io.NodeOutput:
-        working, working_mask, info = core.resize_whole_image(image, _as_batch(mask), short_side, multiple)
+        working, working_mask, info = core.resize_whole_image(image, mask, short_side, multiple)
         return io.NodeOutput(working, working_mask, info, info.padded_width, info.padded_height)
 
 
@@ -201,7 +197,7 @@ class StitchCrop(io.ComfyNode):
                             blur_radius=blur_radius, change_threshold=change_threshold)
         return io.NodeOutput([
             core.stitch_parts(photo["original_image"], erased_crop[start:end], crop_info[start:end],
-                              _as_batch(photo["mask"]), photo["paste_back"], photo["grow"], photo["blur_radius"],
+                              photo["mask"], photo["paste_back"], photo["grow"], photo["blur_radius"],
                               photo["change_threshold"],
                               check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted)
             for photo, (start, end) in zip(photos, runs)])

@@ -99,12 +99,12 @@ class OmniEraserConcat:
         return cond.expand(noise.shape[0], -1, -1, -1)
 
 
-def apply_omnieraser_lora(model, lora, strength):
-    """Clone ``model`` and patch ``lora`` (a state dict) onto it; raises on any key that does not apply."""
-    if not isinstance(model.model, comfy.model_base.Flux):
-        raise ValueError(f"OmniEraser needs a FLUX.1-dev MODEL; this MODEL is {type(model.model).__name__}.")
+def _checked_mapping(model, lora):
+    """``core.map_lora`` of ``lora`` onto ``model``'s FLUX weights (as stored, past any patch), or a clear error: the
+    model is merged already, a LoRA key matches nothing, or the LoRA widens img_in to another width than
+    OmniEraser's. A LoRA that does not widen img_in passes (its ``widened_in_features`` is None)."""
     shapes = _original_shapes(model)
-    if shapes.get("img_in.weight", (0, 0))[1] == 4 * (core.LATENT_CHANNELS + core.CONDITION_CHANNELS):
+    if shapes.get("img_in.weight", (0, 0))[1] == core.WIDENED_IN_FEATURES:
         raise ValueError("This FLUX already has OmniEraser's 256-wide img_in: it is a merged OmniEraser model. Use "
                          "'OmniEraser Merged Model' on it instead of loading the LoRA again.")
     mapping = core.map_lora(lora, shapes)
@@ -113,11 +113,19 @@ def apply_omnieraser_lora(model, lora, strength):
             f"{len(mapping.unmatched)} of {len(lora)} LoRA keys match nothing in this FLUX model "
             f"(depth {core.flux_geometry(shapes)[:2]}): {_listed(mapping.unmatched)}.")
     widened = mapping.widened_in_features
-    expected = 4 * (core.LATENT_CHANNELS + core.CONDITION_CHANNELS)
-    if widened is not None and widened != expected:
+    if widened is not None and widened != core.WIDENED_IN_FEATURES:
         raise ValueError(
-            f"The LoRA widens img_in to {widened} input features; OmniEraser's layout needs {expected} "
-            "(16 noise + 48 condition channels, 2x2 packed).")
+            f"The LoRA widens img_in to {widened} input features; OmniEraser's layout needs "
+            f"{core.WIDENED_IN_FEATURES} (16 noise + 48 condition channels, 2x2 packed).")
+    return mapping
+
+
+def apply_omnieraser_lora(model, lora, strength):
+    """Clone ``model`` and patch ``lora`` (a state dict) onto it; raises on any key that does not apply."""
+    if not isinstance(model.model, comfy.model_base.Flux):
+        raise ValueError(f"OmniEraser needs a FLUX.1-dev MODEL; this MODEL is {type(model.model).__name__}.")
+    mapping = _checked_mapping(model, lora)
+    widened = mapping.widened_in_features
     patched = model.clone()
     patches = comfy_patches(mapping, lora)
     applied = patched.add_patches(patches, strength)

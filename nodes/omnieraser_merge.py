@@ -16,10 +16,9 @@ from ..erasers import omnieraser as core
 from ..erasers import omnieraser_merge as merge
 from ._host import ComfyHost
 from ._paths import model_file
-from .omnieraser import CATEGORY, LORA_URL, _original_shapes, use_omnieraser_condition
+from .omnieraser import CATEGORY, LORA_URL, _checked_mapping, _original_shapes, use_omnieraser_condition
 
 DTYPE_OPTIONS = ["fp8_e4m3fn", "bf16", "same as the model"]
-WIDENED = 4 * (core.LATENT_CHANNELS + core.CONDITION_CHANNELS)
 
 
 def model_weights(model):
@@ -48,17 +47,11 @@ def merged_file_path(name):
 
 def save_merged_omnieraser(model, lora, strength, dtype_name, path, lora_name="", host=None):
     """Map ``lora`` onto ``model`` as the loader does, merge it and write the merged FLUX to ``path``."""
-    shapes = _original_shapes(model)
-    if shapes.get("img_in.weight", (0, 0))[1] == WIDENED:
-        raise ValueError("This FLUX already has OmniEraser's 256-wide img_in: it is merged already.")
-    mapping = core.map_lora(lora, shapes)
-    if mapping.unmatched:
-        raise ValueError(f"{len(mapping.unmatched)} LoRA keys match nothing in this FLUX model: "
-                         f"{', '.join(mapping.unmatched[:5])}")
-    if mapping.widened_in_features != WIDENED:
-        raise ValueError(f"{lora_name or 'This LoRA'} does not widen img_in to {WIDENED} input features, so it is "
-                         "not the OmniEraser LoRA (the ControlNet variant's LoRA is a plain FLUX LoRA: use core "
-                         "LoraLoader for it).")
+    mapping = _checked_mapping(model, lora)
+    if mapping.widened_in_features != core.WIDENED_IN_FEATURES:
+        raise ValueError(f"{lora_name or 'This LoRA'} does not widen img_in to {core.WIDENED_IN_FEATURES} input "
+                         "features, so it is not the OmniEraser LoRA (the ControlNet variant's LoRA is a plain FLUX "
+                         "LoRA: use core LoraLoader for it).")
     metadata = {"format": "pt", "erasekit": "OmniEraser LoRA merged into FLUX (img_in 256 wide)",
                 "lora": lora_name, "strength": strength}
     return merge.save_merged_flux(model_weights(model), mapping, path, strength,
@@ -128,10 +121,10 @@ def omnieraser_merged_model(model):
     if not isinstance(model.model, comfy.model_base.Flux):
         raise ValueError(f"OmniEraser needs a FLUX.1-dev MODEL; this MODEL is {type(model.model).__name__}.")
     width = _original_shapes(model)["img_in.weight"][1]
-    if width != WIDENED:
-        raise ValueError(f"This FLUX's img_in takes {width} input features, not OmniEraser's {WIDENED}: it is not a "
-                         "merged OmniEraser model. Load the LoRA with 'OmniEraser LoRA Loader', or save a merged "
-                         "model with 'Save OmniEraser Merged FLUX' first.")
+    if width != core.WIDENED_IN_FEATURES:
+        raise ValueError(f"This FLUX's img_in takes {width} input features, not OmniEraser's "
+                         f"{core.WIDENED_IN_FEATURES}: it is not a merged OmniEraser model. Load the LoRA with "
+                         "'OmniEraser LoRA Loader', or save a merged model with 'Save OmniEraser Merged FLUX' first.")
     return use_omnieraser_condition(model.clone())
 
 

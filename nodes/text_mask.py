@@ -10,11 +10,10 @@ import torch
 from comfy_api.latest import io
 
 from ..segment import text_masks as core
-from ._paths import model_choices, model_path, register_folder
+from ._paths import model_choices, model_path
+from ._segmenter_models import DINO_FOLDER, SAM2_FOLDER
 
 CATEGORY = "erasekit/masks"
-DINO_FOLDER = register_folder("grounding-dino")
-SAM2_FOLDER = register_folder("sam2")
 DINO_URL = "https://huggingface.co/IDEA-Research/grounding-dino-tiny (the whole repository as a folder)"
 SAM2_URL = ("https://huggingface.co/facebook/sam2.1-hiera-large (a transformers folder), or Meta's "
             "sam2.1_hiera_large.pt from https://github.com/facebookresearch/sam2")
