@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -286,13 +287,32 @@ def _listing(path, recursive):
             yield f"file {os.path.relpath(os.path.join(root, name), path)} {info.st_size} {info.st_mtime_ns}"
 
 
-def _open_binary(path):
-    """An open binary file at a local path or an fsspec URL (``s3://...``: fsspec comes with torch)."""
-    if isinstance(path, str) and "://" in path:
-        import fsspec
+def is_url(path) -> bool:
+    """Whether ``path`` is an fsspec URL (``protocol://...``) rather than a local path."""
+    return isinstance(path, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
 
-        return fsspec.open(path, "rb").open()
-    return open(path, "rb")
+
+def filesystem(path):
+    """``(fsspec filesystem, path inside it)`` of a local path or a URL."""
+    fsspec = require("fsspec", "scale", "reading and writing datasets at fsspec URLs")
+    if is_url(path):
+        return fsspec.core.url_to_fs(path)
+    return fsspec.filesystem("file"), os.path.abspath(os.fspath(path))
+
+
+def open_file(path, mode="rb"):
+    """An open binary file at a local path or a URL."""
+    if not is_url(path):
+        return open(path, mode)
+    fs, inner = filesystem(path)
+    return fs.open(inner, mode)
+
+
+def _hash_parts(size, parts):
+    digest = hashlib.sha256(f"{size}:".encode())
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()[:16]
 
 
 def content_hash(path, chunk: int = 1 << 20) -> str:
@@ -300,18 +320,20 @@ def content_hash(path, chunk: int = 1 << 20) -> str:
     file when it is at most two chunks). Two different files of the same name and size get different hashes; a
     copy or a renamed file the same one. Reading two MiB keeps it cheap on long videos. ``path`` may be an fsspec
     URL."""
-    digest = hashlib.sha256()
-    with _open_binary(path) as handle:
+    with open_file(path) as handle:
         size = handle.seek(0, os.SEEK_END)
         handle.seek(0)
-        digest.update(f"{size}:".encode())
         if size <= 2 * chunk:
-            digest.update(handle.read())
-        else:
-            digest.update(handle.read(chunk))
-            handle.seek(size - chunk)
-            digest.update(handle.read(chunk))
-    return digest.hexdigest()[:16]
+            return _hash_parts(size, [handle.read()])
+        head = handle.read(chunk)
+        handle.seek(size - chunk)
+        return _hash_parts(size, [head, handle.read(chunk)])
+
+
+def content_hash_bytes(data: bytes, chunk: int = 1 << 20) -> str:
+    """``content_hash`` of a file whose whole content ``data`` is already read."""
+    size = len(data)
+    return _hash_parts(size, [data] if size <= 2 * chunk else [data[:chunk], data[size - chunk:]])
 
 
 def fingerprint(*paths, recursive=True) -> str:

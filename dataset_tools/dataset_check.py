@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..jobs import Host, UsageError, check_input
-from .triplets import (DATASET_INFO, MANIFEST, SUBDIRS, _read_mask, _read_rgb, _write_durable, check_origin,
-                       manifest_lines, manifest_paths)
+from .triplets import (DATASET_INFO, MANIFEST, SUBDIRS, TMP_PREFIX, _read_mask, _read_rgb, check_origin,
+                       manifest_lines, manifest_paths, write_manifest)
 
 RECOVERED = "recovered"
 
@@ -145,7 +145,7 @@ def analyse(root, host=None):
     for sub in SUBDIRS:
         folder = root / sub
         for file in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if file.name.startswith(".tmp-") or file.suffix != ".png":
+            if file.name.startswith(TMP_PREFIX) or file.suffix != ".png":
                 result.orphans.append((f"{sub}/{file.name}", "a partial write or a foreign file"))
             elif file.stem not in kept:
                 stems.setdefault(file.stem, []).append(sub)
@@ -237,13 +237,11 @@ def repair(root, host=None):
                 for number, record, (file, why) in dropped:
                     handle.write(json.dumps({"line": number, "why": f"{file}: {why}", "text": json.dumps(record)}) + "\n")
             records = result.good[path] + rebuilt
-            tmp = path.with_name(f".tmp-repair-{path.name}")
-            _write_durable(tmp, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
-            os.replace(tmp, path)
+            write_manifest(path, records, f"{TMP_PREFIX}repair-{path.name}")
             rewritten.append(path.name)
         if result.rebuildable and not (root / MANIFEST).exists():
             records = [recovered_record(sid, size) for sid, size in sorted(result.rebuildable.items())]
-            _write_durable(root / MANIFEST, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
+            write_manifest(root / MANIFEST, records, f"{TMP_PREFIX}repair-{MANIFEST}")
             rewritten.append(MANIFEST)
         if result.settings and (root / DATASET_INFO).exists():
             moved.append(_move_aside(root, DATASET_INFO, aside))

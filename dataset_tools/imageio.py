@@ -21,20 +21,24 @@ UNSUPPORTED = "unsupported pixel format"
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-def _open_fully(path):
-    """Decode the whole file (a local path or an fsspec URL) now, so truncated files fail here instead of later."""
+def _open_fully(path, read=False):
+    """``(image, None, bytes)`` or ``(None, reason, None)``: decode the whole file (a local path or an fsspec URL)
+    now, so truncated files fail here instead of later. ``bytes``: the file's content when ``read`` (the file is
+    then read once and decoded from memory), else None for a local file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(read_bytes(path)) if is_url(path) else path)
+            data = read_bytes(path) if read or is_url(path) else None
+            image = Image.open(path if data is None else io.BytesIO(data))
             image.load()
-        return image, None
+        return image, None, data
     except FileNotFoundError:
-        return None, UNREADABLE
+        return None, UNREADABLE, None
     except OSError as error:
-        return None, TRUNCATED if "truncated" in str(error).lower() or "broken data" in str(error).lower() else UNREADABLE
+        truncated = "truncated" in str(error).lower() or "broken data" in str(error).lower()
+        return None, TRUNCATED if truncated else UNREADABLE, None
     except (ValueError, SyntaxError, Image.DecompressionBombError):
-        return None, UNREADABLE
+        return None, UNREADABLE, None
 
 
 def _to_uint8_gray(image):
@@ -60,10 +64,15 @@ def pil_to_rgb(image):
 
 def read_rgb(path):
     """``(uint8 H×W×3, None)`` or ``(None, reason)`` for unreadable/truncated/unsupported files."""
-    image, reason = _open_fully(path)
-    if image is None:
-        return None, reason
-    return pil_to_rgb(image)
+    image, reason, _ = _open_fully(path)
+    return (None, reason) if image is None else pil_to_rgb(image)
+
+
+def read_rgb_and_bytes(path):
+    """``read_rgb`` and the file's bytes, the file read once: ``(rgb, None, bytes)`` or ``(None, reason, bytes or
+    None)``."""
+    image, reason, data = _open_fully(path, read=True)
+    return (None, reason, data) if image is None else (*pil_to_rgb(image), data)
 
 
 def read_mask(path):
@@ -73,7 +82,7 @@ def read_mask(path):
     A mask whose only information is transparency (opaque object, transparent elsewhere) is read from its
     alpha channel. Returns ``(bool H×W, None)`` or ``(None, reason)``.
     """
-    image, reason = _open_fully(path)
+    image, reason, _ = _open_fully(path)
     if image is None:
         return None, reason
     if image.mode in _SIXTEEN_BIT_MODES:

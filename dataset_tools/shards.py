@@ -36,14 +36,15 @@ from pathlib import Path
 
 from ..jobs import Host, UsageError, require
 from .sources import filesystem, is_url, join
-from .triplets import (DATASET_INFO, SUBDIRS, EncodedTriplet, ManifestDamaged, adopt_settings, check_sample_sizes,
-                       decode_mask, decode_rgb, manifest_record, repair_hint)
+from .triplets import (DATASET_INFO, SUBDIRS, TMP_PREFIX, EncodedTriplet, ManifestDamaged, adopt_settings,
+                       dataset_info_bytes, decode_encoded, manifest_record, parse_dataset_info, repair_hint,
+                       shard_file_name, write_atomic)
 
 FORMATS = ("folder", "webdataset")
 SHARD_SIZE = 1000  # samples per shard: about 1 GB of 512 px triplets, the size streaming loaders like
-STATS = "_stats.json"
+STATS_STEM = "_stats"
+STATS = f"{STATS_STEM}.json"
 MEMBERS = SUBDIRS + ("json",)
-TMP_PREFIX = ".tmp-"
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -141,7 +142,7 @@ class ShardFile:
         index = index_bytes(self.rows)
         if self.local:
             os.replace(self.tmp, tar_path)
-            _write_local(index_path, index)
+            write_atomic(index_path, index)
         else:
             try:
                 self.fs.put_file(self.tmp, filesystem(tar_path)[1])
@@ -157,33 +158,32 @@ class ShardFile:
             os.unlink(self.tmp)
 
 
-def _write_local(path, data):
-    stem, suffix = os.path.splitext(os.path.basename(path))
-    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{stem}-{os.getpid()}{suffix}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def shard_files(root, name):
     """(tar path, index path) of shard ``name`` under ``root``."""
     return join(root, f"{name}.tar"), join(root, f"{name}.parquet")
 
 
-def write_json(root, name, data):
-    """Write ``root/name`` as JSON, whole (a rename locally, one upload at a URL)."""
-    text = (json.dumps(data, indent=1) + "\n").encode("utf-8")
+def write_file(root, name, data):
+    """Write the bytes ``data`` to ``root/name``, whole (``triplets.write_atomic`` locally, one upload at a URL); a
+    local ``root`` is made when absent (not its parents)."""
     if is_url(os.fspath(root)):
         fs, path = filesystem(join(root, name))
-        fs.pipe_file(path, text)
+        fs.pipe_file(path, data)
     else:
-        _write_local(join(root, name), text)
+        Path(root).mkdir(exist_ok=True)
+        write_atomic(join(os.fspath(root), name), data)
+
+
+def write_json(root, name, data, end="\n"):
+    """Write ``root/name`` as JSON (indented, then ``end``), whole (``write_file``)."""
+    write_file(root, name, (json.dumps(data, indent=1) + end).encode("utf-8"))
 
 
 def read_json(root, name):
-    """The parsed ``root/name``, or None when it is absent."""
+    """The parsed ``root/name`` (a local folder or a URL), or None when it is absent."""
+    if not is_url(os.fspath(root)):  # a local folder needs no fsspec
+        path = Path(root) / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     fs, path = filesystem(join(root, name))
     if not fs.isfile(path):
         return None
@@ -204,21 +204,10 @@ def check_output_format(job):
                          "machine: give one of them")
 
 
-def read_output_json(output, name):
-    """``output/name`` parsed (a local folder or a URL), or None when it is absent."""
-    if is_url(str(output)):
-        return read_json(output, name)
-    path = Path(output) / name
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def write_output_json(output, name, data):
-    """Write ``output/name`` as JSON, whole (a rename; at a URL one upload)."""
-    if is_url(str(output)):
-        write_json(output, name, data)
-        return
-    Path(output).mkdir(exist_ok=True)
-    _write_local(os.path.join(output, name), json.dumps(data, indent=1).encode("utf-8"))
+    """A job's own file (summary, stats, instance table) ``output/name`` as JSON (``write_json``): at a URL with a
+    final newline, in a local folder without one (the bytes these files have always had)."""
+    write_json(output, name, data, "\n" if is_url(str(output)) else "")
 
 
 class ShardStore:
@@ -261,17 +250,15 @@ class ShardStore:
             raise ManifestDamaged(f"{shard_files(self.root, name)[1]} is not a readable shard index ({error}); "
                                   f"{repair_hint(self.root)}") from None
 
+    def is_finished(self, name):
+        """Whether shard ``name`` is finished (its tar and its index both present): ``name in finished()`` without
+        listing the store."""
+        return all(self.fs.isfile(f"{self.base.rstrip('/')}/{name}{suffix}") for suffix in (".parquet", ".tar"))
+
     def read_info(self):
         """dataset.json of the store (its runs' settings), or None."""
-        try:
-            info = read_json(self.root, DATASET_INFO)
-        except (OSError, ValueError) as error:
-            raise ManifestDamaged(f"{join(self.root, DATASET_INFO)} is not readable JSON ({error}); "
-                                  f"{repair_hint(self.root)}") from None
-        if info is not None and (not isinstance(info, dict) or not isinstance(info.get("runs"), list)):
-            raise ManifestDamaged(f"{join(self.root, DATASET_INFO)} does not list the runs' settings; "
-                                  f"{repair_hint(self.root)}")
-        return info
+        return parse_dataset_info(lambda: read_json(self.root, DATASET_INFO), join(self.root, DATASET_INFO),
+                                  self.root)
 
 
 class ShardWriter:
@@ -300,7 +287,7 @@ class ShardWriter:
             runs, self.settings_id, self.settings_in_records = adopt_settings(
                 self.root, info["runs"] if info else [], settings, samples, append)
             if runs is not None:
-                write_json(self.root, DATASET_INFO, {"version": 1, "runs": runs})
+                write_file(self.root, DATASET_INFO, dataset_info_bytes(runs))
 
     def remove_partial_writes(self):
         """Delete the ``.tmp-*`` files a killed worker or run left (call when no writer of this store runs)."""
@@ -310,6 +297,9 @@ class ShardWriter:
     @property
     def samples(self):
         return sum(self.counts.values())
+
+    def __len__(self):
+        return self.samples
 
     def is_finished(self, name):
         return name in self.counts
@@ -356,7 +346,7 @@ class VideoShards:
     def _commit(self):
         shard, self.current = self.current, None
         self.part += 1
-        if shard.name in self.store.finished() and [r["id"] for r in self.store.rows(shard.name)] == shard.ids():
+        if self.store.is_finished(shard.name) and [r["id"] for r in self.store.rows(shard.name)] == shard.ids():
             shard.abort()  # written by an earlier run, the same samples: kept as it is
             self.results.append({"shard": shard.name, "samples": len(shard), "bytes": 0, "existing": True})
             return
@@ -496,12 +486,11 @@ class ShardDataset:
         return f"{self.shards[self.shard_of[index]]}:{self._rows[index]['key']}.{key}.png"
 
     def __getitem__(self, index):
-        record = self.records[index]
-        encoded = self.encoded(index)
-        sample = {"source": decode_rgb(encoded.source, self.member_name(index, "source")),
-                  "mask": decode_mask(encoded.mask, self.member_name(index, "mask")),
-                  "target": decode_rgb(encoded.target, self.member_name(index, "target")), "record": record}
-        return check_sample_sizes(sample, record, lambda key: self.member_name(index, key))
+        return self.decode(index, self.encoded(index))
+
+    def decode(self, index, encoded):
+        """Sample ``index`` (``ds[index]``) from its ``encoded`` bytes."""
+        return decode_encoded(encoded, self.records[index], lambda key: self.member_name(index, key))
 
     def validate(self):
         for index in range(len(self)):
@@ -559,11 +548,11 @@ def folder_to_shards(source, output, shard_size=SHARD_SIZE, host=None):
     current = None
     for index, record in enumerate(dataset.iter_records()):
         host.check_interrupt()
-        dataset[index]  # decoded and checked: damage is not copied
-        files = [(dataset.root / record[key]).read_bytes() for key in SUBDIRS]
+        encoded = dataset.encoded(index)
+        dataset.decode(index, encoded)  # decoded and checked: damage is not copied
         if current is None:
             current = ShardFile(output, synth_shard_name(len(shards)))
-        current.add(record["id"], EncodedTriplet(*files, record["width"], record["height"]), record)
+        current.add(record["id"], encoded, record)
         written += 1
         if len(current) >= shard_size or index == len(dataset) - 1:
             result = current.commit()
@@ -593,8 +582,9 @@ def shards_to_folder(source, output, host=None):
             write_dataset_info(output, list({run["settings_id"]: run for run in runs}.values()))
         for index, record in enumerate(dataset.iter_records()):
             host.check_interrupt()
-            dataset[index]
-            writer.write_encoded(record["id"], dataset.encoded(index), record)
+            encoded = dataset.encoded(index)
+            dataset.decode(index, encoded)  # decoded and checked: damage is not copied
+            writer.write_encoded(record["id"], encoded, record)
             host.progress(index + 1, len(dataset), "samples")
     return run_stats("convert", len(dataset), 0, {}, {}, 0, 0, time.perf_counter() - started)
 
@@ -619,7 +609,7 @@ def convert(source, output, to=None, shard_size=SHARD_SIZE, host=None):
 
 def stats_name(shard=None):
     """``_stats.json``, or ``_stats-shard-i-of-N.json`` for a run started by hand as shard (i, N)."""
-    return STATS if shard is None else f"_stats-shard-{shard[0]}-of-{shard[1]}.json"
+    return shard_file_name(STATS_STEM, shard, ".json")
 
 
 def run_stats(backend, written, existing, skipped, failed, shards, size, seconds, workers=1):
@@ -628,3 +618,36 @@ def run_stats(backend, written, existing, skipped, failed, shards, size, seconds
             "skipped": skipped, "failed": failed, "bytes": size, "seconds": round(seconds, 3),
             "samples_per_s": round(written / seconds, 3) if seconds > 0 else None,
             "mb_per_s": round(size / seconds / 1e6, 3) if seconds > 0 else None}
+
+
+# --- the writer of a job ---------------------------------------------------------------------------------------------
+
+def open_writer(job, settings, shard):
+    """``(writer, created)``: the writer of a job's output (``job.output``, ``format``, ``resume``, ``append``), a
+    ``triplets.TripletWriter`` (folder) or a ``ShardWriter`` (webdataset), and whether this opening made the
+    (local) output folder. The shards (i, N) of a run share the output, so a shard never refuses the others'
+    samples. An output folder made by an opening that fails is removed (``remove_unused_output``)."""
+    from .triplets import TripletWriter, remove_unused_output
+
+    created = not is_url(str(job.output)) and not Path(job.output).exists()
+    resume = job.resume or shard is not None
+    try:
+        if job.format == "webdataset":
+            return ShardWriter(job.output, resume=resume, settings=settings, append=job.append), created
+        return TripletWriter(job.output, resume=resume, shard=shard, settings=settings, append=job.append), created
+    except BaseException:
+        if created:
+            remove_unused_output(job.output)
+        raise
+
+
+def write_shard_stats(job, writer, shard, written, existing, skipped, failed, shards, size, seconds, **more):
+    """The end of a job's run into shards: ``_stats.json`` (``stats_name(shard)``: ``run_stats``, then the store's
+    ``samples`` and ``shards_total``, then ``more``), and, for a whole run (``shard`` None: no writer of this
+    store runs now; hand-started shards may), the partial writes removed."""
+    stats = run_stats("ray" if job.ray is not None else "local", written, existing, skipped, failed, shards, size,
+                      seconds, job.workers)
+    stats.update(samples=writer.samples, shards_total=len(writer.counts), **more)
+    write_output_json(job.output, stats_name(shard), stats)
+    if shard is None:
+        writer.remove_partial_writes()

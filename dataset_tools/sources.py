@@ -18,28 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import tempfile
 from pathlib import Path
 
-from ..jobs import UsageError, require
+from ..jobs import UsageError, filesystem, is_url, open_file, require  # the URL helpers live in jobs.py
 
 LIST_SUFFIXES = (".txt", ".lst")
 PARQUET_SUFFIX = ".parquet"
 PATH_COLUMNS = ("url", "path", "file", "video", "image")  # img2dataset calls its column "url"
-
-
-def is_url(path) -> bool:
-    """Whether ``path`` is an fsspec URL (``protocol://...``) rather than a local path."""
-    return isinstance(path, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
-
-
-def filesystem(path):
-    """``(fsspec filesystem, path inside it)`` of a local path or a URL."""
-    fsspec = require("fsspec", "scale", "reading and writing datasets at fsspec URLs")
-    if is_url(path):
-        return fsspec.core.url_to_fs(path)
-    return fsspec.filesystem("file"), os.path.abspath(os.fspath(path))
 
 
 def join(root, *names):
@@ -59,14 +45,6 @@ def read_bytes(path) -> bytes:
         return Path(path).read_bytes()
     fs, inner = filesystem(path)
     return fs.cat_file(inner)
-
-
-def open_file(path, mode="rb"):
-    """An open binary file at a local path or a URL."""
-    if not is_url(path):
-        return open(path, mode)
-    fs, inner = filesystem(path)
-    return fs.open(inner, mode)
 
 
 @contextlib.contextmanager

@@ -34,9 +34,9 @@ import numpy as np
 from PIL import Image
 
 from ..erasers.layout import mask_box, resize_image, resize_mask
-from ..jobs import Skips, content_hash, describe_os_error, require
+from ..jobs import Skips, content_hash_bytes, describe_os_error, require
 from . import instances as inst
-from .imageio import IMAGE_EXTENSIONS, read_rgb
+from .imageio import IMAGE_EXTENSIONS, read_rgb_and_bytes
 from .triplets import TripletWriter, encode_triplet, parse_shard
 
 BLEND_MODES = ("matting", "feather", "hard")
@@ -324,6 +324,17 @@ class SynthesisPlan:
     filters: dict = field(default_factory=dict)
     background_root: str = ""  # the background folder (skips name files relative to it)
 
+    def class_members(self):
+        """``{class: [instance indices, ascending]}``, built once per plan object (each worker's copy builds its
+        own); not a field, so it is neither compared nor part of ``asdict``."""
+        members = self.__dict__.get("_class_members")
+        if members is None:
+            members = {}
+            for k, instance in enumerate(self.instances):
+                members.setdefault(instance.class_name, []).append(k)
+            self.__dict__["_class_members"] = members
+        return members
+
 
 def sample_id(index):
     return f"{index:08d}"
@@ -409,11 +420,11 @@ def _cut(instance):
 
 def _background(path, config):
     """(crop, transform, content id, None) of a background file, or (None, None, None, why it cannot serve)."""
-    rgb, reason = read_rgb(path)
+    rgb, reason, data = read_rgb_and_bytes(path)  # the file is read once: decoded and hashed from memory
     if rgb is None:
         return None, None, None, reason
     crop, transform = prepare_background(rgb, config.size, config.min_side)
-    return (None, None, None, transform) if crop is None else (crop, transform, content_hash(path), None)
+    return (None, None, None, transform) if crop is None else (crop, transform, content_hash_bytes(data), None)
 
 
 def _redraw(plan, index, draw, background, instance, failed):
@@ -424,7 +435,7 @@ def _redraw(plan, index, draw, background, instance, failed):
         background = int(rng.integers(len(plan.backgrounds)))
     elif failed == "instance":
         name = plan.instances[instance].class_name
-        members = [k for k, other in enumerate(plan.instances) if other.class_name == name and k != instance]
+        members = [k for k in plan.class_members()[name] if k != instance]
         instance = int(members[rng.integers(len(members))]) if members else int(rng.integers(len(plan.instances)))
     return background, instance
 
@@ -568,9 +579,6 @@ def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=Non
             sid, sample, record, problems = result
             if writer.has(sid):  # a retried task of another back-end sends its samples again
                 return
-            for reason, name in problems:
-                if name is not None:
-                    skipped.add(reason, name)
             if sample is None:
                 failed.add(problems[-1][0] if problems else "no draw succeeded", sid)
             else:
@@ -581,30 +589,35 @@ def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=Non
                     raise
                 summary["written"] += 1
                 summary["redrawn"] += bool(problems)
-            summary["skipped"], summary["failed"] = skipped.as_dict(), failed.as_dict()
+            for reason, name in problems:  # after the write: a sample that could not be stored counts nothing
+                if name is not None:
+                    skipped.add(reason, name)
             done += 1
             if progress:
                 progress(done, len(todo_all))
 
-        if results is not None:
-            for result in results(plan, todo):
-                if check_interrupt:
-                    check_interrupt()
-                consume(result)
-        elif workers <= 1:
-            _init_worker(plan)
-            for index in todo:
-                if check_interrupt:
-                    check_interrupt()
-                consume(_work(index))
-        else:
-            method = "fork" if sys.platform.startswith("linux") else "spawn"
-            context = multiprocessing.get_context(method)
-            with context.Pool(workers, initializer=_init_worker, initargs=(plan,)) as pool:
-                for result in pool.imap(_work, todo, chunksize=1):
+        try:
+            if results is not None:
+                for result in results(plan, todo):
                     if check_interrupt:
                         check_interrupt()
                     consume(result)
+            elif workers <= 1:
+                _init_worker(plan)
+                for index in todo:
+                    if check_interrupt:
+                        check_interrupt()
+                    consume(_work(index))
+            else:
+                method = "fork" if sys.platform.startswith("linux") else "spawn"
+                context = multiprocessing.get_context(method)
+                with context.Pool(workers, initializer=_init_worker, initargs=(plan,)) as pool:
+                    for result in pool.imap(_work, todo, chunksize=1):
+                        if check_interrupt:
+                            check_interrupt()
+                        consume(result)
+        finally:  # whatever stops the run, the summary holds what was met
+            summary["skipped"], summary["failed"] = skipped.as_dict(), failed.as_dict()
     return summary
 
 

@@ -25,9 +25,9 @@ from ..jobs import Host, Skips, UsageError, check_input, check_output_folder, fi
 from . import instances as inst
 from . import synth
 from .scale import backend as scale_backend
-from .shards import SHARD_SIZE, check_output_format, read_output_json, write_output_json
+from .shards import SHARD_SIZE, check_output_format, open_writer, read_json, write_output_json, write_shard_stats
 from .sources import check_source, is_url
-from .triplets import TripletWriter, manifest_name, parse_shard, remove_unused_output
+from .triplets import parse_shard, remove_unused_output, shard_file_name
 
 INSTANCE_CACHE = "instances.json"
 
@@ -167,7 +167,7 @@ def cached_instances(job, host):
     key = instance_key(job)
     if job.resume or job.append:
         try:
-            data = read_output_json(job.output, INSTANCE_CACHE)
+            data = read_json(job.output, INSTANCE_CACHE)
             if data is not None and data.get("key") == key:
                 return [inst.Instance(**i) for i in data["instances"]], Skips(data["skips"]), lambda: None
         except (ValueError, TypeError, KeyError):
@@ -198,25 +198,11 @@ def cached_instances(job, host):
 
 def summary_path(job):
     shard = parse_shard(job.shard) if job.shard else None
-    return Path(job.output) / manifest_name(shard).replace("manifest", "summary").replace(".jsonl", ".json")
+    return Path(job.output) / shard_file_name("summary", shard, ".json")
 
 
 def write_summary(job, summary):
     write_output_json(job.output, summary_path(job).name, summary)
-
-
-def open_writer(job, settings, shard):
-    """The job's writer: a ``TripletWriter`` (folder) or a ``shards.ShardWriter`` (webdataset)."""
-    resume = job.resume or shard is not None  # shards of one run share the output
-    if job.format == "webdataset":
-        from .shards import ShardWriter
-
-        return ShardWriter(job.output, resume=resume, settings=settings, append=job.append)
-    return TripletWriter(job.output, resume=resume, shard=shard, settings=settings, append=job.append)
-
-
-def written_samples(writer):
-    return writer.samples if hasattr(writer, "samples") else len(writer)
 
 
 def run_synth_job(job, host=None):
@@ -229,16 +215,9 @@ def run_synth_job(job, host=None):
     them. An error before the first sample leaves no output folder behind."""
     host = host or Host()
     job.check()
-    local = not is_url(str(job.output))
-    created = local and not Path(job.output).exists()
     shard = parse_shard(job.shard) if job.shard else None
     summary, started = {}, time.perf_counter()
-    try:
-        writer = open_writer(job, job.settings(), shard)
-    except BaseException:
-        if created:
-            remove_unused_output(job.output)
-        raise
+    writer, created = open_writer(job, job.settings(), shard)
     close = getattr(writer, "close", lambda: None)
     try:
         with scale_backend(job.ray, job.workers):
@@ -273,7 +252,7 @@ def run_synth_job(job, host=None):
                                     host.check_interrupt, summary, results)
     except BaseException:
         close()
-        if created and not written_samples(writer):
+        if created and not len(writer):
             remove_unused_output(job.output)
             raise
         if summary:
@@ -289,21 +268,11 @@ def run_synth_job(job, host=None):
     summary.update(skipped=files.as_dict(), instances=len(plan.instances), classes=len(plan.class_stats),
                    filters=plan.filters)
     write_summary(job, summary)
-    if job.format == "webdataset":
-        write_stats(job, writer, summary, time.perf_counter() - started)
-        if job.shard is None:  # a whole run is over: no writer of this store runs (hand-started shards may)
-            writer.remove_partial_writes()
+    if job.format == "webdataset":  # _stats.json: this run's counts, skips and failures by reason, throughput
+        write_shard_stats(job, writer, shard, summary["written"], summary["existing"], summary["skipped"],
+                          summary["failed"], summary["shards"], summary["bytes"], time.perf_counter() - started,
+                          planned=summary["planned"])
     return summary
-
-
-def write_stats(job, writer, summary, seconds):
-    """``_stats.json`` of a shard dataset: this run's counts, skips and failures by reason, throughput."""
-    from .shards import run_stats, stats_name
-
-    stats = run_stats("ray" if job.ray is not None else "local", summary["written"], summary["existing"],
-                      summary["skipped"], summary["failed"], summary["shards"], summary["bytes"], seconds, job.workers)
-    stats.update(samples=writer.samples, shards_total=len(writer.counts), planned=summary["planned"])
-    write_output_json(job.output, stats_name(parse_shard(job.shard) if job.shard else None), stats)
 
 
 def failed_samples(summary):

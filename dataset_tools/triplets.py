@@ -47,7 +47,7 @@ DATASET_INFO = "dataset.json"
 # where a sample came from; "recovered" marks a record erasekit-dataset repair rebuilt from the files alone
 ORIGIN_KEYS = {"video": ("video", "frame", "background_frame"), "image": ("image", "instance"), "recovered": ()}
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"  # a writer's partial writes: never a sample, deleted by their own writer or by repair
 
 
 class ManifestDamaged(UsageError):
@@ -59,12 +59,17 @@ def repair_hint(root):
     return f"nothing was changed; check and mend the dataset with: erasekit-dataset repair {root}"
 
 
+def shard_file_name(stem, shard, suffix):
+    """``<stem><suffix>``, or ``<stem>-shard-<i>-of-<N><suffix>`` for the files of shard ``(i, N)`` (or ``"i/N"``)."""
+    if shard is None:
+        return f"{stem}{suffix}"
+    index, count = parse_shard(shard)
+    return f"{stem}-shard-{index}-of-{count}{suffix}"
+
+
 def manifest_name(shard=None):
     """File name of the manifest a writer of ``shard`` = (index, count) appends to."""
-    if shard is None:
-        return MANIFEST
-    index, count = parse_shard(shard)
-    return f"manifest-shard-{index}-of-{count}.jsonl"
+    return shard_file_name("manifest", shard, ".jsonl")
 
 
 def parse_shard(shard):
@@ -166,6 +171,20 @@ def _write_durable(path, data):
         os.fsync(handle.fileno())
 
 
+def write_atomic(path, data, tmp_name=None):
+    """Write ``data`` (bytes) to the local file ``path`` whole: into a temporary file next to it (``tmp_name``, by
+    default ``.tmp-<stem>-<pid><suffix>``), flushed and fsynced, then renamed into place."""
+    path = Path(path)
+    tmp = path.with_name(tmp_name or f"{TMP_PREFIX}{path.stem}-{os.getpid()}{path.suffix}")
+    _write_durable(tmp, data)
+    os.replace(tmp, path)
+
+
+def write_manifest(path, records, tmp_name=None):
+    """Replace the manifest ``path`` with ``records``, one JSON line each, whole (``write_atomic``)."""
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"), tmp_name)
+
+
 def parse_manifest_line(text):
     """The record of one manifest line, or (None, why it is not one)."""
     try:
@@ -239,25 +258,33 @@ def settings_differences(old, new):
             for key in sorted(set(old) | set(new)) if shown(old, key) != shown(new, key)]
 
 
-def read_dataset_info(root):
-    """The parsed ``dataset.json`` of ``root`` ({"version", "runs": [{"settings_id", "settings", ...}]}), or None."""
-    path = Path(root) / DATASET_INFO
-    if not path.is_file():
-        return None
+def parse_dataset_info(read, path, root):
+    """The parsed ``dataset.json`` that ``read()`` returns (its parsed JSON, or None when absent) at ``path``; a file
+    that is not JSON (``read`` raising OSError or ValueError) or lists no runs raises ManifestDamaged."""
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+        info = read()
+    except (OSError, ValueError) as error:
         raise ManifestDamaged(f"{path} is not readable JSON ({error}); {repair_hint(root)}") from None
-    if not isinstance(info, dict) or not isinstance(info.get("runs"), list):
+    if info is not None and (not isinstance(info, dict) or not isinstance(info.get("runs"), list)):
         raise ManifestDamaged(f"{path} does not list the runs' settings; {repair_hint(root)}")
     return info
 
 
+def read_dataset_info(root):
+    """The parsed ``dataset.json`` of ``root`` ({"version", "runs": [{"settings_id", "settings", ...}]}), or None."""
+    path = Path(root) / DATASET_INFO
+    return parse_dataset_info(lambda: json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None,
+                              path, root)
+
+
+def dataset_info_bytes(runs):
+    """The bytes of a ``dataset.json`` listing ``runs`` (the same in both formats)."""
+    return (json.dumps({"version": 1, "runs": runs}, indent=1) + "\n").encode("utf-8")
+
+
 def write_dataset_info(root, runs):
     path = Path(root) / DATASET_INFO
-    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{DATASET_INFO}")
-    _write_durable(tmp, (json.dumps({"version": 1, "runs": runs}, indent=1) + "\n").encode("utf-8"))
-    os.replace(tmp, path)
+    write_atomic(path, dataset_info_bytes(runs), f"{TMP_PREFIX}{os.getpid()}-{DATASET_INFO}")
 
 
 def adopt_settings(root, runs, settings, samples, append):
@@ -358,7 +385,7 @@ class TripletWriter:
             raise UsageError(
                 f"another process is writing {self.manifest_path}; give each concurrent run its own --shard i/N"
             ) from None
-        self._tmp_tag = f"{_TMP_PREFIX}{self.manifest_path.stem}-"
+        self._tmp_tag = f"{TMP_PREFIX}{self.manifest_path.stem}-"
         self._done = {}
         self.settings_id, self._settings_in_records = None, None
         try:
@@ -413,9 +440,7 @@ class TripletWriter:
                 write_dataset_info(self.root, runs)
 
     def _rewrite_manifest(self, records):
-        tmp = self.manifest_path.with_name(f"{self._tmp_tag}{self.manifest_path.name}")
-        _write_durable(tmp, "".join(json.dumps(r) + "\n" for r in records).encode("utf-8"))
-        os.replace(tmp, self.manifest_path)
+        write_manifest(self.manifest_path, records, f"{self._tmp_tag}{self.manifest_path.name}")
 
     # ---- writing -------------------------------------------------------------------------------
     def has(self, sample_id):
@@ -549,6 +574,14 @@ def check_sample_sizes(sample, record, where):
     return sample
 
 
+def decode_encoded(encoded, record, where):
+    """The sample ``{"source", "mask", "target", "record"}`` of an ``EncodedTriplet``, decoded and checked (masks
+    binary, sizes against ``record`` and each other); ValueError naming the file (``where(key)``)."""
+    sample = {"source": decode_rgb(encoded.source, where("source")), "mask": decode_mask(encoded.mask, where("mask")),
+              "target": decode_rgb(encoded.target, where("target")), "record": record}
+    return check_sample_sizes(sample, record, where)
+
+
 class TripletDataset:
     """Validating reader of a triplet dataset folder (every ``manifest*.jsonl``, ordered by id).
 
@@ -587,11 +620,20 @@ class TripletDataset:
     def iter_records(self):
         return iter(self.records)
 
-    def __getitem__(self, index):
+    def encoded(self, index):
+        """Sample ``index`` as stored: an ``EncodedTriplet`` of its PNG bytes (a missing file reads as no bytes,
+        which decoding reports)."""
         record = self.records[index]
-        sample = {"source": _read_rgb(self.root / record["source"]), "mask": _read_mask(self.root / record["mask"]),
-                  "target": _read_rgb(self.root / record["target"]), "record": record}
-        return check_sample_sizes(sample, record, lambda key: self.root / record[key])
+        return EncodedTriplet(*(_file_bytes(self.root / record[key]) for key in SUBDIRS), record.get("width"),
+                              record.get("height"))
+
+    def __getitem__(self, index):
+        return self.decode(index, self.encoded(index))
+
+    def decode(self, index, encoded):
+        """Sample ``index`` (``ds[index]``) from its ``encoded`` bytes."""
+        record = self.records[index]
+        return decode_encoded(encoded, record, lambda key: self.root / record[key])
 
     def validate(self):
         """Read every sample once; raises on the first bad file."""

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from ..jobs import Host, Skips, UsageError, check_input, check_output_folder, content_hash, describe_os_error
 from .scale import backend as scale_backend
-from .shards import (SHARD_SIZE, ShardWriter, VideoShards, check_output_format, read_output_json, run_stats,
-                     stats_name, write_output_json)
+from .shards import (SHARD_SIZE, VideoShards, check_output_format, open_writer, read_json, write_output_json,
+                     write_shard_stats)
 from .sources import is_url, join
-from .triplets import TripletWriter, encode_triplet, parse_shard, remove_unused_output
+from .triplets import encode_triplet, parse_shard, shard_file_name
 from .video_decode import VIDEO_EXTENSIONS, find_videos
 from .video_isolation import VideoWorkerPool
 from .video_mining import PairingConfig, PairMined, VideoFinished, VideoProgress, VideoReport, VideoTask, video_id
@@ -101,10 +101,7 @@ class VideoJob:
 
 
 def summary_name(shard):
-    if shard is None:
-        return f"{SUMMARY}.json"
-    index, count = parse_shard(shard)
-    return f"{SUMMARY}-shard-{index}-of-{count}.json"
+    return shard_file_name(SUMMARY, shard, ".json")
 
 
 def summary_path(root, shard):
@@ -115,7 +112,7 @@ def finished_videos(root, shard, params):
     """Videos a previous run with the same settings finished (ok or skipped for a reason), by content hash;
     crashed ones are tried again."""
     try:
-        previous = read_output_json(root, summary_name(shard))
+        previous = read_json(root, summary_name(shard))
     except (OSError, ValueError):
         return {}
     if previous is None or previous.get("params") != params:
@@ -185,19 +182,7 @@ def run_video_job(job, host=None):
     if not is_url(str(job.output)):
         check_output_folder(job.output)
     ids, unmined = identify(videos, host)
-    created = not is_url(str(job.output)) and not Path(job.output).exists()
-    try:
-        # shards of one run share the folder, so a shard never refuses samples written by the others
-        resume = job.resume or shard is not None
-        if job.format == "webdataset":
-            writer = ShardWriter(job.output, resume=resume, settings=job.settings(spec), append=job.append)
-        else:
-            writer = TripletWriter(job.output, resume=resume, shard=shard, settings=job.settings(spec),
-                                   append=job.append)
-    except BaseException:
-        if created:
-            remove_unused_output(job.output)
-        raise
+    writer, _ = open_writer(job, job.settings(spec), shard)
 
     params = job.params(spec)
     done_before = finished_videos(job.output, shard, params) if job.resume or job.append else {}
@@ -216,7 +201,7 @@ def run_video_job(job, host=None):
 
     def publish():
         summary["videos"] = [reports[v] for v in videos if v in reports]
-        summary["samples"] = writer.samples if job.format == "webdataset" else len(writer)
+        summary["samples"] = len(writer)
         summary["skipped"] = skipped_videos(summary["videos"]).as_dict()
         write_output_json(job.output, summary_name(shard), summary)
 
@@ -292,13 +277,9 @@ def run_video_job(job, host=None):
         try:
             publish()  # whatever stops the run, the summary describes what was done
             if job.format == "webdataset":
-                stats = run_stats("ray" if job.ray is not None else "local", summary["written"],
-                                  summary["already_present"], summary["skipped"], {}, summary["shards"],
-                                  summary["bytes"], time.perf_counter() - started, job.workers)
-                stats.update(samples=writer.samples, shards_total=len(writer.counts), videos=len(videos))
-                write_output_json(job.output, stats_name(shard), stats)
-                if shard is None:  # the run is over: no writer of this store runs (hand-started shards may)
-                    writer.remove_partial_writes()
+                write_shard_stats(job, writer, shard, summary["written"], summary["already_present"],
+                                  summary["skipped"], {}, summary["shards"], summary["bytes"],
+                                  time.perf_counter() - started, videos=len(videos))
         except OSError:
             pass  # the disk that refused the samples refuses the summary too: the error says so
     return summary

@@ -658,11 +658,13 @@ class PairMiner:
         if cfg.outside_changes == "mask" and len(areas) and areas.max() >= cfg.outside_change_pixels:
             source_moving, target_moving = self._upscale(fg.foreground), self._upscale(bg.foreground)
             near_zone = cv2.dilate(zone.view(np.uint8), _SQUARE_3).view(bool)
-            add = np.zeros(mask.shape, bool)
-            for label in np.flatnonzero(areas >= max(4, cfg.outside_change_pixels // 4)) + 1:
-                region = labels == label
-                if not (region & target_moving).any() and (region & (source_moving | near_zone)).any():
-                    add |= region
+            # per region (label k): does it touch the background frame's movers, the source's movers or the zone
+            in_target = np.bincount(labels[target_moving], minlength=len(areas) + 1) > 0
+            explained = np.bincount(labels[source_moving | near_zone], minlength=len(areas) + 1) > 0
+            candidates = np.flatnonzero(areas >= max(4, cfg.outside_change_pixels // 4)) + 1
+            chosen = np.zeros(len(areas) + 1, bool)
+            chosen[candidates[~in_target[candidates] & explained[candidates]]] = True
+            add = chosen[labels]
             if add.any():
                 count, blobs = cv2.connectedComponents(fg.foreground.view(np.uint8), connectivity=8)
                 hit = cv2.resize(add.view(np.uint8), self.small_size, interpolation=cv2.INTER_AREA) > 0

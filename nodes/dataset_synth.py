@@ -34,9 +34,8 @@ def _output_path(value):
 def _job(backgrounds, instances, output, num_samples, size, blend, seed, area_filter, class_filter, coco, coco_images,
          background_annotations, clip_model, sam_model, sam_images, resume=True, append=False):
     """The ``SynthJob`` of the node's inputs: folders resolved, empty inputs unset, one value per list setting."""
-    paths = {name: _input_path(value, name) for name, value in (
-        ("backgrounds", backgrounds), ("instances", instances), ("coco", coco), ("coco_images", coco_images),
-        ("background_annotations", background_annotations), ("clip_model", clip_model), ("sam_images", sam_images))}
+    given = locals()  # the parameters by name, before any other local is made
+    paths = {name: _input_path(given[name], name) for name in INPUT_PATHS}
     if paths["backgrounds"] is None:
         raise ValueError("backgrounds is empty: give a folder of background photos")
     listed = {name: [paths[name]] if paths[name] else [] for name in ("instances", "coco", "coco_images", "sam_images")}

@@ -202,19 +202,26 @@ class Video4RemovalDataset(io.ComfyNode):
             ],
         )
 
+    @staticmethod
+    def _videos_path(videos):
+        return user_path(videos, folder_paths.get_input_directory(), "videos")
+
+    @staticmethod
+    def _output_path(output):
+        return user_path(output, folder_paths.get_output_directory(), "output", must_exist=False)
+
     @classmethod
     def _job(cls, videos, output, max_frames, workers, resume, append, grounding_dino, sam_model, prompt, pairing):
-        return VideoJob(videos=[user_path(videos, folder_paths.get_input_directory(), "videos")],
-                        output=user_path(output, folder_paths.get_output_directory(), "output", must_exist=False),
+        return VideoJob(videos=[cls._videos_path(videos)], output=cls._output_path(output),
                         pairing=_pairing(pairing), max_frames=max_frames or None, workers=workers, resume=resume,
                         append=append, **_segmenter(grounding_dino, sam_model, prompt))
 
     @classmethod
     def fingerprint_inputs(cls, videos, output, grounding_dino=NONE, sam_model=NONE, **_):
         def compute():
-            out = user_path(output, folder_paths.get_output_directory(), "output", must_exist=False)
-            return (fingerprint(user_path(videos, folder_paths.get_input_directory(), "videos"),
-                                dino_path(grounding_dino), sam_path(sam_model)), dataset_fingerprint(out))
+            out = cls._output_path(output)
+            return (fingerprint(cls._videos_path(videos), dino_path(grounding_dino), sam_path(sam_model)),
+                    dataset_fingerprint(out))
         return _host.fingerprint(compute)
 
     @classmethod
