@@ -40,17 +40,27 @@ class WeightsNotFound(FileNotFoundError):
     """A learned metric's weights are not on this machine; the message names the file and where to get it."""
 
 
-def _check_weights(path, what, url, option):
+def _weights_file(path, what, url, option):
+    """``path`` as a Path; ``WeightsNotFound`` naming where to get it when there is no such file."""
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFound(f"{what} weights not found at {path}: download {url} and give its path "
                               f"(erasekit-eval {option} FILE); EraseKit downloads nothing")
+    return path
+
+
+def _not_plain_weights(path, what, error):
+    return ValueError(f"{path} is not a plain weights file for {what} ({error})")
+
+
+def _check_weights(path, what, url, option):
+    path = _weights_file(path, what, url, option)
     import torch
 
     try:
         torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path} is not a plain weights file for {what} ({error})") from None
+        raise _not_plain_weights(path, what, error) from None
     return path
 
 
@@ -65,11 +75,11 @@ def to_tensor(images):
 
 
 # ------------------------------------------------------------------------------------------------ LPIPS
-def lpips_weights_name(net):
-    """File name torchvision gives the backbone's ImageNet weights (what torch's hub cache holds)."""
+def lpips_weights_url(net):
+    """Where torchvision downloads the backbone's ImageNet weights from."""
     import torchvision.models
 
-    return getattr(torchvision.models, LPIPS_BACKBONES[net][1]).DEFAULT.url.rsplit("/", 1)[-1]
+    return getattr(torchvision.models, LPIPS_BACKBONES[net][1]).DEFAULT.url
 
 
 class Lpips:
@@ -83,10 +93,8 @@ class Lpips:
 
         if net not in LPIPS_BACKBONES:
             raise ValueError(f"LPIPS network {net!r} is not one of {', '.join(LPIPS_BACKBONES)}")
-        name = lpips_weights_name(net)
-        import torchvision.models
-
-        url = getattr(torchvision.models, LPIPS_BACKBONES[net][1]).DEFAULT.url
+        url = lpips_weights_url(net)
+        name = url.rsplit("/", 1)[-1]  # the file name torch's hub cache holds
         weights = _check_weights(weights or HUB_CHECKPOINTS / name, f"LPIPS ({LPIPS_BACKBONES[net][0]} backbone)", url,
                                 "--lpips-weights")
         previous = torch.hub.get_dir()
@@ -239,8 +247,13 @@ class Remove:
 
         from ..dataset_tools.segmenters import build_segment_anything, load_state_dict
 
-        checkpoint = _check_weights(checkpoint, "ReMOVE (segment-anything SAM)", SAM_URL, "--sam")
-        self.predictor = SamPredictor(build_segment_anything(load_state_dict(checkpoint)).to(device))
+        what = "ReMOVE (segment-anything SAM)"
+        checkpoint = _weights_file(checkpoint, what, SAM_URL, "--sam")
+        try:
+            state = load_state_dict(checkpoint)
+        except ValueError as error:
+            raise _not_plain_weights(checkpoint, what, error) from None
+        self.predictor = SamPredictor(build_segment_anything(state).to(device))
         self.crop = crop
 
     def __call__(self, result, mask):

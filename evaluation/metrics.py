@@ -35,11 +35,15 @@ def psnr(result, target, region=None):
     """Peak signal-to-noise ratio in dB over all pixels or those of ``region`` (bool H×W); ``inf`` when they are
     identical, ``nan`` when the region is empty."""
     result, target = _check_pair(result, target)
-    squared = (result - target) ** 2
+    return _psnr((result - target) ** 2, region)
+
+
+def _psnr(squared, region=None):
+    """PSNR from the float64 squared error ``H×W×3`` (see ``psnr``)."""
     if region is not None:
         region = np.asarray(region, bool)
-        if region.shape != result.shape[:2]:
-            raise ValueError(f"the mask is {_size(region)} but the images are {_size(result)}")
+        if region.shape != squared.shape[:2]:
+            raise ValueError(f"the mask is {_size(region)} but the images are {_size(squared)}")
         if not region.any():
             return math.nan
         squared = squared[region]
@@ -50,7 +54,11 @@ def psnr(result, target, region=None):
 def ssim(result, target):
     """Structural similarity (Wang et al. 2004; see ``SSIM_*``): 1 for identical images; ``nan`` for images too
     small to hold one whole window (11×11)."""
-    result, target = _check_pair(result, target)
+    return _ssim(*_check_pair(result, target))
+
+
+def _ssim(result, target):
+    """SSIM of two float64 ``H×W×3`` images (see ``ssim``)."""
     pad = SSIM_WINDOW // 2
     if min(result.shape[:2]) <= 2 * pad:
         return math.nan
@@ -79,9 +87,11 @@ def dilate(mask, pixels):
 def pixel_metrics(result, target, mask=None, dilation=0):
     """``{"psnr", "ssim"}`` and, with a mask, ``"psnr_masked"`` (inside the mask grown by ``dilation`` px: the
     filled hole) and ``"psnr_unmasked"`` (everything else: what the eraser should have left alone)."""
-    values = {"psnr": psnr(result, target), "ssim": ssim(result, target)}
+    result, target = _check_pair(result, target)
+    squared = (result - target) ** 2
+    values = {"psnr": _psnr(squared), "ssim": _ssim(result, target)}
     if mask is not None:
         inside = dilate(mask, dilation)
-        values["psnr_masked"] = psnr(result, target, inside)
-        values["psnr_unmasked"] = psnr(result, target, ~inside)
+        values["psnr_masked"] = _psnr(squared, inside)
+        values["psnr_unmasked"] = _psnr(squared, ~inside)
     return values

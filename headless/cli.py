@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, UsageError, cli_main
+from ..segment.text_masks import BOX_THRESHOLD, TEXT_THRESHOLD
 
 PROG = "erasekit-run"
 
@@ -50,8 +51,10 @@ def parse_args(argv):
     parser.add_argument("--grounding-dino", help="with --prompt: folder name in models/grounding-dino "
                                                   "(default: the only one there)")
     parser.add_argument("--sam2", help="with --prompt: file or folder name in models/sam2 (default: the only one)")
-    parser.add_argument("--box-threshold", type=float, default=0.35, help="with --prompt: GroundingDINO box score (0.35)")
-    parser.add_argument("--text-threshold", type=float, default=0.25, help="with --prompt: phrase match (0.25)")
+    parser.add_argument("--box-threshold", type=float, default=BOX_THRESHOLD,
+                        help=f"with --prompt: GroundingDINO box score ({BOX_THRESHOLD})")
+    parser.add_argument("--text-threshold", type=float, default=TEXT_THRESHOLD,
+                        help=f"with --prompt: phrase match ({TEXT_THRESHOLD})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.masks is not None and args.prompt:

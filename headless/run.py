@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..dataset_tools.imageio import IMAGE_EXTENSIONS, TRUNCATED, UNREADABLE, read_mask
+from ..dataset_tools import imageio
+from ..dataset_tools.imageio import IMAGE_EXTENSIONS, UNREADABLE, read_mask
 from ..evaluation.folders import detect_layout, layout_samples, pair_by_stem
 from ..jobs import Host, UsageError
+from ..segment.text_masks import BOX_THRESHOLD, TEXT_THRESHOLD
 from . import binding as B
 from .runtime import PromptFailed
 from .workflow import WorkflowError, apply_overrides, load_workflow, missing_models, parse_override, \
@@ -54,8 +56,8 @@ class RunJob:
     resume: bool = False
     image_node: str | None = None
     mask_node: str | None = None
-    box_threshold: float = 0.35
-    text_threshold: float = 0.25
+    box_threshold: float = BOX_THRESHOLD
+    text_threshold: float = TEXT_THRESHOLD
 
 
 @dataclass
@@ -132,15 +134,14 @@ def find_samples(job):
 # ------------------------------------------------------------------------------------------------ inputs
 def open_photo(path):
     """(PIL image as ComfyUI's LoadImage sees it: EXIF rotation applied, None) or (None, reason)."""
-    try:
-        with Image.open(path) as image:
-            image.load()
+    image, reason = imageio._open_fully(path)[:2]
+    if image is None:
+        return None, reason
+    with image:
+        try:
             return ImageOps.exif_transpose(image), None
-    except OSError as error:
-        text = str(error).lower()
-        return None, TRUNCATED if "truncated" in text or "broken data" in text else UNREADABLE
-    except (ValueError, SyntaxError, Image.DecompressionBombError):
-        return None, UNREADABLE
+        except (OSError, ValueError, SyntaxError):
+            return None, UNREADABLE
 
 
 def mask_rgba(mask):
@@ -200,7 +201,7 @@ class Folder:
 class FolderRunner:
     """Runs one prepared workflow over samples on one executor (models stay loaded between items)."""
 
-    def __init__(self, runtime, prompt, binding, folder, masker=None, text=None, thresholds=(0.35, 0.25)):
+    def __init__(self, runtime, prompt, binding, folder, masker=None, text=None, thresholds=(BOX_THRESHOLD, TEXT_THRESHOLD)):
         self.runtime = runtime
         self.prompt = prompt
         self.binding = binding

@@ -21,13 +21,13 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..erasers import omnieraser as oe
-from ..erasers.attention import split_heads
+from ..erasers.attention import plain_attention, split_heads
 from ..train import curves, loop, memory
 from ..train.datasets import dataset_fingerprint
 from ..train.eraser_lora import (CAPTION, LEARNING_RATE, PACKED_INPUT, EraserJob, FluxAdapter, MemoryFacts,
-                                 lora_metadata, official_lora_targets, train_eraser)
-from ..train.lora import LoraTarget, save_lora_file
-from . import _paths
+                                 linear_facts, official_lora_targets, save_lora, train_eraser)
+from ..train.lora import LoraTarget
+from . import _host, _paths
 from ._host import ComfyHost
 from .omnieraser import _original_shapes, apply_omnieraser_lora
 
@@ -70,8 +70,9 @@ def sdpa_attention(func, q, k, v, heads, mask=None, attn_precision=None, skip_re
         mask = mask.unsqueeze(0)
     if mask is not None and mask.ndim == 3:
         mask = mask.unsqueeze(1)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-    return out if skip_output_reshape else out.transpose(1, 2).reshape(qh.shape[0], qh.shape[2], -1)
+    if skip_output_reshape:
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    return plain_attention(qh, kh, vh, mask)
 
 
 def clone_inference_tensors(module):
@@ -169,12 +170,7 @@ class ComfyFlux(FluxAdapter):
         return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # ComfyUI's DiagonalGaussianDistribution
 
     def memory_facts(self):
-        linears = {n: (m.weight.numel(), m.weight.numel() * m.weight.element_size())
-                   for n, m in self.module.named_modules() if isinstance(m, torch.nn.Linear)}
-        linear_weights = {id(self.module.get_submodule(n).weight) for n in linears}
-        other = sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in linear_weights)
-        order = [[n for n in linears if n.startswith(f"{prefix}.{i}.")]
-                 for prefix in ("single_blocks", "double_blocks") for i in reversed(range(len(getattr(self.module, prefix))))]
+        linears, other, order = linear_facts(self.module, ("single_blocks", "double_blocks"))
         return MemoryFacts(linears, other, self.module.hidden_size, len(self.module.double_blocks),
                            len(self.module.single_blocks), self.context.shape[1], order)
 
@@ -224,7 +220,7 @@ def train_omnieraser(model, vae, positive, dataset, job: EraserJob, interrupt_pr
 
     def save_partial(step, state):
         path = os.path.join(loras, f"{interrupt_prefix}_interrupted_step{step}.safetensors")
-        save_lora_file(path, state, lora_metadata(job.rank, extra={"erasekit_steps": str(step)}))
+        save_lora(path, state, job.rank, extra={"erasekit_steps": str(step)})
         log.warning("training interrupted: partial LoRA saved to %s", path)
 
     with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference mode
@@ -323,10 +319,7 @@ class TrainOmniEraserLora(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, dataset=None, **_):
         """Run again when the dataset folder's files change (ComfyUI would otherwise reuse the old LoRA)."""
-        try:
-            return dataset_fingerprint(_paths.dataset_source(dataset))
-        except (OSError, ValueError):
-            return dataset  # execute reports the problem
+        return _host.fingerprint(lambda: dataset_fingerprint(_paths.dataset_source(dataset)))
 
     @classmethod
     def execute(cls, model, vae, positive, dataset, steps, learning_rate, rank, grad_accumulation, resolution,
@@ -368,7 +361,7 @@ class SaveEraserLora(io.ComfyNode):
         root = folder_paths.get_folder_paths("loras")[0]
         folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, root)
         path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
-        save_lora_file(path, lora, lora_metadata(ranks.pop()))
+        save_lora(path, lora, ranks.pop())
         return io.NodeOutput(os.path.relpath(path, root).replace(os.sep, "/"))
 
 

@@ -18,7 +18,7 @@ from ..jobs import require
 from ..train import curves, loop
 from ..train import sd_inpaint as core
 from ..train.datasets import dataset_fingerprint
-from . import _paths
+from . import _host, _paths
 from ._host import ComfyHost
 
 CATEGORY = "erasekit/train"
@@ -141,10 +141,7 @@ class TrainSDInpaintEraser(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, dataset_folder=None, **_):
         """Run again when the dataset folder's files change (ComfyUI would otherwise reuse the old result)."""
-        try:
-            return dataset_fingerprint(_paths.dataset_source(dataset_folder, "dataset_folder"))
-        except (OSError, ValueError):
-            return dataset_folder  # execute reports the problem
+        return _host.fingerprint(lambda: dataset_fingerprint(_paths.dataset_source(dataset_folder, "dataset_folder")))
 
     @classmethod
     def execute(cls, base_model, clip_vision, dataset_folder, output_name, objective, mode, steps, learning_rate,

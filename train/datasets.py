@@ -17,7 +17,6 @@ versions; that is what makes VAE latents cacheable (``train.caching``).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Callable, Sequence
 
@@ -25,7 +24,12 @@ import cv2
 import numpy as np
 import torch
 
+from ..dataset_tools import shards
 from ..erasers.layout import binarize
+from ..jobs import fingerprint
+
+# the reader of a dataset in either format (a triplet folder or WebDataset shards)
+open_triplets = shards.open_triplets
 
 # OmniEraser's PairedRandomCrop upsamples an image smaller than the crop by this margin over the exact fit.
 UPSCALE_MARGIN = 1.1
@@ -165,13 +169,6 @@ class PairedCropDataset(torch.utils.data.Dataset):
         }
 
 
-def open_triplets(spec):
-    """The reader of a dataset in either format (``dataset_tools.shards.open_triplets``)."""
-    from ..dataset_tools.shards import open_triplets as open_either
-
-    return open_either(spec)
-
-
 def _shards_of(triplets):
     """For each sample of ``triplets`` (a shard reader, or a ``Subset``/``ConcatDataset`` of them) the shard file
     that holds it; None when some sample comes from a folder."""
@@ -216,24 +213,10 @@ def collate(samples):
     }
 
 
-def folder_fingerprint(folder):
-    """A digest of a dataset folder's files (relative name, size, modification time), so a node that trains on
-    it runs again when a pair is added, removed or rewritten, and reuses its result while nothing changed."""
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(root, name)
-            stat = os.stat(path)
-            digest.update(f"{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def dataset_fingerprint(spec):
-    """``folder_fingerprint`` of a dataset folder (either format), or the shard files' sizes and times of a shard
-    pattern or URL: a node training on it runs again when it changes."""
+    """``jobs.fingerprint`` of a dataset folder (either format: every file's relative name, size and modification
+    time, so an added, removed or rewritten pair counts), or the shard files' sizes and times of a shard pattern or
+    URL: a node training on it runs again when it changes and reuses its result while nothing changed."""
     if os.path.isdir(os.fspath(spec)):
-        return folder_fingerprint(spec)
-    from ..dataset_tools.shards import dataset_fingerprint as shards_fingerprint
-
-    return shards_fingerprint(spec)
+        return fingerprint(spec)
+    return shards.dataset_fingerprint(spec)

@@ -160,14 +160,31 @@ class MemoryFacts:
     offload_order: list = field(default_factory=list)  # [[Linear names of one block], ...]
 
 
+def linear_facts(module, block_prefixes):
+    """(Linear weights, other parameter bytes, offload order) of a FLUX ``module`` for ``MemoryFacts``: each
+    ``nn.Linear`` (or ``train.memory.FrozenLinear``) by name → (elements, bytes as loaded); the bytes of every other
+    parameter (biases, norms, embeddings); and the blocks' Linear names, one list per block, in offload order:
+    the blocks of ``block_prefixes`` (the module's block lists, e.g. ``("single_blocks", "double_blocks")``) in
+    that order, each list's last block first."""
+    linears, linear_weights = {}, set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.nn.Linear):
+            linears[name] = (sub.weight.numel(), sub.weight.numel() * sub.weight.element_size())
+            linear_weights.add(id(sub.weight))
+        elif isinstance(sub, memory.FrozenLinear):
+            linears[name] = (sub.stored.numel(), sub.stored_bytes(on_device=False))
+    other = sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in linear_weights)
+    order = [[n for n in linears if n.startswith(f"{prefix}.{i}.")]
+             for prefix in block_prefixes for i in reversed(range(len(getattr(module, prefix))))]
+    return linears, other, order
+
+
 def plan_memory(facts: MemoryFacts, plan: memory.MemoryPlan, lora_params, resolution, compute_bytes, batch=1,
                 optimizer="adamw"):
     """(estimate, offloaded Linear names): the plan's estimate, offloading whole blocks until it fits the budget."""
-    storage_bytes = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
-
     def layer_bytes(name):
         numel, loaded = facts.linears[name]
-        return loaded if plan.base is None else numel * storage_bytes[plan.base]
+        return loaded if plan.base is None else numel * memory.STORAGE_DTYPES[plan.base].itemsize
 
     largest = max((numel for numel, _ in facts.linears.values()), default=0)
     tokens = memory.flux_tokens(resolution, facts.text_tokens)
@@ -400,14 +417,17 @@ class EraserResult:
 def choose_plan(job: EraserJob, adapter: FluxAdapter, lora_params, compute_bytes):
     """The memory plan of the run (``auto`` picks the fastest that fits the device), its estimate and offload set."""
     facts = adapter.memory_facts()
+    planned = {}  # id(plan) → (estimate, offloaded): each plan is estimated once
 
-    def estimate_for(plan):
-        return plan_memory(facts, plan, lora_params, job.resolution, compute_bytes, job.batch_size, job.optimizer)[0]
+    def plan_for(plan):
+        if id(plan) not in planned:
+            planned[id(plan)] = plan_memory(facts, plan, lora_params, job.resolution, compute_bytes, job.batch_size,
+                                            job.optimizer)
+        return planned[id(plan)]
 
     plan = job.memory_plan if isinstance(job.memory_plan, memory.MemoryPlan) else \
-        memory.resolve_plan(job.memory_plan, adapter.device, estimate_for)
-    estimate, offloaded = plan_memory(facts, plan, lora_params, job.resolution, compute_bytes, job.batch_size,
-                                      job.optimizer)
+        memory.resolve_plan(job.memory_plan, adapter.device, lambda candidate: plan_for(candidate)[0])
+    estimate, offloaded = plan_for(plan)
     return plan, estimate, offloaded
 
 

@@ -19,7 +19,8 @@ from ..erasers import omnieraser as oe
 from ..jobs import CliHost, require
 from . import caching, flow_matching, lora, loop, memory
 from .eraser_lora import (CAPTION, GUIDANCE, LEARNING_RATE, LORA_FILE, PACKED_INPUT, EraserJob, FluxAdapter,
-                          MemoryFacts, official_lora_targets, open_training_data, save_lora, train_eraser)
+                          MemoryFacts, linear_facts, official_lora_targets, open_training_data, save_lora,
+                          train_eraser)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class DiffusersFlux(FluxAdapter):
         self.device = torch.device(device)
         self.cache_tag = cache_tag
         self.compute_dtype = next((p.dtype for p in transformer.parameters() if p.is_floating_point()), torch.float32)
+        self._step_inputs = {}  # the last latent shape's RoPE ids and caption embeddings (see ``step_inputs``)
 
     def lora_targets(self):
         linears = {n: m for n, m in self.module.named_modules()
@@ -110,17 +112,26 @@ class DiffusersFlux(FluxAdapter):
                 base_in_features=module.in_features if wide and module.in_features < PACKED_INPUT else None)
         return targets
 
+    def step_inputs(self, height, width, device, dtype):
+        """(image ids, text ids, pooled, prompt embeddings) in ``dtype`` for a ``height × width`` latent: the same
+        every micro-step, so they are made once per shape and dtype."""
+        key = (height, width, torch.device(device), dtype)
+        if key not in self._step_inputs:
+            text = self.text
+            self._step_inputs = {key: (latent_image_ids(height, width, device, dtype), text["text_ids"].to(dtype),
+                                       text["pooled_prompt_embeds"].to(dtype), text["prompt_embeds"].to(dtype))}
+        return self._step_inputs[key]
+
     def velocity(self, noisy, condition, sigmas, guidance):
-        transformer, text, dtype = self.module, self.text, self.compute_dtype
+        transformer, dtype = self.module, self.compute_dtype
         batch, _, height, width = noisy.shape
+        img_ids, txt_ids, pooled, prompt = self.step_inputs(height, width, noisy.device, dtype)
         guidance_vec = (torch.full((batch,), guidance, device=noisy.device, dtype=dtype)
                         if transformer.config.guidance_embeds else None)
         packed = oe.packed_model_input(noisy, condition.to(noisy.dtype)).to(dtype)
         out = transformer(hidden_states=packed, timestep=sigmas.to(dtype), guidance=guidance_vec,
-                          pooled_projections=text["pooled_prompt_embeds"].expand(batch, -1).to(dtype),
-                          encoder_hidden_states=text["prompt_embeds"].expand(batch, -1, -1).to(dtype),
-                          txt_ids=text["text_ids"].to(dtype),
-                          img_ids=latent_image_ids(height, width, noisy.device, dtype), return_dict=False)[0]
+                          pooled_projections=pooled.expand(batch, -1),
+                          encoder_hidden_states=prompt.expand(batch, -1, -1), txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         return oe.unpack_latents(out, height, width).float()
 
     def vae_moments(self, images):
@@ -128,17 +139,7 @@ class DiffusersFlux(FluxAdapter):
         return dist.mean, dist.std
 
     def memory_facts(self):
-        linears, linear_params = {}, set()
-        for name, module in self.module.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                linears[name] = (module.weight.numel(), module.weight.numel() * module.weight.element_size())
-                linear_params.add(id(module.weight))
-            elif isinstance(module, memory.FrozenLinear):
-                linears[name] = (module.stored.numel(), module.stored_bytes(on_device=False))
-        other = sum(p.numel() * p.element_size() for p in self.module.parameters() if id(p) not in linear_params)
-        order = [[n for n in linears if n.startswith(f"{prefix}.{i}.")]
-                 for prefix in ("single_transformer_blocks", "transformer_blocks")
-                 for i in reversed(range(len(getattr(self.module, prefix))))]
+        linears, other, order = linear_facts(self.module, ("single_transformer_blocks", "transformer_blocks"))
         config = self.module.config
         return MemoryFacts(linears, other, config.num_attention_heads * config.attention_head_dim,
                            len(self.module.transformer_blocks), len(self.module.single_transformer_blocks),
@@ -152,9 +153,6 @@ class DiffusersFlux(FluxAdapter):
             memory.freeze_linears(self.module, plan.base, self.device, offload=lambda name: name in offload)
             for param in self.module.parameters():  # norms, embeddings: small, kept in the compute dtype
                 param.data = param.data.to(compute_dtype)
-
-    def set_gradient_checkpointing(self, enabled):
-        (self.module.enable_gradient_checkpointing if enabled else self.module.disable_gradient_checkpointing)()
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -237,9 +235,7 @@ def run(args):
     """``erasekit-train flux``: train, save ``OUTPUT/pytorch_lora_weights.safetensors``; returns a summary dict."""
     for module in ("diffusers", "transformers", "accelerate"):
         require(module, extra="train", feature="erasekit-train flux")
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(device_placement=False)
+    accelerator = loop.default_accelerator()
     device = accelerator.device
     precision = loop.resolve_mixed_precision(args.mixed_precision, device)
     job = job_from_args(args, 1.0, 1000)

@@ -9,8 +9,7 @@
   ``memory_plan`` input (base-weight storage, gradient checkpointing, a budget for offloading frozen blocks).
 - ``estimate``: the memory model both trainers check before training. Weights and LoRA state are exact byte counts
   of the model in hand; activations use ``ACTIVATION_UNITS``, which ``saved_activation_units`` measures on CPU
-  (tests/test_train_memory.py re-measures it). The device peaks of ``MEASURED_PEAK_GIB`` come from
-  ``benchmarks/train.py`` on a GPU; until a run fills them in they are None ("to be measured").
+  (tests/test_train_memory.py re-measures it).
 """
 from __future__ import annotations
 
@@ -222,16 +221,6 @@ def resolve_plan(name, device, estimate_for=None):
 # block 19.8, single block 12.3, outside the blocks 3.1. SDPA keeps log-sum-exp rows, never the score matrix, so the
 # figure is per token. A checkpointed block keeps only its input stream (1 unit) and recomputes the rest in backward.
 ACTIVATION_UNITS = {"double": 20.0, "single": 12.5, "outside": 3.0, "checkpointed": 1.0}
-# Peak device memory (GiB) of FLUX.1-dev-shaped LoRA training at 1024 px, batch 1, rank 32, from
-# ``benchmarks/train.py`` on a GPU; None = still to be measured. Keyed by (trainer, plan).
-MEASURED_PEAK_GIB = {
-    ("cli", "full"): 50.6,  # H200, torch 2.11, bf16, cuDNN attention off, AdamW (issue 17's first run)
-    ("cli", "24gb"): None,
-    ("cli", "16gb"): None,
-    ("node", "full"): None,
-    ("node", "24gb"): None,
-    ("node", "16gb"): None,
-}
 
 
 @dataclass

@@ -573,9 +573,7 @@ def run(args):
     """``erasekit-train sd-inpaint``: train, export OUTPUT/model; returns a summary dict (also OUTPUT/summary.json)."""
     for module in ("diffusers", "transformers", "accelerate") + (("peft",) if args.mode == "lora" else ()):
         require(module, extra="train", feature="erasekit-train sd-inpaint")
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(device_placement=False)
+    accelerator = loop.default_accelerator()
     os.makedirs(args.output, exist_ok=True)
     with CliHost("erasekit-train sd-inpaint", enabled=accelerator.is_main_process, unit="steps") as host:
         def progress(step_number, total, loss):
