@@ -7,13 +7,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_checkout():
-    """The ``erasekit`` package of this checkout (``sys.modules["erasekit"]`` is replaced by it)."""
-    package = sys.modules.get("erasekit")
-    if package is not None and Path(package.__file__).resolve().parent == ROOT:
+def import_checkout(root=ROOT, name="erasekit"):
+    """The pack at ``root`` (default: this checkout) imported as the package ``name`` (``sys.modules[name]`` is
+    replaced by it); another ``name`` keeps a second checkout apart from the first."""
+    root = Path(root).resolve()
+    package = sys.modules.get(name)
+    if package is not None and Path(package.__file__).resolve().parent == root:
         return package
-    spec = importlib.util.spec_from_file_location("erasekit", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
     package = importlib.util.module_from_spec(spec)
-    sys.modules["erasekit"] = package
+    sys.modules[name] = package
     spec.loader.exec_module(package)
     return package

@@ -29,6 +29,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "comfy"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pack import import_checkout  # noqa: E402
+
+import_checkout()  # this checkout as ``erasekit`` (the harness and erasekit-run's code), whatever else is installed
 
 
 def photos(folder, count, side):

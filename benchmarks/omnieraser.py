@@ -18,10 +18,11 @@
    Seconds per step and memory for plain / OmniEraser / + SRA, fp8 / bf16 and small-card caps:
    ``benchmarks/sampling.py``.
 
-Usage: python benchmarks/omnieraser.py [--repeats 5] [--rank 32] [--depth 1 --single 1] [--skip-cuda]
-Needs a ComfyUI checkout (COMFYUI_PATH, else ~/ComfyUI).
+Usage: python benchmarks/omnieraser.py [--repeats 5] [--rank 32] [--depth 1 --single 1] [--skip-cuda] [--comfyui PATH]
+Needs a ComfyUI checkout (--comfyui, else COMFYUI_PATH, else ~/ComfyUI).
 """
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -30,26 +31,36 @@ from pathlib import Path
 
 import torch
 
-COMFY = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI"))
-HIDDEN, HEADS = 3072, 24
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pack import import_checkout  # noqa: E402
+
+import_checkout()  # this checkout, whatever else is installed
+from erasekit.headless import runtime  # noqa: E402
 
 
-def start_comfy(cpu):
-    if not (COMFY / "comfy").is_dir():
-        sys.exit(f"No ComfyUI checkout at {COMFY}; set COMFYUI_PATH.")
-    sys.path.insert(0, str(COMFY))
-    argv = sys.argv
-    sys.argv = [argv[0]] + (["--cpu"] if cpu else [])
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401  (parsed now, before model_management picks the device)
-    sys.argv = argv
+def tiny_flux():
+    """tests/comfy/tiny/flux.py (ComfyUI's FLUX.1-dev parameters), imported by path."""
+    path = ROOT / "tests" / "comfy" / "tiny" / "flux.py"
+    spec = importlib.util.spec_from_file_location("erasekit_bench_tiny_flux", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FLUX_DEV_PARAMS = tiny_flux().FLUX_DEV_PARAMS
+HIDDEN = FLUX_DEV_PARAMS["hidden_size"]
+
+
+def start_comfy(comfyui, cpu):
+    try:
+        comfy_path = runtime.find_comfyui(comfyui)
+    except runtime.UsageError as error:
+        sys.exit(str(error))
+    runtime.parse_comfy_args(comfy_path, cpu=cpu)
 
 
 def pack_modules():
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _pack import import_checkout
-    import_checkout()  # this checkout, whatever else is installed
     from erasekit.erasers import omnieraser as core
     from erasekit.nodes import omnieraser as nodes_oe
     return core, nodes_oe
@@ -60,10 +71,8 @@ def flux_state_dict(depth, single, dtype, device="cpu", seed=0):
     import comfy.ldm.flux.model
     import comfy.ops
 
-    meta = comfy.ldm.flux.model.Flux(
-        operations=comfy.ops.disable_weight_init, device="meta", image_model="flux", in_channels=16, out_channels=16,
-        vec_in_dim=768, context_in_dim=4096, hidden_size=HIDDEN, mlp_ratio=4.0, num_heads=HEADS, depth=depth,
-        depth_single_blocks=single, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2)
+    meta = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, device="meta",
+                                     **dict(FLUX_DEV_PARAMS, depth=depth, depth_single_blocks=single))
     return random_weights(meta, device, seed)
 
 
@@ -196,8 +205,9 @@ def main():
     parser.add_argument("--depth", type=int, default=1, help="double blocks of the FLUX for the apply-time ratio")
     parser.add_argument("--single", type=int, default=1, help="single blocks of the FLUX for the apply-time ratio")
     parser.add_argument("--skip-cuda", action="store_true")
+    parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: $COMFYUI_PATH, else ~/ComfyUI)")
     args = parser.parse_args()
-    start_comfy(cpu=not torch.cuda.is_available())
+    start_comfy(args.comfyui, cpu=not torch.cuda.is_available())
     core, nodes_oe = pack_modules()
     lora_apply_ratio(args, core, nodes_oe)
     if not args.skip_cuda:

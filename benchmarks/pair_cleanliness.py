@@ -20,7 +20,7 @@ difference amplified 3x and red where the frames differ outside the mask, to ``-
 (default benchmarks/results/pair_cleanliness_<video>.png).
 """
 import argparse
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -34,15 +34,13 @@ DEFAULT_VIDEOS = [SHARED_VIDEOS / "road_cars.avi", SHARED_VIDEOS / "highway_busy
 FOREGROUND_RATIOS = {"road_cars.avi": 0.04, "highway_busy.avi": 0.04, "video03.avi": 0.02}
 LIMIT = 40  # px: a changed region outside the mask this large is one (the issue's measure)
 PANEL_WIDTH = 320
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pack import import_checkout  # noqa: E402
 
 
-def import_checkout(root, name):
+def import_mining(root, name):
     """``dataset_tools.video_mining`` of the pack at ``root``, imported under the private package ``name``."""
-    spec = importlib.util.spec_from_file_location(name, Path(root) / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[name] = package
-    spec.loader.exec_module(package)
+    import_checkout(root, name)
     return importlib.import_module(f"{name}.dataset_tools.video_mining")
 
 
@@ -84,8 +82,8 @@ def main(argv=None):
     parser.add_argument("--before", default=None, help="another checkout of the pack whose miner to measure too")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the montages")
     args = parser.parse_args(argv)
-    mining = import_checkout(ROOT, "_erasekit_cleanliness")
-    before = import_checkout(Path(args.before).resolve(), "_erasekit_cleanliness_before") if args.before else None
+    mining = import_mining(ROOT, "_erasekit_cleanliness")
+    before = import_mining(Path(args.before).resolve(), "_erasekit_cleanliness_before") if args.before else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'video':18s} {'miner':10s} {'pairs':>5s} {'pairs/min':>9s} {'>= 40 px':>8s} {'grown':>5s}  largest outside change per pair (px)")

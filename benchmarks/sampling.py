@@ -64,17 +64,25 @@ TINY_SD_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spa
                     transformer_depth_output=[1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
                     context_dim=32, num_heads=4, use_temporal_resblock=False, use_temporal_attention=False)
 DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pack import import_checkout  # noqa: E402  (this checkout as ``erasekit``, whatever else is installed)
 
 
 def log(message):
     print(message, flush=True)
 
 
-def default_comfyui():
-    for candidate in (os.environ.get("COMFYUI_PATH"), ROOT.parent / "ComfyUI", Path.home() / "ComfyUI"):
-        if candidate and (Path(candidate) / "comfy").is_dir():
-            return str(candidate)
-    return None
+def find_comfyui(path):
+    """``--comfyui``, else $COMFYUI_PATH, else a ComfyUI/ folder beside this checkout, else ~/ComfyUI."""
+    from erasekit.headless import runtime
+
+    beside = ROOT.parent / "ComfyUI"
+    if path is None and not os.environ.get("COMFYUI_PATH") and runtime.is_comfyui(beside):
+        path = beside
+    try:
+        return str(runtime.find_comfyui(path))
+    except runtime.UsageError as error:
+        sys.exit(str(error))
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -82,7 +90,7 @@ def default_comfyui():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--comfyui", default=default_comfyui(), help="ComfyUI checkout (default: see the docstring)")
+    parser.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: see the docstring)")
     parser.add_argument("--groups", default=",".join(GROUPS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 28 on CUDA, 2 on CPU)")
     parser.add_argument("--cap-steps", type=int, default=None, help="timed steps under caps (default 8 on CUDA)")
@@ -95,8 +103,8 @@ def main():
     args.steps = args.steps or (28 if cuda else 2)
     args.cap_steps = args.cap_steps or (8 if cuda else args.steps)
     args.size = args.size or (1024 if cuda else 256)
-    if args.comfyui is None or not (Path(args.comfyui) / "comfy").is_dir():
-        sys.exit(f"No ComfyUI checkout at {args.comfyui!r}: pass --comfyui PATH or set COMFYUI_PATH.")
+    import_checkout()
+    args.comfyui = find_comfyui(args.comfyui)
     if args.worker:
         return worker(args, cuda)
     log(f"EraseKit sampling table: {'CUDA ' + torch.cuda.get_device_name() if cuda else 'CPU dry run'}, torch "
@@ -179,21 +187,8 @@ def print_table(rows, cuda):
 # ---------------------------------------------------------------------------------------------------- worker
 
 
-def start_comfy(comfy_path, comfy_args):
-    """Import ComfyUI from ``comfy_path`` with these command-line arguments (parsed before it picks a device)."""
-    sys.path.insert(0, comfy_path)
-    argv = sys.argv
-    sys.argv = [argv[0]] + ([] if torch.cuda.is_available() else ["--cpu"]) + comfy_args
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401
-    sys.argv = argv
-
-
 def import_pack():
     """This checkout's modules (as the ``erasekit`` package, whatever its folder is called or what else is installed)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from _pack import import_checkout
     import_checkout()
     import erasekit.erasers.attention as sra_core
     import erasekit.nodes.attention as nodes_sra
@@ -274,7 +269,8 @@ def worker(args, cuda):
     group = args.worker
     total_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 0
     # fp8_fast rows: on CPU ComfyUI must be told the device computes in fp8 (_scaled_mm has a CPU kernel)
-    start_comfy(args.comfyui, [] if cuda or group != "flux" else ["--supports-fp8-compute"])
+    from erasekit.headless import runtime
+    runtime.parse_comfy_args(args.comfyui, [] if cuda or group != "flux" else ["--supports-fp8-compute"], cpu=not cuda)
     import comfy.model_management as mm
     import comfy.sd
 

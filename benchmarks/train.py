@@ -43,16 +43,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT.parent))
-try:
-    import erasekit  # noqa: F401
-except ImportError:  # running from a checkout that is not pip-installed: the folder itself is the package
-    spec = importlib.util.spec_from_file_location("erasekit", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["erasekit"] = module
-    spec.loader.exec_module(module)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _pack import import_checkout  # noqa: E402
 
+import_checkout()  # this checkout, whatever else is installed
 from erasekit.erasers import omnieraser as oe  # noqa: E402
+from erasekit.headless import runtime  # noqa: E402
 from erasekit.jobs import Host  # noqa: E402
 from erasekit.train import caching, flow_matching, loop, memory  # noqa: E402
 from erasekit.train import eraser_lora as core  # noqa: E402
@@ -212,9 +208,7 @@ def estimate_rows():
 
 # ------------------------------------------------------------------------------------------------ GPU rows
 
-FLUX_DEV_COMFY = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
-                      hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
-                      axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2)
+FLUX_DEV_COMFY = tiny_module("flux").FLUX_DEV_PARAMS
 TINY_COMFY = dict(FLUX_DEV_COMFY, vec_in_dim=32, context_in_dim=32, hidden_size=128, num_heads=4, depth=1,
                   depth_single_blocks=1, axes_dim=[8, 12, 12])
 TINY_DIFFUSERS = dict(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=4,
@@ -347,18 +341,6 @@ def cli_rows(device, tiny, resolution, steps):
                 failed("gpu cli (diffusers FLUX)", error, plan=plan.name, optimizer=optimizer)
             del adapter, transformer
             free_device()
-
-
-def import_comfyui(path, cpu):
-    sys.path.insert(0, str(Path(path).resolve()))
-    argv = sys.argv
-    sys.argv = [argv[0]] + (["--cpu"] if cpu else [])
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401  (parses the flags now, before model_management picks a device)
-
-    sys.argv = argv
 
 
 def node_rows(device, tiny, resolution, steps):
@@ -500,7 +482,7 @@ def gpu_rows(args):
             if section == "cli":
                 cli_rows(device, tiny, resolution, steps)
             elif section == "node" and args.comfyui:
-                import_comfyui(args.comfyui, device.type == "cpu")
+                runtime.parse_comfy_args(runtime.find_comfyui(args.comfyui), cpu=device.type == "cpu")
                 node_rows(device, tiny, resolution, steps)
             elif section == "node":
                 print("--comfyui not given: node trainer rows skipped")

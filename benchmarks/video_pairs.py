@@ -28,17 +28,11 @@ DEFAULT_VIDEO = ROOT.parent / "shared" / "data" / "video" / "road_cars.avi"
 
 def _import_video():
     """(video_mining, video_isolation) of this checkout."""
-    try:
-        from erasekit.dataset_tools import video_isolation, video_mining
-    except ImportError:  # run from a checkout that is not pip-installed: import the folder as "erasekit"
-        import importlib.util
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _pack import import_checkout
 
-        spec = importlib.util.spec_from_file_location("erasekit", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["erasekit"] = module
-        spec.loader.exec_module(module)
-        from erasekit.dataset_tools import video_isolation, video_mining
+    import_checkout()
+    from erasekit.dataset_tools import video_isolation, video_mining
     return video_mining, video_isolation
 
 

@@ -211,6 +211,27 @@ def describe_validation(prompt, error, node_errors):
     return "; ".join(lines)
 
 
+def parse_comfy_args(comfy_path, args=(), cpu=None):
+    """Put the ComfyUI at ``comfy_path`` first on ``sys.path`` and parse its command-line ``args`` now, as its
+    ``main.py`` does before any other ``comfy`` module is imported (``comfy.model_management`` picks the device from
+    them); ``sys.argv`` is restored. ``cpu``: add ``--cpu`` (None: only when torch sees no GPU)."""
+    comfy_path = str(Path(comfy_path).resolve())
+    if comfy_path not in sys.path:
+        sys.path.insert(0, comfy_path)
+    args = list(args)
+    if (cpu if cpu is not None else not gpu_present()) and "--cpu" not in args:
+        args.insert(0, "--cpu")
+    argv = sys.argv
+    sys.argv = [argv[0] if argv else "erasekit", *args]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses the arguments now, before model_management picks a device)
+    finally:
+        sys.argv = argv
+
+
 _RUNTIME = None
 _EXTRA_CONFIG = None  # ComfyUI's utils.extra_config: imported before its nodes, which shadow the name 'utils'
 
@@ -235,22 +256,10 @@ def start(comfy_path, comfy_args=(), extra_model_paths=(), custom_nodes=False, p
         return _RUNTIME
     if not is_comfyui(comfy_path):
         raise UsageError(f"{comfy_path} is not a ComfyUI checkout (it needs main.py and comfy/)")
-    if str(comfy_path) not in sys.path:
-        sys.path.insert(0, str(comfy_path))
     args = list(comfy_args)
-    if (cpu if cpu is not None else not gpu_present()) and "--cpu" not in args:
-        args.insert(0, "--cpu")
     if not custom_nodes and "--disable-all-custom-nodes" not in args:
         args.append("--disable-all-custom-nodes")
-    argv = sys.argv
-    sys.argv = [argv[0] if argv else "erasekit", *args]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401  (parses the arguments now, before model_management picks a device)
-    finally:
-        sys.argv = argv
+    parse_comfy_args(comfy_path, args, cpu)
     import utils.extra_config
 
     _EXTRA_CONFIG = utils.extra_config

@@ -7,11 +7,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${ERASEKIT_VENV:-$HOME/.cache/erasekit/venv}"
-comfy="${COMFYUI_PATH:-}"
-if [ -z "$comfy" ]; then
-  comfy="$HOME/ComfyUI"
-  [ -f "$comfy/main.py" ] || comfy="${ERASEKIT_SHARED_COMFYUI:-$root/../shared/comfyui/ComfyUI}"
-fi
+# shellcheck source=scripts/_env.sh
+. "$root/scripts/_env.sh"  # comfy, torch_pins, comfy_requirements
 
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
@@ -23,10 +20,10 @@ stamp="$venv/.erasekit-setup"
 # editable install (for the erasekit-* commands) need not follow every checkout.
 want="$( (cat "$root/requirements.txt" "$root/tests/requirements.txt" "$comfy/requirements.txt" 2>/dev/null) | sha1sum | cut -c1-12)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  # torch is ComfyUI's to own at run time; for tests we pin the pair that imports with torchvision.
-  "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  # shellcheck disable=SC2086
+  "$py" -m pip install -q $torch_pins
   if [ -f "$comfy/requirements.txt" ]; then
-    grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$comfy/requirements.txt" > "$venv/comfy-reqs.txt"
+    comfy_requirements "$venv/comfy-reqs.txt"
     "$py" -m pip install -q -r "$venv/comfy-reqs.txt" requests
   fi
   SAM2_BUILD_CUDA=0 "$py" -m pip install -q -r "$root/tests/requirements.txt"

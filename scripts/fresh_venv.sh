@@ -8,16 +8,12 @@
 # where the venv is (or would be), building nothing; it exists when <path>/.erasekit-fresh-complete does.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-comfy="${COMFYUI_PATH:-}"
-if [ -z "$comfy" ]; then  # the order dev_setup.sh and tests/comfy use
-  comfy="$HOME/ComfyUI"
-  [ -f "$comfy/main.py" ] || comfy="${ERASEKIT_SHARED_COMFYUI:-$root/../shared/comfyui/ComfyUI}"
-fi
+# shellcheck source=scripts/_env.sh
+. "$root/scripts/_env.sh"  # comfy, torch_pins (the pair dev_setup.sh installs), comfy_requirements
 if [ ! -f "$comfy/requirements.txt" ]; then
   echo "fresh_venv: no ComfyUI at $comfy (set COMFYUI_PATH)" >&2
   exit 2
 fi
-torch_pins="torch==2.14.1 torchvision==0.29.1"  # the pair dev_setup.sh installs (a GPU user's ComfyUI brings its own)
 key="$( (echo "$torch_pins"; cat "$root/requirements.txt" "$comfy/requirements.txt") | sha1sum | cut -c1-12)"
 venv="${ERASEKIT_FRESH_VENV:-$HOME/.cache/erasekit/fresh-venv-$key}"
 if [ "${1:-}" = "--path" ]; then
@@ -31,7 +27,7 @@ if [ ! -f "$venv/.erasekit-fresh-complete" ]; then
   "$py" -m pip install -q --upgrade pip
   # shellcheck disable=SC2086
   "$py" -m pip install -q $torch_pins
-  grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$comfy/requirements.txt" > "$venv/comfy-requirements.txt"
+  comfy_requirements "$venv/comfy-requirements.txt"
   "$py" -m pip install -q -r "$venv/comfy-requirements.txt"
   "$py" -m pip install -q -r "$root/requirements.txt"
   touch "$venv/.erasekit-fresh-complete"

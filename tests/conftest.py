@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ERASEKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
-SHARED_COMFYUI = Path(os.environ.get("ERASEKIT_SHARED_COMFYUI", ROOT.parent / "shared" / "comfyui" / "ComfyUI"))
+sys.path.insert(0, str(ROOT / "tests" / "comfy"))  # harness: the shared paths and where ComfyUI comes from
+
+from harness import CACHE_DIR, SHARED_DATA, comfyui_source as find_comfyui_source  # noqa: E402
 
 
 def _import_this_checkout():
-    cache = Path(os.environ.get("ERASEKIT_CACHE", Path.home() / ".cache" / "erasekit"))
-    shim = cache / "checkouts" / hashlib.sha1(str(ROOT).encode()).hexdigest()[:12]
+    shim = CACHE_DIR / "checkouts" / hashlib.sha1(str(ROOT).encode()).hexdigest()[:12]
     link = shim / "erasekit"
     if not (link.is_symlink() and Path(os.readlink(link)) == ROOT):
         shim.mkdir(parents=True, exist_ok=True)
@@ -47,9 +47,9 @@ def shared_data():
 def comfyui_source():
     """A ComfyUI source tree to read files from (tokenizer data), in tests/comfy's order: COMFYUI_PATH,
     ~/ComfyUI, the shared 0.3.64 snapshot. Never written to."""
-    for candidate in (os.environ.get("COMFYUI_PATH"), Path.home() / "ComfyUI", SHARED_COMFYUI):
-        if candidate and (Path(candidate) / "comfy").is_dir():
-            return Path(candidate)
+    path, reason = find_comfyui_source()
+    if path is not None:
+        return path
     if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("CI=true and no ComfyUI source: set COMFYUI_PATH or provide ../shared/comfyui/ComfyUI", pytrace=False)
-    pytest.skip("no ComfyUI source tree: set COMFYUI_PATH (or keep one at ~/ComfyUI)")
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)

@@ -5,7 +5,7 @@ execution are the package's own (``erasekit.headless``, what ``erasekit-run`` us
 tests need: where the ComfyUI comes from, temporary model/input/output folders, tiny models built on demand
 from the builders in ``tiny/*.py``, and the caps on the example workflows' cost inputs.
 """
-import hashlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -13,43 +13,50 @@ import sys
 import tempfile
 from pathlib import Path
 
-from erasekit.headless.runtime import PromptError, is_comfyui  # noqa: F401  (tests import PromptError from here)
-
+# Only the standard library at import time: tests/conftest.py reads the paths below before it puts this checkout
+# first on sys.path as ``erasekit``; the package is imported when a function (or ``PromptError``) is first used.
 PACK_ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER_NAME = "ComfyUI-EraseKit"  # a folder name with a dash: the pack must not care what it is called
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 
+SHARED_DATA = Path(os.environ.get("ERASEKIT_SHARED_DATA", PACK_ROOT.parent / "shared" / "data"))
 SHARED_COMFYUI = Path(os.environ.get("ERASEKIT_SHARED_COMFYUI",
                                      PACK_ROOT.parent / "shared" / "comfyui" / "ComfyUI"))
 CACHE_DIR = Path(os.environ.get("ERASEKIT_CACHE", Path.home() / ".cache" / "erasekit"))
 
 
-def find_comfyui():
-    """The ComfyUI checkout to test against, or (None, reason): ``COMFYUI_PATH``, else ``~/ComfyUI``, else a
-    writable copy of the shared ComfyUI 0.3.64 snapshot (``../shared/comfyui/ComfyUI``, read-only where CI runs)."""
-    env = os.environ.get("COMFYUI_PATH")
-    if env:
-        if is_comfyui(env):
-            return Path(env), None
-        return None, f"COMFYUI_PATH={env} is not a ComfyUI checkout (it needs main.py and comfy/)"
-    home = Path.home() / "ComfyUI"
-    if is_comfyui(home):
-        return home, None
-    if is_comfyui(SHARED_COMFYUI):
-        return writable_copy(SHARED_COMFYUI), None
+def __getattr__(name):
+    if name == "PromptError":  # tests import PromptError from here
+        from erasekit.headless.runtime import PromptError
+        return PromptError
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def comfyui_source():
+    """The ComfyUI tree to use, or (None, reason): ``runtime.find_comfyui``'s (``COMFYUI_PATH``, else ``~/ComfyUI``),
+    else the shared ComfyUI 0.3.64 snapshot (``../shared/comfyui/ComfyUI``, read-only where CI runs) itself."""
+    from erasekit.headless import runtime
+    from erasekit.jobs import UsageError
+
+    try:
+        return runtime.find_comfyui(), None
+    except UsageError as error:
+        if os.environ.get("COMFYUI_PATH"):  # set but wrong: say so rather than test another ComfyUI
+            return None, str(error)
+    if runtime.is_comfyui(SHARED_COMFYUI):
+        return SHARED_COMFYUI, None
     return None, (f"no ComfyUI: set COMFYUI_PATH, keep a checkout at ~/ComfyUI, or provide the shared snapshot at "
                   f"{SHARED_COMFYUI}")
 
 
-def tree_fingerprint(root):
-    """Hash of every file's path, size and mtime under ``root``: changes whenever the tree does."""
-    digest = hashlib.sha1()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for name in sorted(files):
-            stat = os.stat(os.path.join(folder, name))
-            digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+@functools.cache
+def find_comfyui():
+    """The ComfyUI checkout to test against, or (None, reason): ``comfyui_source()``, the shared snapshot replaced
+    by a writable copy of it."""
+    path, reason = comfyui_source()
+    if path == SHARED_COMFYUI:
+        return writable_copy(SHARED_COMFYUI), None
+    return path, reason
 
 
 def writable_copy(source):
@@ -58,8 +65,11 @@ def writable_copy(source):
     ComfyUI writes into its own input/, output/, user/ and custom_nodes/ folders, and the shared snapshot is
     read-only. The copy is built beside its final place and renamed into it, so concurrent test processes
     (pytest-xdist workers, two checkouts) never see a half-made copy."""
+    from erasekit.headless.runtime import is_comfyui
+    from erasekit.jobs import fingerprint
+
     parent = CACHE_DIR / "comfyui"
-    target = parent / tree_fingerprint(source)
+    target = parent / fingerprint(source)
     comfy = target / "ComfyUI"
     if is_comfyui(comfy):
         return comfy
@@ -156,8 +166,7 @@ class ComfyHarness:
     @property
     def shared_data(self):
         """../shared/data (real images and videos made by others), or None when it is absent."""
-        path = Path(os.environ.get("ERASEKIT_SHARED_DATA", PACK_ROOT.parent / "shared" / "data"))
-        return path if path.is_dir() else None
+        return SHARED_DATA if SHARED_DATA.is_dir() else None
 
     def _copy_inputs(self):
         """Real data (../shared/data) that example workflows name, in ComfyUI's input folder: the images of
@@ -258,10 +267,7 @@ class ComfyHarness:
         return f"capped{short_side}/{name}"
 
     def run_workflow(self, workflow, caps=None):
-        prompt = self.workflow_prompt(workflow, caps)
-        result = self.run_prompt(prompt)
-        result.prompt = prompt
-        return result
+        return self.run_prompt(self.workflow_prompt(workflow, caps))
 
 
 # Cost inputs of nodes and their caps in workflow tests. They shrink what is under test (fewer steps, smaller

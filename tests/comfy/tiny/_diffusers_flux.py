@@ -7,8 +7,6 @@ import os
 
 import torch
 
-FLUX_LATENT_SHIFT, FLUX_LATENT_SCALE = 0.1159, 0.3611  # FLUX VAE shift_factor / scaling_factor
-
 
 def save_random_flux_folder(folder, hidden_heads=2, head_dim=16, text_dim=32, layers=1, single_layers=1, seed=0):
     """A tiny random FLUX in the diffusers layout (transformer, vae, CLIP, T5, tokenizers, scheduler).
@@ -16,6 +14,7 @@ def save_random_flux_folder(folder, hidden_heads=2, head_dim=16, text_dim=32, la
     For tests, benchmarks and smoke-testing the command without downloading 30 GB; same code paths as FLUX.1-dev.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from erasekit.erasers.omnieraser import FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT  # the FLUX VAE's shift / scale
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 

@@ -37,6 +37,11 @@ ALIMAMA_CONTROLNET = "FLUX.1-dev-Controlnet-Inpainting-Beta.safetensors"
 
 HIDDEN = 3072
 HEADS = 24
+# ComfyUI's FLUX.1-dev (comfy.ldm.flux.model.Flux keyword arguments): 19 double + 38 single blocks; the tiny files
+# and the benchmarks (benchmarks/omnieraser.py, train.py) change depth and widths from here.
+FLUX_DEV_PARAMS = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
+                       hidden_size=HIDDEN, mlp_ratio=4.0, num_heads=HEADS, depth=19, depth_single_blocks=38,
+                       axes_dim=[16, 56, 56], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2)
 # Official OmniEraser LoRA targets (train_control_lora_flux.py), as PEFT suffixes.
 LORA_TARGETS = ("x_embedder", "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                 "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
@@ -74,10 +79,8 @@ def comfy_flux_shapes(depth=1, depth_single=1, in_channels=16, vec_in_dim=768, c
     import comfy.ldm.flux.model
     import comfy.ops
 
-    params = dict(image_model="flux", in_channels=in_channels, out_channels=16, vec_in_dim=vec_in_dim,
-                  context_in_dim=context_in_dim, hidden_size=HIDDEN, mlp_ratio=4.0, num_heads=HEADS, depth=depth,
-                  depth_single_blocks=depth_single, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True,
-                  guidance_embed=True, patch_size=2)
+    params = dict(FLUX_DEV_PARAMS, in_channels=in_channels, vec_in_dim=vec_in_dim, context_in_dim=context_in_dim,
+                  depth=depth, depth_single_blocks=depth_single)
     model = comfy.ldm.flux.model.Flux(operations=comfy.ops.disable_weight_init, device="meta", **params)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
