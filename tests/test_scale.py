@@ -52,6 +52,12 @@ def folder_files(folder):
     return {r["id"]: (*[(Path(folder) / r[s]).read_bytes() for s in ("source", "mask", "target")], r) for r in records}
 
 
+def samples(folder, but=None):
+    """{id: (EncodedTriplet, record)} of a triplet folder or shard folder, leaving out the samples of video ``but``."""
+    dataset = shards.open_triplets(str(folder))
+    return {r["id"]: (dataset.encoded(i), r) for i, r in enumerate(dataset.records) if r.get("video") != but}
+
+
 def shard_files(folder):
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.suffix in (".tar", ".parquet")}
 
@@ -106,15 +112,17 @@ def test_video_mining_on_ray_makes_the_single_machine_samples_in_both_formats(cl
         here, there = tmp_path / f"local{len(extra)}", tmp_path / f"ray{len(extra)}"
         assert video_cli.main([*videos, "-o", str(here), *base, "--workers", "2", *extra]) == EXIT_FAILED  # broken
         assert video_cli.main([*videos, "-o", str(there), *base, "--ray", "--workers", "2", *extra]) == EXIT_FAILED
-        reports = [{Path(v["video"]).name: (v["status"], v["decoder"], v["pairs"], v["written"])
+        # OpenCV aborts on bottom_up.avi when its corrupted heap is noticed, a moment that varies from run to run,
+        # so whether a pair it mined before the abort was already sent (and kept) is a race on either back-end:
+        # that video is compared by its report (status, decoder, the PyAV retry's pairs), the others sample by sample
+        reports = [{Path(v["video"]).name: (v["status"], v["decoder"], v["pairs"])
+                    + ((v["written"],) if Path(v["video"]).name != "bottom_up.avi" else ())
                     for v in json.loads((out / "video-summary.json").read_text())["videos"]} for out in (here, there)]
         assert reports[0] == reports[1] and reports[0]["broken.avi"][0] == "skipped"
         assert reports[0]["road_cars.avi"][2] >= 3 and reports[0]["bottom_up.avi"][2] >= 1
+        assert samples(there, but="bottom_up.avi") == samples(here, but="bottom_up.avi")
         if extra:
-            assert shard_files(there) == shard_files(here)
             assert len(shards.ShardDataset(there)) == reports[0]["road_cars.avi"][2] + reports[0]["bottom_up.avi"][2]
-        else:
-            assert folder_files(there) == folder_files(here)
 
 
 def test_object_masks_from_a_masking_actor_pool_match_the_miners_own(cluster, shared_data, tmp_path):
