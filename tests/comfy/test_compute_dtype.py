@@ -5,6 +5,8 @@ Through the loaders the example workflows use, ComfyUI (started with ``--cpu``) 
 ControlNets as float32. Text and vision encoders it keeps in fp16 on a CPU whatever the file holds
 (``model_management.text_encoder_dtype``), and computes them in float32 (``comfy.ops.manual_cast`` up-casts each
 weight to the float32 activations): for those the tests record what every module outputs while they encode."""
+import gc
+
 import pytest
 import torch
 
@@ -65,6 +67,7 @@ def test_flux_files_load_as_float32(comfy, loaders):
         (model,) = loaders.UNETLoader().load_unet(name, "default")
         assert computes_in_float32(model.model), (name, floating_dtypes(model.model), model.model.manual_cast_dtype)
         del model
+        gc.collect()  # two 2 GB models, one at a time
     comfy.ensure_model("vae", VAE)
     (vae,) = loaders.VAELoader().load_vae(VAE)
     assert vae.vae_dtype == torch.float32 and floating_dtypes(vae.first_stage_model) == {torch.float32}
