@@ -52,11 +52,15 @@ def encodes_in_float32(clip):
         torch.float32}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def loaders(comfy):
+    """ComfyUI's loader nodes; what a test loaded is unloaded after it (ComfyUI keeps an encoder it ran loaded)."""
     import nodes
+    from comfy import model_management
 
-    return nodes
+    yield nodes
+    model_management.unload_all_models()
+    gc.collect()
 
 
 def test_flux_files_load_as_float32(comfy, loaders):
