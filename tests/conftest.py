@@ -53,3 +53,48 @@ def comfyui_source():
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def road_video(shared_data):
+    """../shared/data/video/road_cars.avi, the static-camera road video most video tests mine."""
+    path = shared_data / "video" / "road_cars.avi"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def write_video():
+    """``write(path, frames, fps=30)``: BGR frames as an MJPG AVI at ``path``; returns the path."""
+    import cv2
+
+    def write(path, frames, fps=30):
+        height, width = frames[0].shape[:2]
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+        assert writer.isOpened()
+        for frame in frames:
+            writer.write(frame)
+        writer.release()
+        return path
+
+    return write
+
+
+@pytest.fixture
+def unusable_output(tmp_path):
+    """``unusable_output(kind)``: an output path that cannot be used — a "file", a folder whose parent is missing
+    ("missing parent"), or a folder nobody may write ("unwritable")."""
+    def make(kind):
+        if kind == "file":
+            (tmp_path / "taken").write_text("x")
+            return tmp_path / "taken"
+        if kind == "missing parent":
+            return tmp_path / "absent" / "deeper" / "out"
+        if os.geteuid() != 0:
+            locked = tmp_path / "locked"
+            locked.mkdir(mode=0o555)
+            return locked / "out"
+        return "/sys/erasekit-out"  # sysfs: not even root may create files there
+
+    return make

@@ -205,11 +205,9 @@ def _callers_mask_case(pad_ndim):
     return q, k, v, blocked, pad, given
 
 
-@pytest.mark.parametrize("pad_ndim", [2, 3, 4])
-def test_callers_padding_mask_is_respected_and_rows_without_keys_stay_plain(pad_ndim):
-    q, k, v, blocked, pad, given = _callers_mask_case(pad_ndim)
-    plain = sra.plain_attention(q, k, v, pad)
-    out = sra.self_rectifying_attention(q, k, v, blocked, attn_mask=given, query_chunk=4)
+def _assert_callers_mask_respected(out, plain, q, k, v, pad):
+    """``out`` of ``_callers_mask_case``: query 22 (no unblocked key) keeps plain attention, every other query
+    follows the caller's mask with tokens 20.. unable to see each other."""
     assert not out.isnan().any()
     torch.testing.assert_close(out[:, 22], plain[:, 22], atol=1e-6, rtol=1e-6)
     logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(8)
@@ -218,6 +216,14 @@ def test_callers_padding_mask_is_respected_and_rows_without_keys_stay_plain(pad_
     rule[:, :, 22] = pad[:, :, 22]
     want = logits.masked_fill(~rule, float("-inf")).softmax(-1) @ v
     torch.testing.assert_close(out, want.transpose(1, 2).reshape(1, 30, -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pad_ndim", [2, 3, 4])
+def test_callers_padding_mask_is_respected_and_rows_without_keys_stay_plain(pad_ndim):
+    q, k, v, blocked, pad, given = _callers_mask_case(pad_ndim)
+    plain = sra.plain_attention(q, k, v, pad)
+    out = sra.self_rectifying_attention(q, k, v, blocked, attn_mask=given, query_chunk=4)
+    _assert_callers_mask_respected(out, plain, q, k, v, pad)
 
 
 @pytest.mark.skipif(not native_bf16("cpu"), reason="this CPU emulates bf16 (no AVX-512-BF16/AMX); tests never compute "
@@ -364,14 +370,7 @@ def test_gathered_strategy_respects_the_callers_mask(pad_ndim, additive):
         return sra.plain_attention(q, k, v, sra._sdpa_mask(given))
 
     out = sra.rectified_attention_gathered(q, k, v, sra.token_split(blocked), full=full, attn_mask=given)
-    assert not out.isnan().any()
-    torch.testing.assert_close(out[:, 22], plain[:, 22], atol=1e-6, rtol=1e-6)
-    logits = torch.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(8)
-    rule = pad.clone()
-    rule[:, :, 20:, 20:] = False
-    rule[:, :, 22] = pad[:, :, 22]
-    want = logits.masked_fill(~rule, float("-inf")).softmax(-1) @ v
-    torch.testing.assert_close(out, want.transpose(1, 2).reshape(1, 30, -1), atol=1e-5, rtol=1e-5)
+    _assert_callers_mask_respected(out, plain, q, k, v, pad)
 
 
 # ------------------------------------------------------------------ guidance

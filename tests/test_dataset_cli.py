@@ -3,7 +3,6 @@
 part of the dataset, synthesis resumes only when asked and replaces samples lost to bad files, and every command
 checks its output path and names the files it skipped."""
 import json
-import os
 import shutil
 
 import cv2
@@ -231,26 +230,12 @@ def test_a_file_where_a_folder_is_needed_is_called_a_file(shared_data, tmp_path,
         assert "is a file" in error and "does not exist" not in error, error
 
 
-def unusable_output(tmp_path, kind):
-    """An output path that cannot be used: a file, a folder whose parent is missing, a folder nobody may write."""
-    if kind == "file":
-        (tmp_path / "taken").write_text("x")
-        return tmp_path / "taken"
-    if kind == "missing parent":
-        return tmp_path / "absent" / "deeper" / "out"
-    if os.geteuid() != 0:
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o555)
-        return locked / "out"
-    return "/sys/erasekit-out"  # sysfs: not even root may create files there
-
-
 EXPECTED = {"file": "is a file", "missing parent": "does not exist", "unwritable": "not writable"}
 
 
 @pytest.mark.parametrize("kind", ["file", "missing parent", "unwritable"])
-def test_every_command_checks_its_output_path_first(shared_data, tmp_path, capsys, kind):
-    out = unusable_output(tmp_path, kind)
+def test_every_command_checks_its_output_path_first(shared_data, tmp_path, unusable_output, capsys, kind):
+    out = unusable_output(kind)
     commands = {
         "erasekit-synth": lambda: synth_cli.main(synth_args(shared_data, out)),
         "erasekit-masks": lambda: masks_cli.main([str(shared_data / "images" / "syn_triplets" / "mask"), str(out)]),

@@ -20,14 +20,6 @@ ROAD = V.PairingConfig(foreground_ratio=0.04)
 
 
 @pytest.fixture(scope="module")
-def road_video(shared_data):
-    path = shared_data / "video" / "road_cars.avi"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
-@pytest.fixture(scope="module")
 def busy_video(shared_data):
     path = shared_data / "video" / "highway_busy.avi"
     if not path.is_file():
@@ -48,16 +40,6 @@ def empty_road(road_video):
 
 def mse(a, b, where):
     return float(((a.astype(np.float32) - b.astype(np.float32))[where] ** 2).mean())
-
-
-def write_video(path, frames, fps):
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
-    assert writer.isOpened()
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-    return path
 
 
 def test_road_cars_gives_pairs_with_a_car_in_the_mask_and_empty_road_in_the_target(road_video, road_pairs):
@@ -154,7 +136,7 @@ def test_motion_blurred_frames_are_rejected():
         assert 30 <= pair.frame < 50 and not 30 <= pair.background_frame < 50
 
 
-def test_moving_camera_is_skipped_with_a_reason(road_video, tmp_path):
+def test_moving_camera_is_skipped_with_a_reason(road_video, tmp_path, write_video):
     frames = [f for _, f in D.iter_frames(road_video, stop=90)]
     panned = [cv2.resize(f[20:340, i:i + 560], (320, 182)) for i, f in enumerate(frames)]  # 1 px per frame
     path = write_video(tmp_path / "pan.avi", panned, 30)

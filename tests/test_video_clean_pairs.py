@@ -37,14 +37,6 @@ def held_out():
     return HELD_OUT
 
 
-@pytest.fixture(scope="module")
-def road_video(shared_data):
-    path = shared_data / "video" / "road_cars.avi"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
 def test_other_cars_are_not_taken_for_lighting_on_the_held_out_clip(held_out):
     """On video03 every frame without a near car still shows a distant car entering the road, which the frames with
     a near car lack: no full-frame pair of it is clean. The lighting test must not take those cars for light (it

@@ -23,33 +23,15 @@ ROAD = ["--foreground-ratio", "0.04"]
 
 
 @pytest.fixture(scope="module")
-def road_video(shared_data):
-    path = shared_data / "video" / "road_cars.avi"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
-def write_mjpg(path, frames, fps=30):
-    height, width = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
-    assert writer.isOpened()
-    for frame in frames:
-        writer.write(frame)
-    writer.release()
-    return path
-
-
-@pytest.fixture(scope="module")
-def two_cameras(road_video, tmp_path_factory):
+def two_cameras(road_video, write_video, tmp_path_factory):
     """cam1/clip.avi and cam2/clip.avi: the same name and byte size, different pictures (the second camera sees
     the road mirrored), and cars at the same frame numbers, so name-and-size ids made their samples collide."""
     root = tmp_path_factory.mktemp("cameras")
     frames = [frame for _, frame in D.iter_frames(road_video, stop=180)]
     for camera in ("cam1", "cam2"):
         (root / camera).mkdir()
-    first = write_mjpg(root / "cam1" / "clip.avi", frames)
-    second = write_mjpg(root / "cam2" / "clip.avi", [f[:, ::-1].copy() for f in frames])
+    first = write_video(root / "cam1" / "clip.avi", frames)
+    second = write_video(root / "cam2" / "clip.avi", [f[:, ::-1].copy() for f in frames])
     sizes = [first.stat().st_size, second.stat().st_size]
     with open(first if sizes[0] < sizes[1] else second, "ab") as handle:
         handle.write(b"\0" * abs(sizes[0] - sizes[1]))  # trailing bytes after the AVI: decoders ignore them
@@ -214,26 +196,12 @@ def test_pyav_frames_match_opencv_frames(road_video):
 
 
 @pytest.mark.parametrize("kind", ["file", "missing parent", "unwritable"])
-def test_the_output_path_is_checked_before_any_work(road_video, tmp_path, capsys, kind):
-    out = unusable_output(tmp_path, kind)
+def test_the_output_path_is_checked_before_any_work(road_video, unusable_output, capsys, kind):
+    out = unusable_output(kind)
     assert video_cli.main([str(road_video), "-o", str(out), *ROAD, "--max-frames", "60"]) == EXIT_USAGE
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "Traceback" not in error and str(out) in error
     assert {"file": "is a file", "missing parent": "does not exist", "unwritable": "not writable"}[kind] in error
-
-
-def unusable_output(tmp_path, kind):
-    """An output path that cannot be used: a file, a folder whose parent is missing, a folder nobody may write."""
-    if kind == "file":
-        (tmp_path / "taken").write_text("x")
-        return tmp_path / "taken"
-    if kind == "missing parent":
-        return tmp_path / "absent" / "deeper" / "out"
-    if os.geteuid() != 0:
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o555)
-        return locked / "out"
-    return "/sys/erasekit-out"  # sysfs: not even root may create files there
 
 
 def test_a_write_failure_mid_run_stops_cleanly_with_the_summary_written(road_video, tmp_path, monkeypatch, capsys):
