@@ -2,25 +2,38 @@
 of Video4Removal mining with 1 and 2 workers on each, and the write throughput of WebDataset shards against the
 same samples written as a triplet folder.
 
-    python benchmarks/scale.py [--samples 800] [--size 512] [--variants 4] [--rounds 2] [--format webdataset]
+    python benchmarks/scale.py [--samples 2000] [--shard-size 100] [--rounds 4] [--repeats 1] [--no-pin-cpus]
 
 Targets: Ray within 15 % of the single-machine path at the same worker count; >= 1.7x from 1 to 2 workers where
 the machine is quiet (the load average is printed: other processes on the machine take cores from both paths).
 
-Ray runs on this machine with as many CPUs as workers and its workers at the single-machine path's priority
+n workers run on n CPUs (``os.sched_setaffinity``, inherited by every process a run starts: pool workers, Ray's
+raylet, GCS and workers). Without that, one worker on a 2-CPU machine already uses both (OpenCV's thread pool, the
+video decoder's threads), and 1 against 2 workers would measure threads, not scaling. Ray's own processes count
+against the same CPUs: they are part of what Ray costs.
+
+Ray runs with as many CPUs as workers and its workers at the single-machine path's priority
 (``RAY_worker_niceness=0``; Ray's default 15 makes them yield to every other process, which on a shared machine
-measures the neighbours, not Ray). Ray's start-up is timed apart (a cluster runs before a job starts); the actors'
-start-up (a process each, imports, the plan) is part of the job, a fixed cost of a few seconds. Both paths write the same output format
-(``--format``, WebDataset shards by default: what a cluster writes) from the same inputs: backgrounds and instances
-of ../shared/data for synthesis; for mining, ../shared/data's videos and tests/data's, each also mirrored and played
-backwards (``--variants``: distinct content, so no clip is a copy of another).
+measures the neighbours, not Ray). ``ray.init`` is timed apart (a cluster runs before a job starts); the actors'
+start-up (a process each, imports, the plan) is part of the job, a fixed cost of a few seconds, so the jobs are
+long enough for throughput to dominate, with units of seconds (shards of 100: Ray Data hands out work about every
+0.1 s; ``erasekit-synth``'s shards hold 1000). Both paths write the same output format (``--format``, WebDataset
+shards by default: what a cluster writes) from the same inputs: backgrounds and instances of ../shared/data for
+synthesis; for mining, ../shared/data's videos and tests/data's, each also mirrored and played backwards
+(``--variants``: distinct content, so no clip is a copy of another).
 """
 import argparse
+import contextlib
 import os
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _pack import link_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("ERASEKIT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -73,29 +86,67 @@ def video_job(output, clips, args, workers, ray):
                     workers=workers, format=args.format, shard_size=args.shard_size, ray=ray)
 
 
-def timed(run, job):
-    start = time.perf_counter()
-    summary = run(job)
-    return time.perf_counter() - start, summary
+@contextlib.contextmanager
+def on_cpus(count):
+    """This process and every process it starts meanwhile (pool workers, Ray's raylet and workers) on ``count``
+    CPUs: a worker is one CPU on both paths, whatever threads OpenCV starts (its pthreads pool sizes itself to the
+    CPUs a process may use), so 1 worker against 2 measures scaling, not how many cores one worker's threads reach."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < count:
+        raise SystemExit(f"{count} workers need {count} CPUs; this process may use {len(allowed)}")
+    os.sched_setaffinity(0, allowed[:count])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
-def compare(name, make_job, run, count, workdir):
-    """Rows (path, workers, seconds, samples, samples/s) of one operation on both back-ends and both counts."""
-    import ray
+def measure(args):
+    """``--measure OPERATION WORKERS BACKEND``, run in a fresh process: prints the JSON of one timed job."""
+    operation, workers, backend = args.measure[0], int(args.measure[1]), args.measure[2]
+    workdir = Path(args.workdir)
+    link_checkout(workdir / "checkout")
+    if operation == "synth":
+        from erasekit.dataset_tools.synth_job import run_synth_job as run
 
-    rows = []
-    for workers in (1, 2):
-        seconds, summary = timed(run, make_job(workdir / f"{name}-local-{workers}", workers, None))
-        rows.append(("single machine", workers, seconds, count(summary)))
+        make_job = lambda out, ray: synth_job(out, args, workers, ray)  # noqa: E731
+    else:
+        from erasekit.dataset_tools.video_job import run_video_job as run
+
+        clips = sorted(workdir.glob("*.avi"))
+        make_job = lambda out, ray: video_job(out, clips, args, workers, ray)  # noqa: E731
+    startup = None
+    if backend == "ray":
+        import ray
+
         started = time.perf_counter()
         os.environ["RAY_worker_niceness"] = "0"
         ray.init(num_cpus=workers, object_store_memory=300 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
         startup = time.perf_counter() - started
-        try:
-            seconds, summary = timed(run, make_job(workdir / f"{name}-ray-{workers}", workers, "local"))
-        finally:
-            ray.shutdown()
-        rows.append((f"Ray (start-up {startup:.1f} s apart)", workers, seconds, count(summary)))
+    output = workdir / f"{operation}-{backend}-{workers}"
+    shutil.rmtree(output, ignore_errors=True)  # a repeat starts afresh (a run would resume the last one's shards)
+    job = make_job(output, "local" if backend == "ray" else None)
+    start = time.perf_counter()
+    summary = run(job)
+    print(json.dumps({"seconds": time.perf_counter() - start, "samples": summary["written"], "startup": startup}))
+
+
+def compare(operation, args, workdir):
+    """Rows (path, workers, seconds, samples) of one operation on both back-ends and both counts, each job in a
+    fresh process (nothing one run loaded or cached, files or forked memory, helps the next)."""
+    rows = []
+    for workers in (1, 2):
+        for backend in ("single", "ray"):
+            command = [sys.executable, __file__, *args.passed, "--workdir", str(workdir),
+                       "--measure", operation, str(workers), backend]
+            results = []
+            for _ in range(args.repeats):
+                with on_cpus(workers) if args.pin_cpus else contextlib.nullcontext():
+                    output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
+                results.append(json.loads(output.strip().splitlines()[-1]))
+            result = min(results, key=lambda r: r["seconds"])  # the least disturbed run, as timeit reports
+            path = "single machine" if backend == "single" else f"Ray (start-up {result['startup']:.1f} s apart)"
+            rows.append((path, workers, result["seconds"], result["samples"]))
     return rows
 
 
@@ -125,27 +176,31 @@ def shard_write_throughput(folder, workdir, shard_size):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=800, help="synthesis samples per run")
+    parser.add_argument("--samples", type=int, default=2000, help="synthesis samples per run")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--blend", default="feather", help="matting is the official blend and the slowest")
     parser.add_argument("--variants", type=int, default=4, choices=(1, 2, 3, 4), help="clips made of each video")
-    parser.add_argument("--rounds", type=int, default=2, help="forwards-and-backwards plays of its video per clip")
+    parser.add_argument("--rounds", type=int, default=4, help="forwards-and-backwards plays of its video per clip")
     parser.add_argument("--format", default="webdataset", choices=("webdataset", "folder"))
-    parser.add_argument("--shard-size", type=int, default=8, help="samples per shard (units of work for synthesis)")
+    parser.add_argument("--shard-size", type=int, default=100,
+                        help="samples per shard, synthesis's unit of work (erasekit-synth's default is 1000)")
+    parser.add_argument("--no-pin-cpus", dest="pin_cpus", action="store_false",
+                        help="let every run use all CPUs (by default n workers run on n CPUs)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each row; the fastest is reported")
+    parser.add_argument("--operations", nargs="+", default=["synth", "video"], choices=("synth", "video"))
+    parser.add_argument("--measure", nargs=3, metavar=("OPERATION", "WORKERS", "BACKEND"), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from erasekit.dataset_tools.synth_job import run_synth_job
-    from erasekit.dataset_tools.video_job import run_video_job
-
+    if args.measure:
+        return measure(args)
+    args.passed = [a for a in sys.argv[1:] if a != "--no-pin-cpus"]
     workdir = Path(tempfile.mkdtemp(prefix="erasekit-scale-"))
     try:
+        link_checkout(workdir / "checkout")  # Ray's workers import this checkout too
         print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs")
-        clips = make_clips(workdir, args.variants, args.rounds)
-        tables = {
-            "synthesis": compare("synth", lambda out, w, ray: synth_job(out, args, w, ray), run_synth_job,
-                                 lambda s: s["written"], workdir),
-            "video mining": compare("video", lambda out, w, ray: video_job(out, clips, args, w, ray), run_video_job,
-                                    lambda s: s["written"], workdir),
-        }
+        make_clips(workdir, args.variants, args.rounds)
+        names = {"synth": "synthesis", "video": "video mining"}
+        tables = {names[operation]: compare(operation, args, workdir) for operation in args.operations}
         for name, rows in tables.items():
             print(f"\n{name} ({args.format}):")
             print(f"  {'path':36s} {'workers':>7s} {'seconds':>8s} {'samples':>7s} {'samples/s':>9s}")
@@ -159,17 +214,18 @@ def main():
             for path in ("single", "Ray"):
                 print(f"  {path}: 2 workers / 1 worker = {rates[(path, 2)] / rates[(path, 1)]:.2f} "
                       "(target >= 1.7 on a quiet machine)")
-        reference = workdir / "synth-local-1"
-        if args.format == "webdataset":
-            from erasekit.dataset_tools.shards import shards_to_folder
+        if "synth" in args.operations:
+            reference = workdir / "synth-single-1"
+            if args.format == "webdataset":
+                from erasekit.dataset_tools.shards import shards_to_folder
 
-            shards_to_folder(reference, workdir / "reference-folder")
-            reference = workdir / "reference-folder"
-        folder_seconds, shard_seconds, count, size = shard_write_throughput(reference, workdir, 32)
-        print(f"\nwriting the same {count} samples ({size / 1e6:.1f} MB of PNGs):")
-        print(f"  triplet folder: {count / folder_seconds:8.1f} samples/s {size / folder_seconds / 1e6:7.1f} MB/s")
-        print(f"  shards of 32:   {count / shard_seconds:8.1f} samples/s {size / shard_seconds / 1e6:7.1f} MB/s "
-              f"({folder_seconds / shard_seconds:.1f}x)")
+                shards_to_folder(reference, workdir / "reference-folder")
+                reference = workdir / "reference-folder"
+            folder_seconds, shard_seconds, count, size = shard_write_throughput(reference, workdir, 32)
+            print(f"\nwriting the same {count} samples ({size / 1e6:.1f} MB of PNGs):")
+            print(f"  triplet folder: {count / folder_seconds:8.1f} samples/s {size / folder_seconds / 1e6:7.1f} MB/s")
+            print(f"  shards of 32:   {count / shard_seconds:8.1f} samples/s {size / shard_seconds / 1e6:7.1f} MB/s "
+                  f"({folder_seconds / shard_seconds:.1f}x)")
         print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

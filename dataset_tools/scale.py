@@ -37,7 +37,7 @@ from ..jobs import Skips, require
 
 FEATURE = "--ray (dataset jobs on a Ray cluster)"
 BLOCK_BYTES = 32 << 20  # output blocks a task streams back: small enough to keep a worker's memory flat
-SAMPLES_PER_TASK = 16  # samples a folder-format task makes: fewer blocks, still fine-grained retries
+SAMPLES_PER_TASK = 64  # samples a folder-format task makes: seconds of work, as Ray Data hands out work every 0.1 s
 INSTANCES_PER_TASK = 64  # a multiple of score_instances' batch of 8: the same batches as one process scores
 TASK_DIED = "its Ray task died twice (a crash, out of memory or a lost node)"
 

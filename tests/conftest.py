@@ -13,26 +13,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "comfy"))  # harness: the shared paths and where ComfyUI comes from
+sys.path.insert(0, str(ROOT / "benchmarks"))  # _pack: this checkout as ``erasekit``
 
+from _pack import link_checkout  # noqa: E402
 from harness import CACHE_DIR, SHARED_DATA, comfyui_source as find_comfyui_source  # noqa: E402
 
-
-def _import_this_checkout():
-    shim = CACHE_DIR / "checkouts" / hashlib.sha1(str(ROOT).encode()).hexdigest()[:12]
-    link = shim / "erasekit"
-    if not (link.is_symlink() and Path(os.readlink(link)) == ROOT):
-        shim.mkdir(parents=True, exist_ok=True)
-        tmp = shim / f".erasekit-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(ROOT, target_is_directory=True)
-        os.replace(tmp, link)
-    sys.path.insert(0, str(shim))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p)
-    for name in [m for m in sys.modules if m == "erasekit" or m.startswith("erasekit.")]:
-        del sys.modules[name]
-
-
-_import_this_checkout()
+link_checkout(CACHE_DIR / "checkouts" / hashlib.sha1(str(ROOT).encode()).hexdigest()[:12], ROOT)
 
 
 @pytest.fixture(scope="session")
