@@ -22,6 +22,14 @@ def import_checkout(root=ROOT, name="erasekit"):
     return package
 
 
+def import_file(path, name):
+    """The Python file at ``path`` (not part of a package: a test helper, another benchmark) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def link_checkout(folder, root=ROOT):
     """``import erasekit`` resolves to ``root`` here and in every process started from now on (pool workers, Ray's
     workers, subprocesses): a link named ``erasekit`` in ``folder`` goes first on ``sys.path`` and ``PYTHONPATH``,

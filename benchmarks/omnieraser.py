@@ -22,7 +22,6 @@ Usage: python benchmarks/omnieraser.py [--repeats 5] [--rank 32] [--depth 1 --si
 Needs a ComfyUI checkout (--comfyui, else COMFYUI_PATH, else ~/ComfyUI).
 """
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _pack import import_checkout  # noqa: E402
+from _pack import import_checkout, import_file  # noqa: E402
 
 import_checkout()  # this checkout, whatever else is installed
 from erasekit.headless import runtime  # noqa: E402
@@ -41,11 +40,7 @@ from erasekit.headless import runtime  # noqa: E402
 
 def tiny_flux():
     """tests/comfy/tiny/flux.py (ComfyUI's FLUX.1-dev parameters), imported by path."""
-    path = ROOT / "tests" / "comfy" / "tiny" / "flux.py"
-    spec = importlib.util.spec_from_file_location("erasekit_bench_tiny_flux", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(ROOT / "tests" / "comfy" / "tiny" / "flux.py", "erasekit_bench_tiny_flux")
 
 
 FLUX_DEV_PARAMS = tiny_flux().FLUX_DEV_PARAMS

@@ -38,7 +38,6 @@ On the GPU machine, from the folder ``../shared/bench/stage_gpu.sh`` builds (Com
 ``--comfyui`` defaults to $COMFYUI_PATH, then a ComfyUI/ folder beside this checkout, then ~/ComfyUI.
 """
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -65,7 +64,7 @@ TINY_SD_UNET = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spa
                     context_dim=32, num_heads=4, use_temporal_resblock=False, use_temporal_attention=False)
 DTYPES = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _pack import import_checkout  # noqa: E402  (this checkout as ``erasekit``, whatever else is installed)
+from _pack import import_checkout, import_file  # noqa: E402  (this checkout as ``erasekit``, whatever else is installed)
 
 
 def log(message):
@@ -199,10 +198,7 @@ def import_pack():
 
 def bench_helpers():
     """``benchmarks/omnieraser.py``: the random full-size weights and the OmniEraser LoRA layout."""
-    spec = importlib.util.spec_from_file_location("erasekit_bench_omnieraser", ROOT / "benchmarks" / "omnieraser.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(ROOT / "benchmarks" / "omnieraser.py", "erasekit_bench_omnieraser")
 
 
 class Counters:

@@ -151,14 +151,13 @@ def compare(operation, args, workdir):
 
 
 def shard_write_throughput(folder, workdir, shard_size):
-    """(folder seconds, shard seconds, samples, bytes): the samples of ``folder`` written again both ways, each
-    timed until its data is on disk (``os.sync``): else the second write would pay for the first one's writeback."""
-    from erasekit.dataset_tools.shards import ShardFile, synth_shard_name
-    from erasekit.dataset_tools.triplets import EncodedTriplet, TripletDataset, TripletWriter
+    """(folder seconds, shard seconds, samples, bytes): the samples of ``folder`` (either format) written again both
+    ways, each timed until its data is on disk (``os.sync``): else the second would pay for the first's writeback."""
+    from erasekit.dataset_tools.shards import ShardFile, open_triplets, synth_shard_name
+    from erasekit.dataset_tools.triplets import TripletWriter
 
-    dataset = TripletDataset(folder)
-    samples = [(r["id"], EncodedTriplet(*[(Path(folder) / r[k]).read_bytes() for k in ("source", "mask", "target")],
-                                        r["width"], r["height"]), r) for r in dataset.records]
+    dataset = open_triplets(folder)  # either format
+    samples = [(r["id"], dataset.encoded(i), r) for i, r in enumerate(dataset.records)]
     size = sum(len(e.source) + len(e.mask) + len(e.target) for _, e, _ in samples)
 
     def write_folder():
@@ -225,13 +224,7 @@ def main():
                 print(f"  {path}: 2 workers / 1 worker = {rates[(path, 2)] / rates[(path, 1)]:.2f} "
                       "(target >= 1.7 on a quiet machine)")
         if "synth" in args.operations:
-            reference = workdir / "synth-single-1"
-            if args.format == "webdataset":
-                from erasekit.dataset_tools.shards import shards_to_folder
-
-                shards_to_folder(reference, workdir / "reference-folder")
-                reference = workdir / "reference-folder"
-            folder_seconds, shard_seconds, count, size = shard_write_throughput(reference, workdir, 32)
+            folder_seconds, shard_seconds, count, size = shard_write_throughput(workdir / "synth-single-1", workdir, 32)
             print(f"\nwriting the same {count} samples ({size / 1e6:.1f} MB of PNGs):")
             print(f"  triplet folder: {count / folder_seconds:8.1f} samples/s {size / folder_seconds / 1e6:7.1f} MB/s")
             print(f"  shards of 32:   {count / shard_seconds:8.1f} samples/s {size / shard_seconds / 1e6:7.1f} MB/s "

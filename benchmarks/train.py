@@ -44,7 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _pack import import_checkout  # noqa: E402
+from _pack import import_checkout, import_file  # noqa: E402
 
 import_checkout()  # this checkout, whatever else is installed
 from erasekit.erasers import omnieraser as oe  # noqa: E402
@@ -60,10 +60,7 @@ ROWS = []
 
 def tiny_module(name):
     """A test helper module of tests/comfy/tiny (not a package), imported by path."""
-    spec = importlib.util.spec_from_file_location(f"tiny_{name}", ROOT / "tests" / "comfy" / "tiny" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(ROOT / "tests" / "comfy" / "tiny" / f"{name}.py", f"tiny_{name}")
 
 
 def report(section, **row):

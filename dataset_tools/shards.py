@@ -36,9 +36,9 @@ from pathlib import Path
 
 from ..jobs import Host, UsageError, require
 from .sources import filesystem, is_url, join
-from .triplets import (DATASET_INFO, SUBDIRS, TMP_PREFIX, EncodedTriplet, ManifestDamaged, adopt_settings,
-                       dataset_info_bytes, decode_encoded, manifest_record, parse_dataset_info, repair_hint,
-                       shard_file_name, write_atomic)
+from .triplets import (DATASET_INFO, SUBDIRS, TMP_PREFIX, EncodedTriplet, ManifestDamaged, TripletWriter,
+                       adopt_settings, dataset_info_bytes, decode_encoded, manifest_record, parse_dataset_info,
+                       remove_unused_output, repair_hint, shard_file_name, write_atomic)
 
 FORMATS = ("folder", "webdataset")
 SHARD_SIZE = 1000  # samples per shard: about 1 GB of 512 px triplets, the size streaming loaders like
@@ -627,8 +627,6 @@ def open_writer(job, settings, shard):
     ``triplets.TripletWriter`` (folder) or a ``ShardWriter`` (webdataset), and whether this opening made the
     (local) output folder. The shards (i, N) of a run share the output, so a shard never refuses the others'
     samples. An output folder made by an opening that fails is removed (``remove_unused_output``)."""
-    from .triplets import TripletWriter, remove_unused_output
-
     created = not is_url(str(job.output)) and not Path(job.output).exists()
     resume = job.resume or shard is not None
     try:

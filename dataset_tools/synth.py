@@ -22,6 +22,7 @@ another background (or another instance of the same class) instead of being lost
 (seed, index, draw), so N samples asked are N written whenever enough good files exist; each bad file is named
 once in the run summary.
 """
+import contextlib
 import json
 import multiprocessing
 import os
@@ -547,6 +548,26 @@ def _shard_work(unit):
     return write_shard(_WORKER_PLAN, *unit)
 
 
+@contextlib.contextmanager
+def _produced(plan, units, work, workers, results, ordered):
+    """``work(unit)`` of every unit, as the block iterates them: from ``results(plan, units)`` (another back-end),
+    this process (``workers`` <= 1) or a process pool (in order when ``ordered``), which the block's end stops."""
+    if results is not None:
+        yield results(plan, units)
+        return
+    if workers <= 1:
+        _init_worker(plan)
+        yield (work(unit) for unit in units)
+        return
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(plan,))
+    try:
+        yield (pool.imap if ordered else pool.imap_unordered)(work, units, chunksize=1)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=None, check_interrupt=None,
                   summary=None, results=None):
     """Write the plan's samples (those of ``shard`` = "i/N" when given) to a triplet folder (a path, or an open
@@ -597,25 +618,11 @@ def run_synthesis(plan, output, workers=1, shard=None, resume=True, progress=Non
                 progress(done, len(todo_all))
 
         try:
-            if results is not None:
-                for result in results(plan, todo):
+            with _produced(plan, todo, _work, workers, results, ordered=True) as produced:
+                for result in produced:
                     if check_interrupt:
                         check_interrupt()
                     consume(result)
-            elif workers <= 1:
-                _init_worker(plan)
-                for index in todo:
-                    if check_interrupt:
-                        check_interrupt()
-                    consume(_work(index))
-            else:
-                method = "fork" if sys.platform.startswith("linux") else "spawn"
-                context = multiprocessing.get_context(method)
-                with context.Pool(workers, initializer=_init_worker, initargs=(plan,)) as pool:
-                    for result in pool.imap(_work, todo, chunksize=1):
-                        if check_interrupt:
-                            check_interrupt()
-                        consume(result)
         finally:  # whatever stops the run, the summary holds what was met
             summary["skipped"], summary["failed"] = skipped.as_dict(), failed.as_dict()
     return summary
@@ -644,16 +651,7 @@ def run_synthesis_shards(plan, writer, shard_size, workers=1, shard=None, progre
     done = planned - sum(len(shard_indices(plan, k, shard_size)) for k, _, _ in todo)
     if progress:
         progress(done, planned)
-    if results is not None:
-        produced = results(plan, todo)
-    elif workers <= 1:
-        _init_worker(plan)
-        produced = (_shard_work(unit) for unit in todo)
-    else:
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
-        pool = multiprocessing.get_context(method).Pool(workers, initializer=_init_worker, initargs=(plan,))
-        produced = pool.imap_unordered(_shard_work, todo, chunksize=1)
-    try:
+    with _produced(plan, todo, _shard_work, workers, results, ordered=False) as produced:
         for result in produced:
             if check_interrupt:
                 check_interrupt()
@@ -671,8 +669,4 @@ def run_synthesis_shards(plan, writer, shard_size, workers=1, shard=None, progre
             done += result["planned"]
             if progress:
                 progress(done, planned)
-    finally:
-        if results is None and workers > 1:
-            pool.terminate()
-            pool.join()
     return summary

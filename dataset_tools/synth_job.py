@@ -196,13 +196,8 @@ def cached_instances(job, host):
     return instances, skips, save
 
 
-def summary_path(job):
-    shard = parse_shard(job.shard) if job.shard else None
-    return Path(job.output) / shard_file_name("summary", shard, ".json")
-
-
 def write_summary(job, summary):
-    write_output_json(job.output, summary_path(job).name, summary)
+    write_output_json(job.output, shard_file_name("summary", job.shard or None, ".json"), summary)
 
 
 def run_synth_job(job, host=None):

@@ -82,8 +82,8 @@ def save_merged_flux(weights, mapping, path, strength=1.0, dtype=None, metadata=
     merged at ``strength``, stored in ``dtype`` (``STORAGE_DTYPES`` value, None: each weight's own) at ``path``."""
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; delete it or choose another file name")
-    shapes = {key: tuple(weights[key].shape) for key in weights}
-    dtypes = {key: weights[key].dtype for key in weights}
+    facts = {key: (tuple(weight.shape), weight.dtype) for key, weight in weights.items()}  # one pass over the weights
+    shapes, dtypes = {k: f[0] for k, f in facts.items()}, {k: f[1] for k, f in facts.items()}
     plan = core.storage_plan(shapes, dtypes, mapping, dtype)
     merged = core.merged_weights(weights, mapping, strength, dtype)
     return write_safetensors_streamed(path, plan, merged, metadata, host)

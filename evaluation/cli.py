@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, UsageError, cli_main
+from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, check_input, cli_main
 from . import learned, report
 from .score import DILATION, OUTPUT, EvalJob, evaluate
 
@@ -56,8 +56,8 @@ def main(argv=None):
 
     def body():
         for flag, path in (("RESULTS_DIR", args.results), ("--reference", args.reference), ("--masks", args.masks)):
-            if path is not None and not path.is_dir():
-                raise UsageError(f"{flag} {path} is not a folder")
+            if path is not None:
+                check_input(path, flag)
         device = args.device
         if device is None:
             import torch

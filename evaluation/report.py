@@ -7,11 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ..dataset_tools import triplets
 
 # metric key → (column title, higher is better)
 METRICS = {
@@ -22,11 +23,8 @@ DATASET_METRICS = {"fid": ("FID", False), "cmmd": ("CMMD", False)}
 
 
 def write_atomic(path, data):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    """``data`` (bytes) to ``path`` whole, through ``.<name>.partial`` beside it."""
+    triplets.write_atomic(path, data, f".{Path(path).name}.partial")
 
 
 def _format(value):

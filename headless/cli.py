@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, UsageError, cli_main
+from ..jobs import EXIT_FAILED, EXIT_OK, CliHost, UsageError, check_input, cli_main
 from ..segment.text_masks import BOX_THRESHOLD, TEXT_THRESHOLD
 
 PROG = "erasekit-run"
@@ -101,10 +101,9 @@ def main(argv=None):
         from .run import RunJob, run_folder
 
         for flag, path in (("--images", args.images), ("--masks", args.masks)):
-            if path is not None and not path.is_dir():
-                raise UsageError(f"{flag} {path} is not a folder")
-        if not args.workflow.is_file():
-            raise UsageError(f"workflow file {args.workflow} does not exist")
+            if path is not None:
+                check_input(path, flag)
+        check_input(args.workflow, "workflow file", kind="file")
         started = runtime.start(runtime.find_comfyui(args.comfyui), comfy_args, args.extra_model_paths,
                                 args.custom_nodes)
         import comfy.utils

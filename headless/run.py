@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 from ..dataset_tools import imageio
 from ..dataset_tools.imageio import IMAGE_EXTENSIONS, UNREADABLE, read_mask
 from ..evaluation.folders import detect_layout, layout_samples, pair_by_stem
+from ..evaluation.report import save_png  # through .<name>.partial, which a resumed run clears away
 from ..jobs import Host, UsageError
 from ..segment.text_masks import BOX_THRESHOLD, TEXT_THRESHOLD
 from . import binding as B
@@ -151,13 +152,6 @@ def mask_rgba(mask):
     return Image.fromarray(np.dstack([value, value, value, 255 - value]), "RGBA")
 
 
-def save_atomic(image, path):
-    """Write a PIL image as PNG through a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.partial")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 class Folder:
     """The output folder while a run holds it: a lock (one run per folder), the staging area, the item log."""
 
@@ -226,7 +220,7 @@ class FolderRunner:
             if not mask.any():
                 raise _Skip(f"nothing matched the prompt {self.text!r}")
             (self.folder.out / MASKS).mkdir(exist_ok=True)
-            save_atomic(Image.fromarray(mask.astype(np.uint8) * 255, "L"), self.folder.out / MASKS / f"{sample.id}.png")
+            save_png(Image.fromarray(mask.astype(np.uint8) * 255, "L"), self.folder.out / MASKS / f"{sample.id}.png")
         elif self.binding.mask_node is not None:
             if sample.mask is None:
                 raise _Skip("no mask with this name")

@@ -145,15 +145,17 @@ def _bypass_input(node, slot, kind):
     return None
 
 
-def model_files(workflow, object_info=None):
-    """(folder, filename) of every model the workflow's loaders name, from their properties.models."""
-    found = []
+def declared_models(workflow, skip_modes=(MODE_MUTED,)):
+    """The ``properties.models`` entries (name, url, directory) of the workflow's nodes, but those of nodes in
+    ``skip_modes``."""
     for node in workflow["nodes"]:
-        if node.get("mode") == MODE_MUTED:
-            continue
-        for model in node.get("properties", {}).get("models", []):
-            found.append((model["directory"], model["name"]))
-    return found
+        if node.get("mode") not in skip_modes:
+            yield from node.get("properties", {}).get("models", [])
+
+
+def model_files(workflow):
+    """(folder, filename) of every model the workflow's loaders name, from their properties.models."""
+    return [(model["directory"], model["name"]) for model in declared_models(workflow)]
 
 
 def is_api_prompt(data):
@@ -216,11 +218,6 @@ def apply_overrides(prompt, overrides):
 def missing_models(workflow, find):
     """``[(folder, name, url)]`` of the models the workflow's loaders name (``properties.models``) that
     ``find(folder, name)`` (a path or None) cannot find."""
-    missing = []
-    for node in workflow["nodes"]:
-        if node.get("mode") in (MODE_MUTED, MODE_BYPASSED):
-            continue
-        for model in node.get("properties", {}).get("models", []):
-            if find(model["directory"], model["name"]) is None:
-                missing.append((model["directory"], model["name"], model.get("url", "")))
-    return missing
+    return [(model["directory"], model["name"], model.get("url", ""))
+            for model in declared_models(workflow, (MODE_MUTED, MODE_BYPASSED))
+            if find(model["directory"], model["name"]) is None]

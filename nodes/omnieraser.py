@@ -99,6 +99,12 @@ class OmniEraserConcat:
         return cond.expand(noise.shape[0], -1, -1, -1)
 
 
+def _require_flux(model):
+    """A clear error for a MODEL that is not FLUX (OmniEraser's LoRA and its merge fit FLUX.1-dev only)."""
+    if not isinstance(model.model, comfy.model_base.Flux):
+        raise ValueError(f"OmniEraser needs a FLUX.1-dev MODEL; this MODEL is {type(model.model).__name__}.")
+
+
 def _checked_mapping(model, lora):
     """``core.map_lora`` of ``lora`` onto ``model``'s FLUX weights (as stored, past any patch), or a clear error: the
     model is merged already, a LoRA key matches nothing, or the LoRA widens img_in to another width than
@@ -122,8 +128,7 @@ def _checked_mapping(model, lora):
 
 def apply_omnieraser_lora(model, lora, strength):
     """Clone ``model`` and patch ``lora`` (a state dict) onto it; raises on any key that does not apply."""
-    if not isinstance(model.model, comfy.model_base.Flux):
-        raise ValueError(f"OmniEraser needs a FLUX.1-dev MODEL; this MODEL is {type(model.model).__name__}.")
+    _require_flux(model)
     mapping = _checked_mapping(model, lora)
     widened = mapping.widened_in_features
     patched = model.clone()

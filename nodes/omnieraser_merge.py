@@ -7,7 +7,6 @@ layout, which the LoRA loader installs for a patched model.
 """
 import os
 
-import comfy.model_base
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
@@ -16,7 +15,8 @@ from ..erasers import omnieraser as core
 from ..erasers import omnieraser_merge as merge
 from ._host import ComfyHost
 from ._paths import model_file
-from .omnieraser import CATEGORY, LORA_URL, _checked_mapping, _original_shapes, use_omnieraser_condition
+from .omnieraser import (CATEGORY, LORA_URL, _checked_mapping, _original_shapes, _require_flux,
+                         use_omnieraser_condition)
 
 DTYPE_OPTIONS = ["fp8_e4m3fn", "bf16", "same as the model"]
 
@@ -118,8 +118,7 @@ class OmniEraserMergedModel(io.ComfyNode):
 
 def omnieraser_merged_model(model):
     """A clone of a merged OmniEraser FLUX that reads the 48-channel condition; a clear error for any other MODEL."""
-    if not isinstance(model.model, comfy.model_base.Flux):
-        raise ValueError(f"OmniEraser needs a FLUX.1-dev MODEL; this MODEL is {type(model.model).__name__}.")
+    _require_flux(model)
     width = _original_shapes(model)["img_in.weight"][1]
     if width != core.WIDENED_IN_FEATURES:
         raise ValueError(f"This FLUX's img_in takes {width} input features, not OmniEraser's "

@@ -42,12 +42,21 @@ def comfyui_source():
 
 
 @pytest.fixture(scope="session")
-def road_video(shared_data):
+def shared_video(shared_data):
+    """``shared_video(name)``: the path of ../shared/data/video/``name``; skips the test when it is missing."""
+    def path_of(name):
+        path = shared_data / "video" / name
+        if not path.is_file():
+            pytest.skip(f"{path} is missing")
+        return path
+
+    return path_of
+
+
+@pytest.fixture(scope="session")
+def road_video(shared_video):
     """../shared/data/video/road_cars.avi, the static-camera road video most video tests mine."""
-    path = shared_data / "video" / "road_cars.avi"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
+    return shared_video("road_cars.avi")
 
 
 @pytest.fixture(scope="session")

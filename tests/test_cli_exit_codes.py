@@ -98,10 +98,8 @@ def test_synth_exit_codes(shared_data, tmp_path, monkeypatch, capsys):
     assert len(TripletDataset(out)) == 2  # the samples made before Ctrl-C are kept
 
 
-def test_video_exit_codes(shared_data, tmp_path, capsys):
-    road = shared_data / "video" / "road_cars.avi"
-    if not road.is_file():
-        pytest.skip(f"{road} is missing")
+def test_video_exit_codes(road_video, tmp_path, capsys):
+    road = road_video
     common = ["--foreground-ratio", "0.04", "--max-frames", "120"]
     assert video_cli.main([str(road), "-o", str(tmp_path / "ok"), *common]) == EXIT_OK
     broken = tmp_path / "broken.avi"
@@ -118,11 +116,9 @@ def test_video_exit_codes(shared_data, tmp_path, capsys):
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
-def test_video_ctrl_c_exits_130_with_the_summary_written_and_no_worker_left(shared_data, tmp_path):
+def test_video_ctrl_c_exits_130_with_the_summary_written_and_no_worker_left(road_video, tmp_path):
     """A real Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while videos are being mined."""
-    road = shared_data / "video" / "road_cars.avi"
-    if not road.is_file():
-        pytest.skip(f"{road} is missing")
+    road = road_video
     videos = tmp_path / "videos"
     videos.mkdir()
     data = road.read_bytes()

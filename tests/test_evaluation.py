@@ -213,18 +213,11 @@ def test_cmmd_embeddings_from_a_local_clip(clip_folder):
 
 def _tiny_sam_checkpoint(path):
     """A random segment-anything checkpoint at 256 px: a 16×16 feature grid (the real SAM's is 64×64)."""
-    import torch
-
     spec = importlib.util.spec_from_file_location(
         "erasekit_tiny_segmenters_eval", Path(__file__).parent / "comfy" / "tiny" / "segmenters.py")
     tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny)
-    from erasekit.dataset_tools.segmenters import build_segment_anything
-
-    torch.manual_seed(0)
-    model = build_segment_anything(None, {**tiny.SEGMENT_ANYTHING_CONFIG, "img_size": 256})
-    torch.save(model.state_dict(), path)
-    return path
+    return tiny.build_segment_anything_checkpoint(path, img_size=256)
 
 
 def test_remove_on_a_tiny_segment_anything(tmp_path):

@@ -101,12 +101,12 @@ def test_clip_scores_from_an_actor_pool_match_one_process(cluster, shared_data, 
     assert runs["ray"] == runs["local"] and len(runs["local"][0]) == 5
 
 
-def test_video_mining_on_ray_makes_the_single_machine_samples_in_both_formats(cluster, shared_data, tmp_path):
+def test_video_mining_on_ray_makes_the_single_machine_samples_in_both_formats(cluster, road_video, tmp_path):
     integrity = _load("_erasekit_test_video_integrity_scale", HERE / "test_video_integrity.py")
     crashing = integrity.write_bottom_up_avi(tmp_path / "bottom_up.avi", integrity.moving_block_frames())
     broken = tmp_path / "broken.avi"
     broken.write_bytes(b"\0" * 4096)
-    videos = [str(shared_data / "video" / "road_cars.avi"), str(crashing), str(broken)]
+    videos = [str(road_video), str(crashing), str(broken)]
     base = ["--foreground-ratio", "0.05", "--max-frames", "140", "--sample-gap-seconds", "0.3"]
     for extra in ([], ["--format", "webdataset", "--shard-size", "3"]):
         here, there = tmp_path / f"local{len(extra)}", tmp_path / f"ray{len(extra)}"
@@ -125,10 +125,10 @@ def test_video_mining_on_ray_makes_the_single_machine_samples_in_both_formats(cl
             assert len(shards.ShardDataset(there)) == reports[0]["road_cars.avi"][2] + reports[0]["bottom_up.avi"][2]
 
 
-def test_object_masks_from_a_masking_actor_pool_match_the_miners_own(cluster, shared_data, tmp_path):
+def test_object_masks_from_a_masking_actor_pool_match_the_miners_own(cluster, road_video, tmp_path):
     tiny = _load("_erasekit_tiny_segmenters_scale", HERE / "comfy" / "tiny" / "segmenters.py")
     dino, sam = tiny.build_grounding_dino(tmp_path / "dino"), tiny.build_sam(tmp_path / "sam")
-    video = str(shared_data / "video" / "road_cars.avi")
+    video = str(road_video)
     base = ["--foreground-ratio", "0.04", "--max-frames", "100", "--grounding-dino", str(dino), "--sam-model", str(sam),
             "--prompt", "car"]
     results = []

@@ -155,10 +155,8 @@ def test_text_segmenter_keeps_objects_in_the_motion_zone(folders, image):
         assert inside is not None and not (inside & ~anywhere).any()
 
 
-def test_video_pairs_take_their_masks_from_the_segmenter(folders, shared_data):
-    video = shared_data / "video" / "road_cars.avi"
-    if not video.is_file():
-        pytest.skip(f"{video} is missing")
+def test_video_pairs_take_their_masks_from_the_segmenter(folders, road_video):
+    video = road_video
     # random weights cut out arbitrary regions: accept them wherever they lie, so pairs come through
     segmenter = S.TextSegmenter(S.load_grounding_dino(folders["dino"]), S.load_sam(folders["sam"]), "car",
                                 box_threshold=0.0, text_threshold=0.0, min_zone_overlap=0.0)

@@ -192,8 +192,8 @@ def test_inputs_from_lists_parquet_files_and_urls_give_the_same_samples(shared_d
     assert synth_cli.main(synth_args(shared_data, target)) == EXIT_USAGE  # the folder format is local only
 
 
-def test_videos_from_a_url_and_a_list_are_mined_like_files(shared_data, tmp_path):
-    video = shared_data / "video" / "road_cars.avi"
+def test_videos_from_a_url_and_a_list_are_mined_like_files(road_video, tmp_path):
+    video = road_video
     base = ["--foreground-ratio", "0.04", "--max-frames", "120"]
     assert video_cli.main([str(video), "-o", str(tmp_path / "file"), *base]) == EXIT_OK
     listing = tmp_path / "videos.txt"

@@ -20,11 +20,8 @@ ROAD = V.PairingConfig(foreground_ratio=0.04)
 
 
 @pytest.fixture(scope="module")
-def busy_video(shared_data):
-    path = shared_data / "video" / "highway_busy.avi"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
+def busy_video(shared_video):
+    return shared_video("highway_busy.avi")
 
 
 @pytest.fixture(scope="module")

@@ -70,10 +70,8 @@ def test_shadow_pixels_in_bands_matches_whole_image_rule(shape):
     assert banded.any() and not banded.all()
 
 
-def test_iter_frames_reports_where_decoding_stopped(shared_data):
-    path = shared_data / "video" / "road_cars.avi"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
+def test_iter_frames_reports_where_decoding_stopped(road_video):
+    path = road_video
     for prefetch in (0, 4):
         decoded = []
         analysed = [i for i, _ in D.iter_frames(path, 0, 50, 3, prefetch=prefetch, decoded=decoded)]

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, tiny builders
 
-from harness import ComfyHarness, find_comfyui  # noqa: E402
+from harness import ComfyHarness, SamplerSpy, find_comfyui  # noqa: E402
 
 COMFY_PATH, MISSING_REASON = find_comfyui()
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -34,3 +34,19 @@ def comfy(tmp_path_factory):
             pytest.fail(f"CI=true and {MISSING_REASON}", pytrace=False)
         pytest.skip(MISSING_REASON)
     return ComfyHarness(COMFY_PATH, tmp_path_factory.mktemp("comfyui")).start()
+
+
+@pytest.fixture
+def sampler_spy(monkeypatch):
+    """A ``SamplerSpy`` on every ComfyUI sampler run; the models the test loaded are unloaded after it (full-width
+    tiny FLUX models: a few workflows' worth would fill the memory)."""
+    import gc
+
+    import comfy.model_management
+    import comfy.samplers
+
+    spy = SamplerSpy()
+    monkeypatch.setattr(comfy.samplers.KSAMPLER, "sample", spy.sample(comfy.samplers.KSAMPLER.sample))
+    yield spy
+    comfy.model_management.unload_all_models()
+    gc.collect()

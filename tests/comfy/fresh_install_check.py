@@ -5,7 +5,6 @@ points, and prints one JSON report on the last line of stdout.
     python fresh_install_check.py WORKDIR [WORKFLOW.json ...]
 """
 import importlib
-import importlib.util
 import json
 import sys
 import traceback
@@ -20,11 +19,10 @@ def register_checkout_as_erasekit():
     harness here; ComfyUI still loads the pack from custom_nodes under its folder name (relative imports only,
     tests/test_layers.py)."""
     root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("erasekit", root / "__init__.py",
-                                                  submodule_search_locations=[str(root)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["erasekit"] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(root / "benchmarks"))
+    from _pack import import_checkout
+
+    import_checkout(root)
 
 
 register_checkout_as_erasekit()

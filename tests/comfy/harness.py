@@ -7,6 +7,7 @@ from the builders in ``tiny/*.py``, and the caps on the example workflows' cost 
 """
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -238,7 +239,7 @@ class ComfyHarness:
         example workflows keep the papers' values (28 or 50 steps, 1024 px, accumulation 8, ...), which cost
         minutes per workflow on a CPU and prove nothing more about the graph than small ones do."""
         from erasekit.headless.workflow import model_files, workflow_to_prompt
-        for folder, filename in model_files(workflow, self.object_info):
+        for folder, filename in model_files(workflow):
             self.ensure_model(folder, filename)
         prompt = workflow_to_prompt(workflow, self.object_info)
         caps = caps or {}
@@ -296,3 +297,43 @@ def cap_inputs(inputs, caps):
         if isinstance(value, int) and not isinstance(value, bool):
             if value > cap or (value == 0 and name in ZERO_MEANS_ALL):
                 inputs[name] = cap
+
+
+# The example workflows' working-size inputs at 64 px: a small crop, so a FLUX graph samples in seconds.
+SMALL = {"EraseKitCropAroundMask": {"target_side": 64}, "EraseKitWholeImageAtWorkingSize": {"short_side": 64}}
+
+
+def small_prompt(comfy, name, max_steps):
+    """The workflow's API prompt with a 64 px working size and at most ``max_steps`` steps; also the crop node's id."""
+    import pytest
+
+    if comfy.shared_data is None:
+        pytest.skip("the example workflows load real images from ../shared/data, which is absent")
+    workflow = json.loads((PACK_ROOT / "workflows" / f"{name}.json").read_text())
+    prompt = comfy.workflow_prompt(workflow, caps={"steps": max_steps})
+    crop_id = next(k for k, v in prompt.items() if v["class_type"] in SMALL)
+    prompt[crop_id]["inputs"].update(SMALL[prompt[crop_id]["class_type"]])
+    return prompt, crop_id
+
+
+class SamplerSpy:
+    """What every sampler received: sigmas, the latent's shape, the T5 length of each conditioning. With
+    ``stop`` set it ends the run there (the graph after the sampler is then not under test)."""
+
+    STOPPED = "sampler inputs recorded; stopped by the test"
+
+    def __init__(self):
+        self.calls, self.stop = [], False
+
+    def sample(self, original):
+        """A stand-in for ``KSAMPLER.sample`` that records its inputs, then runs ``original``."""
+        def sample(sampler, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs):
+            tokens = {name: [c["cross_attn"].shape[1] for c in conds if "cross_attn" in c]
+                      for name, conds in getattr(model_wrap, "conds", {}).items()}
+            self.calls.append({"sigmas": sigmas.detach().cpu().clone(), "latent": tuple(noise.shape),
+                               "tokens": tokens})
+            if self.stop:
+                raise RuntimeError(SamplerSpy.STOPPED)
+            return original(sampler, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs)
+
+        return sample

@@ -53,13 +53,11 @@ class OneExecutor:
 
 
 @pytest.fixture
-def videos(comfy, shared_data):
+def videos(comfy, shared_video):
     folder = comfy.input_dir / "job_videos"
     folder.mkdir(exist_ok=True)
     for name in ("road_cars.avi", "highway_busy.avi"):
-        source = shared_data / "video" / name
-        if not source.is_file():
-            pytest.skip(f"{source} is missing")
+        source = shared_video(name)
         if not (folder / name).exists():
             shutil.copyfile(source, folder / name)
     return folder

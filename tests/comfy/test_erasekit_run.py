@@ -18,7 +18,7 @@ from PIL import Image
 
 from erasekit.headless import binding as B
 from erasekit.headless.run import RunJob, run_folder
-from erasekit.headless.workflow import load_workflow, workflow_to_prompt
+from erasekit.headless.workflow import workflow_to_prompt
 from erasekit.jobs import Host, UsageError
 from harness import COST_CAPS, PACK_ROOT, cap_inputs
 
@@ -178,13 +178,10 @@ def test_command_killed_halfway_then_resumed(comfy, folders, tmp_path):
 
 def test_workflow_without_loaders_or_save_is_refused_with_what_is_missing(comfy, folders, tmp_path):
     images, masks = folders
-    _, _ = load_workflow(WORKFLOWS / "mask_irregularisation.json")
     job = RunJob(workflow=WORKFLOWS / "mask_irregularisation.json", out=tmp_path / "out", images=images, masks=masks)
     with pytest.raises(UsageError, match="no SaveImage node"):
         run_folder(comfy.runtime, job)
-    workflow = json.loads((WORKFLOWS / "syn4removal.json").read_text())
-    (tmp_path / "no_loader.json").write_text(json.dumps(workflow))
-    job = RunJob(workflow=tmp_path / "no_loader.json", out=tmp_path / "out", images=images, masks=masks)
+    job = RunJob(workflow=WORKFLOWS / "syn4removal.json", out=tmp_path / "out", images=images, masks=masks)
     with pytest.raises(UsageError, match="no LoadImage node whose image feeds the graph"):
         run_folder(comfy.runtime, job)
     assert not (tmp_path / "out").exists() or not results(tmp_path / "out")

@@ -2,17 +2,14 @@
 crop and stitch runs once per crop, and the stitch pastes the crops into one photo, leaving every pixel outside
 them bit for bit. Also the omnieraser_multi_object workflow on a tiny FLUX: one sampler run per crop."""
 import importlib
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from harness import PromptError
+from harness import PromptError, small_prompt
 
-ROOT = Path(__file__).resolve().parents[2]
 HEIGHT, WIDTH = 157, 203  # odd on purpose
 
 
@@ -148,43 +145,17 @@ def test_smarteraser_crop_splits_into_512_squares(comfy, three_objects):
         comfy.run_prompt(prompt)
 
 
-@pytest.fixture
-def sampler_calls(monkeypatch):
-    """The latent shape of every sampler run."""
-    import comfy.samplers
-
-    calls = []
-    original = comfy.samplers.KSAMPLER.sample
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs):
-        calls.append(tuple(noise.shape))
-        return original(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs)
-
-    monkeypatch.setattr(comfy.samplers.KSAMPLER, "sample", sample)
-    yield calls
-    import gc
-
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()
-    gc.collect()
-
-
-def test_multi_object_workflow_samples_once_per_crop(comfy, sampler_calls):
+def test_multi_object_workflow_samples_once_per_crop(comfy, sampler_spy):
     """omnieraser_multi_object.json at a 64 px working size, one step: IOPaint's four lanterns make two crops (three
     close lanterns share one), the sampler runs twice, each on its crop's latent, and the saved photo equals the
     input outside the two crops."""
-    if comfy.shared_data is None:
-        pytest.skip("the example workflow loads real images from ../shared/data, which is absent")
-    workflow = json.loads((ROOT / "workflows" / "omnieraser_multi_object.json").read_text())
-    prompt = comfy.workflow_prompt(workflow, caps={"steps": 1})
-    crop_id = next(k for k, v in prompt.items() if v["class_type"] == "EraseKitCropAroundMask")
+    prompt, crop_id = small_prompt(comfy, "omnieraser_multi_object", 1)  # crop target_side 64
     assert prompt[crop_id]["inputs"]["split"] is True
-    prompt[crop_id]["inputs"]["target_side"] = 64
     result = comfy.run_prompt(prompt)
     crops, _, infos = result.outputs(crop_id)[:3]
     assert len(crops) == len(infos) == 2
-    assert sampler_calls == [(1, 16, crop.shape[1] // 8, crop.shape[2] // 8) for crop in crops]
+    assert [call["latent"] for call in sampler_spy.calls] == [(1, 16, crop.shape[1] // 8, crop.shape[2] // 8)
+                                                                 for crop in crops]
     saver = next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")
     saved = result.ui[saver]["images"]
     assert len(saved) == 1  # one photo, both crops pasted into it

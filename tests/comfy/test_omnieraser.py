@@ -10,17 +10,15 @@ Workflows: every FLUX example workflow hands its sampler diffusers' token-count-
 and (OmniEraser) a 512-token T5 prompt; the omnieraser graph returns the photo outside the crop bit for bit.
 """
 import importlib
-import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import PromptError, SamplerSpy, small_prompt
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(in_channels=16, out_channels=16, vec_in_dim=20, context_in_dim=24, hidden_size=32, mlp_ratio=4.0,
             num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=10000, qkv_bias=True,
             guidance_embed=True, patch_size=2, image_model="flux")
@@ -317,54 +315,7 @@ def _flux_schedule(steps, height, width):
     return scheduler.sigmas
 
 
-SMALL = {"EraseKitCropAroundMask": {"target_side": 64}, "EraseKitWholeImageAtWorkingSize": {"short_side": 64}}
 STEPS = 3  # 10000 / 3 is no integer: ComfyUI's 'simple' scheduler would land 7e-5 off
-
-
-class SamplerSpy:
-    """What every sampler received: sigmas, the latent's shape, the T5 length of each conditioning. With
-    ``stop`` set it ends the run there (the graph after the sampler is then not under test)."""
-
-    STOPPED = "sampler inputs recorded; stopped by the test"
-
-    def __init__(self):
-        self.calls, self.stop = [], False
-
-
-@pytest.fixture
-def sampler_spy(monkeypatch):
-    import comfy.samplers
-
-    spy = SamplerSpy()
-    original = comfy.samplers.KSAMPLER.sample
-
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs):
-        tokens = {name: [c["cross_attn"].shape[1] for c in conds if "cross_attn" in c]
-                  for name, conds in getattr(model_wrap, "conds", {}).items()}
-        spy.calls.append({"sigmas": sigmas.detach().cpu().clone(), "latent": tuple(noise.shape), "tokens": tokens})
-        if spy.stop:
-            raise RuntimeError(SamplerSpy.STOPPED)
-        return original(self, model_wrap, sigmas, extra_args, callback, noise, *args, **kwargs)
-
-    monkeypatch.setattr(comfy.samplers.KSAMPLER, "sample", sample)
-    yield spy
-    import gc
-
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()  # full-width tiny FLUX models: do not keep four workflows' worth
-    gc.collect()
-
-
-def _small_prompt(comfy, name, max_steps):
-    """The workflow's API prompt with a 64 px working size and at most ``max_steps`` steps; also the crop node's id."""
-    if comfy.shared_data is None:
-        pytest.skip("the example workflows load real images from ../shared/data, which is absent")
-    workflow = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
-    prompt = comfy.workflow_prompt(workflow, caps={"steps": max_steps})
-    crop_id = next(k for k, v in prompt.items() if v["class_type"] in SMALL)
-    prompt[crop_id]["inputs"].update(SMALL[prompt[crop_id]["class_type"]])
-    return prompt, crop_id
 
 
 @pytest.mark.parametrize("name", ["omnieraser", "omnieraser_controlnet", "omnieraser_whole_image", "sra_flux_fill"])
@@ -373,9 +324,8 @@ def test_flux_workflows_sample_the_official_schedule_for_the_crop(comfy, sampler
     schedule for the crop's own size (1e-6), and the OmniEraser prompt T5-encoded to 512 tokens. The run stops
     there (512 text tokens make each FLUX step cost seconds on a CPU; tests/comfy/test_workflows.py runs the
     graphs whole)."""
-    from harness import PromptError
 
-    prompt, _ = _small_prompt(comfy, name, STEPS)
+    prompt, _ = small_prompt(comfy, name, STEPS)
     sampler_spy.stop = True
     with pytest.raises(PromptError, match=SamplerSpy.STOPPED):
         comfy.run_prompt(prompt)
@@ -396,7 +346,7 @@ def test_omnieraser_workflow_returns_the_photo_outside_the_crop_bit_for_bit(comf
     import numpy as np
     from PIL import Image
 
-    prompt, crop_id = _small_prompt(comfy, "omnieraser", 1)
+    prompt, crop_id = small_prompt(comfy, "omnieraser", 1)
     prompt[crop_id]["inputs"]["context"] = 0.1  # room.png's mask with 0.75 context spans the whole photo
     result = comfy.run_prompt(prompt)
     crop = result.outputs(crop_id)

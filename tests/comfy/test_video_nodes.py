@@ -14,14 +14,12 @@ SETTINGS = {"foreground_ratio": 0.04, "window_seconds": 6.0, "lighting_mse": 20.
 
 
 @pytest.fixture
-def videos(comfy, shared_data):
+def videos(comfy, shared_video):
     """road_cars.avi and highway_busy.avi in ComfyUI's input folder (example workflows name them)."""
     folder = comfy.input_dir / "videos"
     folder.mkdir(exist_ok=True)
     for name in ("road_cars.avi", "highway_busy.avi"):
-        source = shared_data / "video" / name
-        if not source.is_file():
-            pytest.skip(f"{source} is missing")
+        source = shared_video(name)
         for target in (comfy.input_dir / name, folder / name):
             if not target.exists():
                 shutil.copyfile(source, target)

@@ -94,12 +94,13 @@ SEGMENT_ANYTHING_CONFIG = {
 }
 
 
-def build_segment_anything_checkpoint(path, seed=0):
-    """An original segment-anything checkpoint (the models/sams layout: a plain state dict in a .pth)."""
+def build_segment_anything_checkpoint(path, seed=0, **config):
+    """An original segment-anything checkpoint (the models/sams layout: a plain state dict in a .pth);
+    ``config`` overrides entries of ``SEGMENT_ANYTHING_CONFIG``."""
     from erasekit.dataset_tools.segmenters import build_segment_anything
 
     torch.manual_seed(seed)
-    model = build_segment_anything(None, SEGMENT_ANYTHING_CONFIG)
+    model = build_segment_anything(None, {**SEGMENT_ANYTHING_CONFIG, **config})
     with open(path, "wb") as handle:
         torch.save(model.state_dict(), handle)
     return Path(path)
